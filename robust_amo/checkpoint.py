@@ -1,0 +1,132 @@
+"""Checkpoints: written atomically, loaded with clear errors. Format: docs/checkpoints.md.
+
+A checkpoint is a ``torch.save``'d dict with ``format == "robust-amo-checkpoint"``. It is written
+to a temporary file in the same folder, flushed to disk, then renamed over the old one, so a run
+killed while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "robust-amo-checkpoint"
+VERSION = 1
+LAST = "checkpoint.pt"
+BEST = "best.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_path(path: str | Path, which: str = LAST) -> Path:
+    """A checkpoint file from a file path or a run folder (``which``: checkpoint.pt or best.pt)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / which
+    if not p.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {p}; pass a run folder written by `robust-amo train` or a .pt file"
+        )
+    return p
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", which: str = LAST
+) -> dict[str, Any]:
+    """Load and check a robust-amo checkpoint.
+
+    Args:
+        path: a ``.pt`` file or a run folder.
+        map_location: where tensors are loaded (default CPU).
+        which: file inside a run folder: ``checkpoint.pt`` (last) or ``best.pt``.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, or not a robust-amo checkpoint.
+    """
+    p = resolve_path(path, which)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {e}); "
+            "use the previous one (best.pt) or restart the run without --resume"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{p} is not a robust-amo checkpoint (no format={FORMAT!r} entry); for a robustness "
+            "library checkpoint use robust_amo.robustness_plugin"
+        )
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{p} has checkpoint format version {ckpt['version']}, newer than this robust-amo "
+            f"reads ({VERSION}); upgrade robust-amo"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the registered architecture of a checkpoint and load its weights (eval mode)."""
+    from .models import create_model
+
+    try:
+        model = create_model(
+            ckpt["arch"],
+            ckpt["num_classes"],
+            input_shape=ckpt["input_shape"],
+            mean=ckpt["mean"],
+            std=ckpt["std"],
+            **ckpt.get("model_kwargs", {}),
+        )
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint does not match its architecture: {e}") from None
+    return model.eval()
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch CPU, CUDA, numpy, random)."""
+    import random
+
+    import numpy as np
+
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

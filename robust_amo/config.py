@@ -1,0 +1,281 @@
+"""Training configuration: YAML files loaded with ``yaml.safe_load`` into dataclasses.
+
+Unknown keys and values of the wrong type are :class:`ConfigError`\\ s naming the key. Floats may
+be written as fractions (``eps: 8/255``), parsed with :class:`fractions.Fraction`, never ``eval``.
+Command-line flags override the file, and the resolved config is saved beside the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def parse_float(value: Any, key: str = "value") -> float:
+    """A float from a number or a string such as ``"8/255"`` or ``"2e-4"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{key}: expected a number such as 0.1, 2e-4 or 8/255, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split and augmented."""
+
+    data_dir: str | None = None
+    download: bool = False
+    train_subset: int | None = None
+    subset_seed: int = 0
+    augment: bool = True
+    val_size: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """SGD and its learning-rate schedule (``schedule``: multistep | cosine | constant)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    fused: bool = True
+
+
+@dataclass
+class AttackConfig:
+    """The PGD threat model used for adversarial training (ALGORITHMS.md defaults: CIFAR F.2)."""
+
+    norm: str = "linf"
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+    loss: str = "ce"
+
+
+@dataclass
+class EvalConfig:
+    """Per-epoch check on held-out examples: clean and PGD accuracy.
+
+    ``split``: ``val`` (needs ``data.val_size > 0``) or ``test``; ``steps``/``restarts`` of the
+    PGD used (its eps/norm/step are the training attack's; ``step_size`` may override).
+    """
+
+    every: int = 1
+    examples: int = 1000
+    split: str = "auto"
+    steps: int = 10
+    restarts: int = 1
+    step_size: float | None = None
+    batch_size: int = 256
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see ``configs/*.yaml`` and ``docs/config.md``."""
+
+    arch: str = "tiny-cnn"
+    dataset: str = "digits"
+    method: str = "pgd"
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    channels_last: bool = True
+    out: str = "runs/default"
+    log_every: int = 50
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method_args: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON friendly)."""
+        return dataclasses.asdict(self)
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Validate (and lightly coerce) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of options, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is float:
+        return parse_float(value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: "
+            f"{', '.join(sorted(prefix + n for n in names))}"
+        )
+    kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``override`` wins, nested mappings merge key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``; clear errors for missing or bad files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (see the files in configs/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"attack.eps=8/255"`` -> ``{"attack": {"eps": "8/255"}}`` (value read as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set attack.eps=8/255")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def resolve(
+    config_file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file, then each override mapping in order."""
+    data: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    for o in overrides or []:
+        data = merge(data, o)
+    cfg = from_dict(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks with messages naming the key and the allowed values."""
+    from .data import normalize_dataset_name
+    from .errors import DataError, UnknownModelError
+    from .models import is_registered, list_models
+
+    if not is_registered(cfg.arch):
+        raise UnknownModelError(
+            f"arch: unknown architecture {cfg.arch!r}; known architectures: "
+            f"{', '.join(list_models())} (see `robust-amo archs`)"
+        )
+    try:
+        normalize_dataset_name(cfg.dataset)
+    except DataError as e:
+        raise ConfigError(f"dataset: {e}") from None
+    choices = {
+        "attack.norm": (cfg.attack.norm, ("linf", "l2")),
+        "attack.loss": (cfg.attack.loss, ("ce", "cw")),
+        "optim.schedule": (cfg.optim.schedule, ("multistep", "cosine", "constant")),
+        "device": (cfg.device.split(":")[0], ("auto", "cpu", "cuda")),
+        "eval.split": (cfg.eval.split, ("auto", "val", "test")),
+    }
+    for key, (v, allowed) in choices.items():
+        if v not in allowed:
+            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                "eval.batch_size": cfg.eval.batch_size, "eval.every": cfg.eval.every}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be >= 1, got {v}")
+    for key, v in {"attack.eps": cfg.attack.eps, "attack.step_size": cfg.attack.step_size,
+                   "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if cfg.attack.steps < 0 or cfg.eval.steps < 0 or cfg.eval.restarts < 1:
+        raise ConfigError("attack.steps and eval.steps must be >= 0 and eval.restarts >= 1")
+    if cfg.eval.split == "val" and cfg.data.val_size <= 0:
+        raise ConfigError("eval.split: val needs data.val_size > 0")
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (fractions already turned into floats)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,296 @@
+"""The native training loop: standard, Madry PGD and every registered method, top to bottom.
+
+``train(cfg)`` builds data, model, optimiser, schedule and the method's objective, then for every
+epoch: one pass over the shuffled (and augmented) training set, a clean and PGD accuracy check on
+held-out examples, one JSON line of metrics, and an atomic checkpoint. A killed run restarts with
+``resume=True`` from its last checkpoint and ends with the weights an uninterrupted run would have:
+every epoch's batch order, augmentation and attack starts depend only on ``(seed, epoch)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from attacks import PGD
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig, save_yaml
+from .data import Loader, dataset_info, hold_out, load_dataset, take_subset
+from .errors import CheckpointError, RobustAmoError
+from .models import create_model
+from .objectives import build_objective, method_options
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RobustAmoError("--device cuda was asked for but no CUDA device is available; "
+                             "use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per iteration: warmup, then multistep, cosine or constant.
+
+    Milestones are in epochs (as in the papers), applied at the first iteration of that epoch.
+    """
+    o = cfg.optim
+
+    def f(it: int) -> float:
+        t = it / steps_per_epoch  # epochs done, fractional
+        if o.warmup_epochs > 0 and t < o.warmup_epochs:
+            return (it + 1) / (o.warmup_epochs * steps_per_epoch)
+        if o.schedule == "multistep":
+            return o.gamma ** sum(1 for m in o.milestones if it >= m * steps_per_epoch)
+        if o.schedule == "cosine":
+            total = max(cfg.epochs - o.warmup_epochs, 1e-9)
+            return 0.5 * (1 + math.cos(math.pi * min((t - o.warmup_epochs) / total, 1.0)))
+        return 1.0
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """SGD with momentum/Nesterov; weight decay on every parameter (as in the papers' code)."""
+    o = cfg.optim
+    kw: dict[str, Any] = {}
+    if o.fused and device.type == "cuda":
+        kw["fused"] = True
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                           nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay,
+                           **kw)
+
+
+@torch.no_grad()
+def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x).argmax(1) == y).sum()
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    amp: Any = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Clean accuracy and accuracy under ``attack`` (eval mode, model mode restored).
+
+    Returns:
+        ``{"clean_acc", "robust_acc", "n"}``; robust_acc is NaN without an attack.
+    """
+    was_training = model.training
+    model.eval()
+    clean = robust = torch.zeros((), dtype=torch.long)
+    n = 0
+    try:
+        for x, y in loader:
+            with amp():
+                clean = clean + _count_correct(model, x, y).cpu()
+                if attack is not None:
+                    robust = robust + _count_correct(model, attack(x, y), y).cpu()
+            n += len(y)
+    finally:
+        model.train(was_training)
+    n_ = max(n, 1)
+    return {"clean_acc": clean.item() / n_,
+            "robust_acc": robust.item() / n_ if attack is not None else float("nan"), "n": n}
+
+
+def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, info) -> dict:
+    return {
+        "format": ckpt_io.FORMAT,
+        "version": ckpt_io.VERSION,
+        "arch": cfg.arch,
+        "num_classes": info.num_classes,
+        "input_shape": list(info.input_shape),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "model_kwargs": dict(cfg.model_kwargs),
+        "dataset": cfg.dataset,
+        "method": cfg.method,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "best_robust_acc": best,
+        "metrics": metrics,
+        "config": cfg.to_dict(),
+        "rng": ckpt_io.rng_state(),
+        "robust_amo_version": __import__("robust_amo").__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _resume(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler) -> tuple[int, float]:
+    """Load the run's last checkpoint into the live objects; returns (start_epoch, best)."""
+    path = run_dir / ckpt_io.LAST
+    if not path.exists():
+        log.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
+        return 0, -1.0
+    ck = ckpt_io.load_checkpoint(path)
+    for key in ("arch", "dataset", "method"):
+        if ck.get(key) != getattr(cfg, key):
+            raise CheckpointError(
+                f"cannot resume {path}: it was trained with {key}={ck.get(key)!r}, this run asks "
+                f"for {key}={getattr(cfg, key)!r}; use another --out or the same settings"
+            )
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    ckpt_io.set_rng_state(ck["rng"])
+    log.info("resumed from %s after epoch %d", path, ck["epoch"])
+    return ck["epoch"], ck["best_robust_acc"]
+
+
+def _truncate_metrics(path: Path, after_epoch: int) -> None:
+    """Drop metric lines of epochs past the checkpoint (a run killed after logging them)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("epoch", 0) <= after_epoch]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    callbacks: list[EpochCallback] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg.arch`` on ``cfg.dataset`` with ``cfg.method``; see the module docstring.
+
+    Args:
+        cfg: the resolved configuration (``robust_amo.config.resolve``).
+        resume: continue from ``cfg.out/checkpoint.pt`` when it exists.
+        progress: show tqdm progress bars (the CLI turns them on).
+        callbacks: called as ``cb(epoch, metrics)`` after each epoch's checkpoint is written.
+
+    Returns:
+        the last epoch's metrics (also the last line of ``metrics.jsonl``).
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(cfg.device)
+    method_options(cfg)  # reject bad method options before any work
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)  # weight init and dropout only; attacks use their own generator
+
+    # data: subset, held-out split, loaders that keep the uint8 set on the device
+    info = dataset_info(cfg.dataset)
+    train_split, test_split = load_dataset(cfg.dataset, cfg.data.data_dir, cfg.data.download)
+    train_split = take_subset(train_split, cfg.data.train_subset, cfg.data.subset_seed)
+    train_split, val_split = hold_out(train_split, cfg.data.val_size, cfg.seed)
+    use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)
+    eval_split = val_split if use_val else test_split
+    eval_split = eval_split.subset(torch.arange(min(cfg.eval.examples, len(eval_split))))
+    loader = Loader(train_split, cfg.batch_size, device, shuffle=True, augment=cfg.data.augment,
+                    seed=cfg.seed, drop_last=len(train_split) > cfg.batch_size)
+    eval_loader = Loader(eval_split, cfg.eval.batch_size, device)
+
+    # model and optimisation
+    model = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape, mean=info.mean,
+                         std=info.std, **cfg.model_kwargs).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
+    amp = lambda: autocast(device, cfg.bf16)  # noqa: E731
+
+    # the method: training attack (own generator, reseeded per epoch) and objective
+    a = cfg.attack
+    attack_gen = torch.Generator()
+    attack = PGD(model, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss, attack_gen)
+    objective = build_objective(cfg, attack)
+    eval_gen = torch.Generator()
+    eval_attack = PGD(model, a.eps, cfg.eval.step_size or a.step_size, cfg.eval.steps, a.norm,
+                      a.random_start, cfg.eval.restarts, a.loss, eval_gen, early_stop=True)
+
+    start_epoch, best = (0, -1.0)
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        start_epoch, best = _resume(run_dir, cfg, model, optimizer, scheduler)
+        _truncate_metrics(metrics_path, start_epoch)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    metrics: dict[str, Any] = {}
+    log.info("training %s on %s with %s for %d epochs on %s (%d train, %d eval examples)",
+             cfg.arch, cfg.dataset, cfg.method, cfg.epochs, device, len(train_split),
+             len(eval_split))
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        loader.set_epoch(epoch)
+        attack_gen.manual_seed(cfg.seed * 1_000_003 + epoch + 17)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False)
+        for x, y in bar:
+            if cfg.channels_last and device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with amp():
+                loss, logits = objective(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            # accumulate on the device: no host sync inside the loop
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        train_time = time.perf_counter() - t0
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise RobustAmoError(
+                f"training diverged: the loss is {train_loss} in epoch {epoch + 1}; lower "
+                "optim.lr or check the method's options"
+            )
+
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / seen,
+                   "lr": optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
+                   "images_per_s": round(seen / train_time, 1)}
+        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
+            eval_gen.manual_seed(cfg.seed + 12345)  # same attack starts every epoch
+            metrics.update(evaluate(model, eval_loader, eval_attack, amp))
+        log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+        robust = metrics.get("robust_acc", float("nan"))
+        is_best = math.isfinite(robust) and robust > best
+        best = robust if is_best else best
+        state = _checkpoint_dict(cfg, model, optimizer, scheduler, epoch + 1, best, metrics, info)
+        ckpt_io.atomic_save(state, run_dir / ckpt_io.LAST)
+        if is_best:
+            ckpt_io.atomic_save(state, run_dir / ckpt_io.BEST)
+        for cb in callbacks or []:
+            cb(epoch + 1, metrics)
+    return metrics
