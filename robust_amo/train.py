@@ -65,7 +65,9 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         if o.warmup_epochs > 0 and t < o.warmup_epochs:
             return (it + 1) / (o.warmup_epochs * steps_per_epoch)
         if o.schedule == "multistep":
-            return o.gamma ** sum(1 for m in o.milestones if it >= m * steps_per_epoch)
+            factors = o.gammas if o.gammas is not None else [o.gamma] * len(o.milestones)
+            return math.prod(g for m, g in zip(o.milestones, factors, strict=True)
+                             if it >= m * steps_per_epoch)
         if o.schedule == "cosine":
             total = max(cfg.epochs - o.warmup_epochs, 1e-9)
             return 0.5 * (1 + math.cos(math.pi * min((t - o.warmup_epochs) / total, 1.0)))
@@ -253,7 +255,7 @@ def train(
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
             if cfg.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():
@@ -266,6 +268,8 @@ def train(
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+            if progress and step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")  # one host sync per log_every steps
         train_time = time.perf_counter() - t0
         train_loss = loss_sum.item() / max(seen, 1)
         if not math.isfinite(train_loss):

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny model trained on digits once per session, shared-data lookup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(os.environ.get("ROBUST_AMO_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data_file():
+    """``shared_data_file(name)``: a file in ../shared/data; skips the test when it is absent."""
+
+    def get(name: str) -> Path:
+        p = SHARED_DATA / name
+        if not p.is_file():
+            pytest.skip(f"offline dataset {p} not available")
+        return p
+
+    return get
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """(train, test) splits of scikit-learn's digits as uint8 tensors."""
+    from robust_amo.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(digits, tmp_path_factory):
+    """A tiny-cnn trained with standard training on digits for a few seconds (eval mode)."""
+    from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint
+    from robust_amo.config import resolve
+    from robust_amo.train import train
+
+    out = tmp_path_factory.mktemp("trained_tiny")
+    cfg = resolve(None, [{
+        "arch": "tiny-cnn", "dataset": "digits", "method": "standard", "epochs": 6,
+        "batch_size": 64, "out": str(out), "data": {"augment": False},
+        "optim": {"lr": 0.05, "schedule": "constant"},
+        "eval": {"examples": 100, "steps": 0},
+    }])
+    train(cfg)
+    return model_from_checkpoint(load_checkpoint(out))

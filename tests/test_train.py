@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from robust_amo import CheckpointError
+from robust_amo import checkpoint as ckpt_io
+from robust_amo.config import resolve
+from robust_amo.train import lr_lambda, train
+
+
+def _cfg(out, **kw):
+    base = {"arch": "tiny-cnn", "dataset": "digits", "method": "pgd", "epochs": 3,
+            "batch_size": 64, "out": str(out), "data": {"augment": False, "train_subset": 900},
+            "optim": {"lr": 0.1, "schedule": "cosine"},
+            "attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
+            "eval": {"examples": 64, "steps": 2}}
+    base.update(kw)
+    return resolve(None, [base])
+
+
+def test_training_lowers_the_loss_and_writes_a_run(tmp_path):
+    metrics = train(_cfg(tmp_path, epochs=4))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"] - 0.3
+    assert metrics["clean_acc"] > 0.5 and 0 <= metrics["robust_acc"] <= metrics["clean_acc"]
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "best.pt").is_file()
+    ck = ckpt_io.load_checkpoint(tmp_path)
+    assert ck["epoch"] == 4 and ck["config"]["arch"] == "tiny-cnn" and ck["arch"] == "tiny-cnn"
+    assert {"model", "optimizer", "scheduler", "rng", "best_robust_acc"} <= set(ck)
+    model = ckpt_io.model_from_checkpoint(ck)
+    assert not model.training
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    # augmentation on, so the resumed epochs must replay the same crops, flips and starts
+    data = {"augment": True, "train_subset": 300}
+    full = tmp_path / "full"
+    train(_cfg(full, data=data))
+
+    def kill_after_first_epoch(epoch, metrics):
+        if epoch == 1:
+            raise Killed
+
+    part = tmp_path / "part"
+    with pytest.raises(Killed):
+        train(_cfg(part, data=data), callbacks=[kill_after_first_epoch])
+    assert ckpt_io.load_checkpoint(part)["epoch"] == 1
+    torch.manual_seed(1234)  # a resumed process starts with another global RNG state
+    train(_cfg(part, data=data), resume=True)
+
+    a, b = ckpt_io.load_checkpoint(full), ckpt_io.load_checkpoint(part)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    train(_cfg(tmp_path, epochs=1))
+    with pytest.raises(CheckpointError, match="arch"):
+        train(_cfg(tmp_path, epochs=2, arch="tiny-mlp"), resume=True)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "version": 1, "epoch": 1}, path)
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert ckpt_io.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+def test_truncated_or_foreign_checkpoint_gives_clear_error(tmp_path):
+    good = tmp_path / "good.pt"
+    ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "version": 1, "w": torch.ones(1000)}, good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ckpt_io.load_checkpoint(bad)
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a robust-amo checkpoint"):
+        ckpt_io.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        ckpt_io.load_checkpoint(tmp_path / "missing")
+
+
+def test_schedules():
+    cfg = resolve(None, [{"epochs": 10, "optim": {"schedule": "multistep", "milestones": [2, 5],
+                                                  "gammas": [0.1, 0.5]}}])
+    f = lr_lambda(cfg, steps_per_epoch=10)
+    assert f(0) == 1.0 and f(19) == 1.0 and f(20) == pytest.approx(0.1)
+    assert f(50) == pytest.approx(0.05)
+    cfg = resolve(None, [{"epochs": 10, "optim": {"schedule": "cosine", "warmup_epochs": 1}}])
+    f = lr_lambda(cfg, steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0)
