@@ -6,7 +6,8 @@ from robust_amo.config import load_yaml, parse_float, parse_override, resolve
 
 def test_fraction_and_defaults():
     cfg = resolve(None, [{"attack": {"eps": "8/255", "step_size": "2/255"}}])
-    assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step_size == pytest.approx(2 / 255)
+    assert cfg.attack.eps == pytest.approx(8 / 255)
+    assert cfg.attack.step_size == pytest.approx(2 / 255)
     assert parse_float("2e-4") == 2e-4 and parse_float(3) == 3.0
     for bad in ("__import__('os')", "8/0", "eight", True):
         with pytest.raises(ConfigError):

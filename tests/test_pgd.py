@@ -31,7 +31,8 @@ def test_loss_increases_and_accuracy_drops(trained_tiny, digits, norm, loss):
     with torch.no_grad():
         clean, adv = trained_tiny(x), trained_tiny(x_adv)
     if loss == "ce":
-        l0, l1 = F.cross_entropy(clean, y, reduction="none"), F.cross_entropy(adv, y, reduction="none")
+        l0 = F.cross_entropy(clean, y, reduction="none")
+        l1 = F.cross_entropy(adv, y, reduction="none")
     else:
         l0, l1 = margin_loss(clean, y), margin_loss(adv, y)
     assert (l1 >= l0 - 1e-4).float().mean() > 0.95 and l1.mean() > l0.mean() + 0.1
