@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
-    from . import __version__
+    from . import __version__, margins_cli  # noqa: F401 (margins_cli registers `margins`)
     from .cli import SUBCOMMANDS as registry  # under `python -m`, this file is not robust_amo.cli
 
     parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
