@@ -258,10 +258,10 @@ def test_adversarial_margins_over_pgd_neighbourhood(trained):
     kap = kappa(model, x, y)
 
     def attack():
-        return PGD(model, 0.1, 0.025, 4, generator=torch.Generator().manual_seed(7))
+        return PGD(model, 0.1, 0.03, 3, generator=torch.Generator().manual_seed(7))
 
     adv = adversarial_margins(model, x, y, attack(), OPTS, clean_margin=clean, clean_kappa=kap)
-    assert adv.candidates == 1 + 5
+    assert adv.candidates == 1 + 4
     assert torch.all(adv.margin <= clean)
     correct = kap.gamma > 0
     assert (adv.margin[correct] < 0.95 * clean[correct]).float().mean() > 0.8
@@ -322,6 +322,21 @@ def test_margins_command_writes_csv_json_and_plots(trained, tmp_path):
     for png in ("margins_hist.png", "kappa_adv_by_layer.png", "first_order_vs_attack.png"):
         img = matplotlib.image.imread(out / png)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_margins_command_without_adversarial_part(trained, tmp_path):
+    run = trained[0]
+    out = tmp_path / "m"
+    rc = main(["margins", "--checkpoint", str(run / "checkpoint.pt"), "--n-examples", "6",
+               "--no-adv", "--no-input-margin", "--no-plots", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    with (out / "margins.csv").open() as f:
+        header = next(csv.reader(f))
+    assert "all_layer_margin" in header and "kappa_norm" in header
+    assert not any("adv" in h or "input_margin" in h or h == "robust" for h in header)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["pgd"] is None and "pgd_neighbourhood_accuracy" not in summary
+    assert not list(out.glob("*.png"))
 
 
 @pytest.mark.parametrize(
