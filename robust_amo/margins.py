@@ -456,6 +456,41 @@ def kappa(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Kappa:
     return Kappa(names, gamma, scales, jac, kap)
 
 
+def dense_jacobian(
+    model: nn.Module, x: torch.Tensor, point: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`kappa`: ∂F/∂h_i of ONE example as a dense (C, D_i) matrix.
+
+    The activation at point ``point`` is replaced through a forward hook by the variable of
+    :func:`torch.autograd.functional.jacobian`; slow (D_i backward passes), for tests and
+    benchmarks only.
+
+    Args:
+        model: a registered model; x: one input (1, C, H, W); point: index into
+            ``model.perturbation_points()``.
+
+    Returns:
+        ``(h_i, J)``: the activation (1, ...) and the Jacobian (num_classes, h_i.numel()).
+    """
+    module = model.perturbation_points()[point][1]
+    acts: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, a, out: acts.append(out.detach()))
+    with _eval_mode(model), torch.no_grad():
+        model(x)
+    handle.remove()
+
+    def logits_of(h: torch.Tensor) -> torch.Tensor:
+        replace = module.register_forward_hook(lambda m, a, out: h)
+        try:
+            return model(x)[0]
+        finally:
+            replace.remove()
+
+    with _eval_mode(model):
+        jac = torch.autograd.functional.jacobian(logits_of, acts[0])
+    return acts[0], jac.reshape(jac.shape[0], -1)
+
+
 def pgd_neighbourhood(attack: PGD, x: torch.Tensor, y: torch.Tensor) -> Iterator[torch.Tensor]:
     """Every iterate of every restart of ``attack`` on (x, y): the candidates x' of B_adv(x).
 
