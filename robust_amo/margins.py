@@ -77,9 +77,10 @@ class MarginEstimate:
             when one was given, else within the largest radius tried).
         lower: (B,) the largest radius at which the attack failed (0 if none): not a bound, the
             attack may be too weak, but it says how far the bisection narrowed the gap.
-        witness: the misclassifying perturbation of norm ``value`` (a list of δ's, one per point,
-            for the all-layer margin; the perturbed input for the input margin); zeros where
-            ``value`` is 0 or +inf. Only filled when asked for.
+        witness: the misclassifying perturbation of norm ``value``: for the all-layer margin a
+            list of δ's, one per point (zeros where ``value`` is 0 or +inf); for the input margin
+            the perturbed input x' (x itself where ``value`` is 0 or +inf). Only filled when
+            asked for.
     """
 
     value: torch.Tensor
@@ -190,7 +191,7 @@ def _bisect(
     dev = start.device
     lo = torch.zeros(n, device=dev)
     hi = torch.full((n,), math.inf, device=dev)
-    found: dict[int, object] = {}  # example -> (norm, witness index) of its best witness
+    found: dict[int, object] = {}  # example -> (attack output, row in it) of its best witness
 
     def record(idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         ok, norm, wit = attack_at(idx, r)
