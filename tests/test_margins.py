@@ -141,6 +141,25 @@ def test_gram_spectral_norm_equals_dense_jacobian():
                                        atol=1e-6)
 
 
+def test_functions_run_in_eval_mode_and_restore_the_mode():
+    torch.manual_seed(1)
+    model = create_model("tiny-wrn", 10, input_shape=(3, 16, 16))  # BatchNorm: modes differ
+    with torch.no_grad():  # non-trivial running statistics
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 16, 16)
+    y = model.eval()(x).argmax(1)
+    opts = SearchOptions(steps=5, rounds=3)
+    k_eval, m_eval = kappa(model, x, y), all_layer_margin(model, x, y, opts).value
+    model.train()
+    k_train, m_train = kappa(model, x, y), all_layer_margin(model, x, y, opts).value
+    assert model.training
+    torch.testing.assert_close(k_train.kappa, k_eval.kappa)
+    torch.testing.assert_close(m_train, m_eval)
+
+
 # --- a tiny trained model -------------------------------------------------------------------
 
 
