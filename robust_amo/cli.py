@@ -108,13 +108,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
-    from . import __version__
+    from . import __version__, margins_cli  # noqa: F401 (margins_cli registers `margins`)
+    from .cli import SUBCOMMANDS as registry  # under `python -m`, this file is not robust_amo.cli
 
     parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"robust-amo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_args, handler, help_) in SUBCOMMANDS.items():
+    for name, (add_args, handler, help_) in registry.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add_args(p)
         p.set_defaults(handler=handler)
