@@ -168,6 +168,44 @@ def test_autoattack_adapter_matches_calling_autoattack_directly(trained, digits)
     assert (res.after_attack["apgd-ce"] >= res.robust).all()
 
 
+def test_adapter_drives_the_fra31_api_the_same_way(trained, digits, monkeypatch):
+    """A stand-in with fra31/auto-attack's constructor and run signature, backed by pyautoattack."""
+    import sys
+    import types
+
+    pyautoattack = pytest.importorskip("pyautoattack")
+    calls = []
+
+    class Fra31Style:
+        def __init__(self, model, norm="Linf", eps=0.3, seed=None, verbose=True,
+                     attacks_to_run=(), version="standard", is_tf_model=False, device="cuda",
+                     log_path=None):
+            if version != "custom" and list(attacks_to_run):
+                raise ValueError("attacks_to_run will be overridden unless version='custom'")
+            self._aa = pyautoattack.AutoAttack(
+                model, attacks=list(attacks_to_run) or None, device=device, eps=eps, norm=norm,
+                seed=seed, version=version)
+            self.model = model
+            self.attacks_to_run = self._aa.attacks_to_run
+
+        def run_standard_evaluation(self, x, y, bs=250, return_labels=False):
+            calls.append((list(self.attacks_to_run), bs))
+            print("Warning: stand-in check message")
+            self._aa.attacks_to_run = self.attacks_to_run
+            x_adv, y_adv = self._aa.run_standard_evaluation(x, y, batch_size=bs)
+            return (x_adv, y_adv) if return_labels else x_adv
+
+    monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=Fra31Style))
+    x, y = digits[0][:8], digits[1][:8]
+    kw = dict(eps=EPS, norm="linf", version="custom", attacks=("apgd-ce", "apgd-dlr"))
+    via_fra31 = autoattack_robust(trained, x, y, AutoAttackSettings(**kw, backend="autoattack"))
+    via_pypi = autoattack_robust(trained, x, y, AutoAttackSettings(**kw, backend="pyautoattack"))
+    assert torch.equal(via_fra31.robust, via_pypi.robust)
+    assert calls[0] == (["apgd-ce"], int(via_fra31.clean.sum()))
+    assert all(c[0] == ["apgd-dlr"] for c in calls[1:]) and len(calls) <= 2
+    assert via_fra31.warnings == ["stand-in check message"]
+
+
 def test_autoattack_checks_are_captured(trained, digits):
     pytest.importorskip("pyautoattack")
 
