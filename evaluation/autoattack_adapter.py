@@ -197,7 +197,12 @@ def _capture(sink: list[str]):
             yield
     finally:
         aa_log.removeHandler(handler)
-        sink.extend(str(w.message) for w in caught)
+        for w in caught:
+            # AutoAttack's checks warn with the bare Warning class; library noise stays out
+            if w.category is Warning:
+                sink.append(str(w.message))
+            else:
+                log.debug("warning during AutoAttack: %s", w.message)
         for line in out.getvalue().splitlines():
             if "warning" in line.lower():
                 sink.append(line.split(":", 1)[1].strip() if ":" in line else line.strip())
