@@ -14,6 +14,7 @@ from evaluation import (
     PGDSettings,
     autoattack_robust,
     evaluate_attacks,
+    load_eval_data,
     load_model,
     parse_attack,
     pgd_robust,
@@ -321,6 +322,16 @@ def test_missing_or_incompatible_checkpoint_is_a_clean_error(tmp_path, capsys):
         assert main(["eval", "--checkpoint", str(tmp_path / path), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("robust-amo: error:")
+
+
+def test_data_that_does_not_fit_the_model_is_a_checkpoint_error():
+    meta = {"dataset": "digits", "input_shape": [3, 32, 32], "num_classes": 10, "config": {}}
+    with pytest.raises(CheckpointError, match="expects inputs of shape"):
+        load_eval_data(meta)
+    meta = {"dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10, "config": {}}
+    with pytest.raises(RobustAmoError, match="val_size"):
+        load_eval_data(meta, split="val")
+    assert len(load_eval_data(meta, n_examples=7).y) == 7
 
 
 def test_unknown_attack_name_is_a_config_error():
