@@ -101,6 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eps = parse_float(args.eps if args.eps is not None else train_attack.get("eps", 8 / 255),
                       "--eps")
     norm = args.norm or train_attack.get("norm", "linf")
+    if args.eps is None and norm != train_attack.get("norm", "linf"):
+        raise ConfigError(f"--norm {norm} differs from the training norm "
+                          f"{train_attack.get('norm', 'linf')}: give --eps for it too")
     step = parse_float(args.step_size, "--step-size") if args.step_size is not None else None
     tolerance = parse_float(args.tolerance, "--tolerance")
     if eps < 0 or (step is not None and step <= 0) or tolerance < 0:

@@ -343,7 +343,6 @@ def test_unknown_attack_name_is_a_config_error():
     assert (spec.pgd.steps, spec.pgd.restarts, spec.pgd.step_size) == (50, 10, 2 / 255)
 
 
-@pytest.mark.slow
 def test_cli_train_then_eval_writes_json_and_markdown(tmp_path, capsys):
     run = tmp_path / "run"
     config = str(ROOT / "configs" / "quickstart.yaml")
