@@ -95,27 +95,17 @@ def cmd_archs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=str, help="run folder or checkpoint file")
-
-
-@subcommand("eval", "evaluate robustness of a checkpoint", _eval_args)
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Placeholder until the evaluation command lands."""
-    raise RobustAmoError("`robust-amo eval` is not available yet: it comes with the evaluation "
-                         "issue (PGD-50 x 10 and AutoAttack)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
-    from . import __version__, margins_cli  # noqa: F401 (margins_cli registers `margins`)
-    from .cli import SUBCOMMANDS as registry  # under `python -m`, this file is not robust_amo.cli
+    from evaluation import commands as _eval_commands  # noqa: F401  (registers `eval`)
+
+    from . import __version__, margins_cli  # noqa: F401  (margins_cli registers `margins`)
 
     parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"robust-amo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_args, handler, help_) in registry.items():
+    for name, (add_args, handler, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add_args(p)
         p.set_defaults(handler=handler)
@@ -143,4 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the imported module so that subcommands registered by other modules (they
+    # import robust_amo.cli, not __main__) are seen
+    from robust_amo.cli import main as _main
+
+    sys.exit(_main())
