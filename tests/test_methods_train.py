@@ -12,7 +12,7 @@ from robust_amo.cli import main
 from robust_amo.config import resolve
 from robust_amo.errors import ConfigError
 from robust_amo.objectives import build_objective, method_options
-from robust_amo.train import train
+from robust_amo.train import lr_lambda, train
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +80,14 @@ def test_bad_method_args_are_config_errors(tmp_path, capsys):
                "--out", str(tmp_path), "--no-progress"])
     assert rc == 2
     assert "method_args.steps" in capsys.readouterr().err
+
+
+def test_multistep_gamma_per_milestone():
+    """Sokolić et al.'s CNN schedule 0.01 (34 epochs), 0.001 (33), 0.0005 (33)."""
+    cfg = resolve(None, [{"epochs": 100, "optim": {"lr": 0.01, "milestones": [34, 67],
+                                                   "gamma": ["1/10", 0.5]}}])
+    f = lr_lambda(cfg, steps_per_epoch=8)
+    got = [0.01 * f(e * 8) for e in (0, 33, 34, 66, 67, 99)]
+    assert got == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0005, 0.0005])
+    with pytest.raises(ConfigError, match="one factor per milestone"):
+        resolve(None, [{"optim": {"milestones": [34, 67], "gamma": [0.1]}}])
