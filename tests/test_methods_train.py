@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,27 @@ def test_multistep_gamma_per_milestone():
     assert got == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0005, 0.0005])
     with pytest.raises(ConfigError, match="one factor per milestone"):
         resolve(None, [{"optim": {"milestones": [34, 67], "gamma": [0.1]}}])
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_files_resolve(path):
+    cfg = resolve(path)
+    method_options(cfg)
+
+
+def test_paper_settings_in_configs():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    r16 = resolve(configs / "cifar10_wrn16-10_robust-amo.yaml")
+    r28 = resolve(configs / "cifar10_wrn28-10_robust-amo.yaml")
+    assert (r16.batch_size, r16.optim.lr, r16.optim.weight_decay) == (128, 0.1, 5e-4)
+    assert (r28.batch_size, r28.optim.lr, r28.optim.weight_decay) == (64, 0.707, 2e-4)
+    for r in (r16, r28):
+        opts = method_options(r)
+        assert (opts.rho, opts.eta_delta) == (0.92, 6.4e-3)
+        assert (r.attack.eps, r.attack.step_size, r.attack.steps) == (8 / 255, 2 / 255, 10)
+        assert (r.epochs, r.optim.milestones) == (150, [50, 100, 150])
+    assert len(list((configs / "sokolic_table1").glob("*.yaml"))) == 36
+    assert len(list((configs / "sokolic_fig2").glob("*.yaml"))) == 12
