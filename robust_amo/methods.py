@@ -38,7 +38,7 @@ from .perturb import perturb, unwrap
 DELTA_GRADS = ("mean", "sum")
 JACOBIAN_VARIANTS = ("all", "random")
 TASK_LOSSES = ("hinge", "ce")
-VJP_MODES = ("batched", "loop")
+VJP_MODES = ("loop", "batched")
 
 
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
@@ -336,7 +336,7 @@ def jacobian_penalty(
     variant: str = "all",
     generator: torch.Generator | None = None,
     create_graph: bool = True,
-    vjp: str = "batched",
+    vjp: str = "loop",
 ) -> torch.Tensor:
     """Sokolić et al. 2017 eq. (26) per example: ‖v_cᵀ J(x)‖₂ / ‖v_c‖₂ = ‖∇_x F(x)_c‖₂ / ‖v_c‖₂.
 
@@ -352,7 +352,8 @@ def jacobian_penalty(
         generator: source of the random classes (default: torch's global CPU generator).
         create_graph: keep the graph so that the penalty can be differentiated (double
             backpropagation; default True).
-        vjp: ``"batched"`` (default, one vmapped backward for all C classes) or ``"loop"``.
+        vjp: ``"loop"`` (default: C backward passes, measured faster on CPU for CNNs, see
+            docs/benchmarks.md) or ``"batched"`` (one vmapped backward for all C classes).
 
     Returns:
         the penalty per example, (B,), float32 (or float64 for a float64 model).
@@ -379,7 +380,7 @@ def jacobian_lm_loss(
     task_loss: str = "hinge",
     frobenius: float = 0.0,
     generator: torch.Generator | None = None,
-    vjp: str = "batched",
+    vjp: str = "loop",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobian-LM training loss (Sokolić et al. 2017, eq. 26 and Section V).
 
@@ -395,7 +396,7 @@ def jacobian_lm_loss(
         task_loss: ``"hinge"`` (multi-class hinge, the paper's default) or ``"ce"``.
         frobenius: weight of the squared Frobenius norm of the classifier matrix (default 0).
         generator: random classes of the ``random`` variant.
-        vjp: ``"batched"`` or ``"loop"``.
+        vjp: ``"loop"`` (default) or ``"batched"`` (see :func:`jacobian_penalty`).
 
     Returns:
         (scalar loss, logits (B, C) of the clean batch).
@@ -459,7 +460,7 @@ class JacobianLMOptions:
     variant: str = "all"
     task_loss: str = "hinge"
     frobenius: float = 0.0
-    vjp: str = "batched"
+    vjp: str = "loop"
 
     def __post_init__(self) -> None:
         _nonneg("method_args.lam_lm", self.lam_lm)
