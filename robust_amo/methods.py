@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.pgd import LOSSES, NORMS, PGD, attack_loss, margin_loss, pgd_step, random_start
+from attacks.pgd import PGD, attack_loss, margin_loss, pgd_step, random_start
 
 from .config import TrainConfig
 from .errors import ConfigError
@@ -103,18 +103,15 @@ class RobustAMOAttack:
         eta_delta: float = 6.4e-3,
         delta_grad: str = "mean",
     ) -> None:
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
+        # the x' part is PGD's: its constructor validates the threat model and makes the generator
+        pgd = PGD(model, eps, step_size, steps, norm, random_start, 1, loss, generator)
         if delta_grad not in DELTA_GRADS:
             raise ValueError(f"unknown delta_grad {delta_grad!r}; choose one of {DELTA_GRADS}")
-        if eps < 0 or step_size < 0 or steps < 0 or eta_delta < 0 or rho < 0:
-            raise ValueError("robust AMO needs eps, step_size, steps, rho, eta_delta >= 0")
-        self.model = model
-        self.eps, self.step_size, self.steps = float(eps), float(step_size), int(steps)
-        self.norm, self.random_start, self.loss = norm, random_start, loss
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        if not (rho >= 0 and eta_delta >= 0):
+            raise ValueError(f"robust AMO needs rho, eta_delta >= 0, got {rho}, {eta_delta}")
+        self.model, self.generator = model, pgd.generator
+        self.eps, self.step_size, self.steps = pgd.eps, pgd.step_size, pgd.steps
+        self.norm, self.random_start, self.loss = pgd.norm, pgd.random_start, pgd.loss
         self.rho, self.eta_delta, self.delta_grad = float(rho), float(eta_delta), delta_grad
 
     @classmethod
