@@ -151,6 +151,27 @@ def test_robust_amo_delta_step_uses_the_joint_gradient():
         torch.testing.assert_close(got, 0.5 * a + 0.5 * b)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_robust_amo_with_zero_eta_is_pgd_training_on_cuda_bf16(monkeypatch):
+    # bit equality needs the same convolution algorithms in both runs
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    x, y = (t.cuda() for t in _batch(shape=(3, 8, 8)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    m_pgd = _model("tiny-wrn", (3, 8, 8)).cuda().to(memory_format=torch.channels_last)
+    m_amo = copy.deepcopy(m_pgd)
+    pgd = PGD(m_pgd, eps=0.1, step_size=0.03, steps=3, generator=torch.Generator().manual_seed(7))
+    joint = RobustAMOAttack.from_pgd(
+        PGD(m_amo, eps=0.1, step_size=0.03, steps=3, generator=torch.Generator().manual_seed(7)),
+        eta_delta=0.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_pgd = _sgd_step(m_pgd, functools.partial(pgd_loss, attack=pgd), x, y)
+        loss_amo = _sgd_step(m_amo, functools.partial(robust_amo_loss, attack=joint), x, y)
+    assert torch.equal(loss_pgd, loss_amo)
+    assert _same_state(m_pgd, m_amo)
+
+
 def test_robust_amo_under_bf16_autocast_keeps_float32_deltas():
     x, y = _batch(n=8, shape=(3, 8, 8))
     model = _model("tiny-wrn", (3, 8, 8)).to(memory_format=torch.channels_last)
