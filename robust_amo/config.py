@@ -50,8 +50,9 @@ class DataConfig:
 class OptimConfig:
     """SGD and its learning-rate schedule (``schedule``: multistep | cosine | constant).
 
-    ``multistep`` multiplies the rate by ``gamma`` at each epoch in ``milestones``, or by the
-    matching entry of ``gammas`` when given (Sokolić's 0.01 -> 0.001 -> 0.0005 needs [0.1, 0.5]).
+    ``gamma`` is the multistep factor applied at every milestone, or a list with one factor per
+    milestone (Sokolić et al.'s 0.01 → 0.001 → 0.0005 is ``milestones: [34, 67]``,
+    ``gamma: [0.1, 0.5]``).
     """
 
     lr: float = 0.1
@@ -60,8 +61,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     schedule: str = "multistep"
     milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    gammas: list[float] | None = None
+    gamma: float | list[float] = 0.1
     warmup_epochs: int = 0
     fused: bool = True
 
@@ -277,10 +277,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {v}")
     if cfg.attack.steps < 0 or cfg.eval.steps < 0 or cfg.eval.restarts < 1:
         raise ConfigError("attack.steps and eval.steps must be >= 0 and eval.restarts >= 1")
-    if cfg.optim.gammas is not None and len(cfg.optim.gammas) != len(cfg.optim.milestones):
+    if isinstance(cfg.optim.gamma, list) and len(cfg.optim.gamma) != len(cfg.optim.milestones):
         raise ConfigError(
-            f"optim.gammas has {len(cfg.optim.gammas)} entries but optim.milestones has "
-            f"{len(cfg.optim.milestones)}; give one factor per milestone"
+            f"optim.gamma: a list needs one factor per milestone, got {len(cfg.optim.gamma)} "
+            f"factors for {len(cfg.optim.milestones)} milestones"
         )
     if cfg.eval.split == "val" and cfg.data.val_size <= 0:
         raise ConfigError("eval.split: val needs data.val_size > 0")

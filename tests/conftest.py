@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny model trained on digits once per session, shared-data lookup."""
+"""Shared fixtures: one torch thread, a tiny model trained on digits, shared data."""
 
 from __future__ import annotations
 
@@ -10,6 +10,25 @@ import torch
 
 SHARED_DATA = Path(os.environ.get("ROBUST_AMO_SHARED_DATA",
                                   Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """One intra-op thread for the whole suite: the models are tiny, and OpenMP threads spinning
+    against other processes on a 2-core machine made them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Kept for tests that ask for it explicitly; the session already runs on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -100,7 +100,7 @@ def test_truncated_or_foreign_checkpoint_gives_clear_error(tmp_path):
 
 def test_schedules():
     cfg = resolve(None, [{"epochs": 10, "optim": {"schedule": "multistep", "milestones": [2, 5],
-                                                  "gammas": [0.1, 0.5]}}])
+                                                  "gamma": [0.1, 0.5]}}])
     f = lr_lambda(cfg, steps_per_epoch=10)
     assert f(0) == 1.0 and f(19) == 1.0 and f(20) == pytest.approx(0.1)
     assert f(50) == pytest.approx(0.05)
