@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
-    from . import __version__
+    from . import __version__, robustness_checkpoint  # noqa: F401  (convert-checkpoint)
 
     parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"robust-amo {__version__}")
@@ -142,4 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under `python -m`, this file is __main__; subcommands registered from other modules land in
+    # the importable robust_amo.cli, so run that module's main
+    from robust_amo.cli import main as _main
+
+    sys.exit(_main())
