@@ -179,11 +179,18 @@ class RobustAmoDataSet(DataSet):
     def make_loaders(self, workers: int, batch_size: int, data_aug: bool = True,
                      subset: int | None = None, val_batch_size: int | None = None,
                      only_val: bool = False, shuffle_train: bool = True,
-                     shuffle_val: bool = False, seed: int = 0) -> tuple[Loader | None, Loader]:
-        """``(train_loader, val_loader)`` on ``self.device`` (``workers`` is not used)."""
+                     shuffle_val: bool = False, seed: int = 0,
+                     val_subset: int | None = None) -> tuple[Loader | None, Loader]:
+        """``(train_loader, val_loader)`` on ``self.device``, as robustness's ``make_loaders``.
+
+        ``workers`` is not used (the data is in memory); ``subset``/``val_subset`` keep the first
+        examples of the training/test split; ``data_aug`` is robust-amo's crop and flip.
+        """
         train, test = load_dataset(self.ds_name, self.data_path)
         if subset is not None:
             train = train.subset(torch.arange(min(subset, len(train))))
+        if val_subset is not None:
+            test = test.subset(torch.arange(min(val_subset, len(test))))
         val = Loader(test, val_batch_size or batch_size, self.device, shuffle=shuffle_val,
                      seed=seed)
         if only_val:
@@ -223,7 +230,8 @@ class RobustAMOAttackerModel(AttackerModel):
             the loss, as the authors' code); ``"sum"``: of the summed loss.
 
     Attributes:
-        last_deltas: the detached δ's of the latest training step (one per perturbation point).
+        last_adv: the x' of the latest training step (detached), for inspection.
+        last_deltas: the δ's of the latest training step (detached, one per perturbation point).
     """
 
     def __init__(self, model: RobustModel, dataset: DataSet, *, rho: float = 0.92,
@@ -236,6 +244,7 @@ class RobustAMOAttackerModel(AttackerModel):
             raise ValueError(f"delta_grad must be one of {DELTA_GRADS}, got {delta_grad!r}")
         super().__init__(model, dataset)
         self.rho, self.eta_delta, self.delta_grad = float(rho), float(eta_delta), delta_grad
+        self.last_adv: torch.Tensor | None = None
         self.last_deltas: list[torch.Tensor | None] | None = None
 
     def extra_repr(self) -> str:  # noqa: D102
@@ -257,7 +266,7 @@ class RobustAMOAttackerModel(AttackerModel):
             x_adv, deltas = self.joint_attack(inp, target, **attacker_kwargs)
         finally:
             self.train()
-        self.last_deltas = deltas
+        self.last_adv, self.last_deltas = x_adv, deltas
         with perturb(self.model, deltas, requires_grad=False):
             output = self.model(self.normalizer(x_adv), with_latent=with_latent,
                                 fake_relu=fake_relu, no_relu=no_relu)
