@@ -8,6 +8,8 @@ back-propagates the loss it returns. A method registers a builder with
 - ``standard``: cross-entropy on clean inputs.
 - ``pgd``: Madry et al. 2018, cross-entropy on PGD adversarial examples found in eval mode
   (ALGORITHMS.md, "PGD").
+- ``amo``, ``robust-amo``, ``jacobian-lm``: the papers' methods, in :mod:`robust_amo.methods`
+  (imported at the end of this module so that the registry is always complete).
 """
 
 from __future__ import annotations
@@ -96,3 +98,7 @@ def _build_standard(cfg: TrainConfig, attack, options) -> Objective:
 @register_objective("pgd")
 def _build_pgd(cfg: TrainConfig, attack, options) -> Objective:
     return functools.partial(pgd_loss, attack=attack)
+
+
+# registers amo, robust-amo and jacobian-lm; at the end because methods imports this module
+from . import methods  # noqa: E402, F401

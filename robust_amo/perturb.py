@@ -6,8 +6,9 @@ h_j ← h_j + ‖h_j‖₂ · δ_j, where ‖h_j‖₂ is the L2 norm of each ex
 architectures stay plain: nothing changes once the context exits, also on error.
 
 δ_j has the shape of h_j (channels_last preserved), is kept in float32 even when the forward runs
-under bf16 autocast, and is created zero-filled and requiring grad at the first forward unless
-given. With every δ_j = 0 the perturbed forward equals the plain forward exactly.
+under bf16 autocast (float64 for a float64 model), and is created zero-filled and requiring grad at
+the first forward unless given. With every δ_j = 0 the perturbed forward equals the plain forward
+exactly.
 """
 
 from __future__ import annotations
@@ -19,9 +20,29 @@ import torch
 from torch import nn
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision activations, the activation's own dtype otherwise (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def example_norm(h: torch.Tensor) -> torch.Tensor:
-    """‖h‖₂ per example over all non-batch dimensions, in float32: (B,)."""
-    return torch.linalg.vector_norm(h.float(), dim=tuple(range(1, h.dim())))
+    """‖h‖₂ per example over all non-batch dimensions, in float32 or wider: (B,)."""
+    return torch.linalg.vector_norm(h.to(_work_dtype(h.dtype)), dim=tuple(range(1, h.dim())))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The registered model inside DDP/compiled wrappers (``.module``/``._orig_mod``).
+
+    Raises:
+        TypeError: when no wrapped module declares ``perturbation_points()``.
+    """
+    inner = model
+    while not hasattr(inner, "perturbation_points"):
+        nxt = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        if nxt is None:
+            raise TypeError(f"{type(model).__name__} declares no perturbation_points()")
+        inner = nxt
+    return inner
 
 
 class Perturbation:
@@ -65,7 +86,8 @@ class Perturbation:
             if d is None:
                 if not self.create:
                     return out
-                d = torch.zeros_like(out, dtype=torch.float32).requires_grad_(self.requires_grad)
+                d = torch.zeros_like(out, dtype=_work_dtype(out.dtype))
+                d.requires_grad_(self.requires_grad)
                 self.deltas[j] = d
             if d.shape != out.shape:
                 raise ValueError(
@@ -97,13 +119,7 @@ def perturb(
     Yields:
         the :class:`Perturbation` whose ``deltas`` the hooks read at every forward.
     """
-    inner = model
-    while not hasattr(inner, "perturbation_points"):
-        nxt = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
-        if nxt is None:
-            raise TypeError(f"{type(model).__name__} declares no perturbation_points()")
-        inner = nxt
-    points = inner.perturbation_points()
+    points = unwrap(model).perturbation_points()
     state = Perturbation([n for n, _ in points], deltas, requires_grad)
     handles = []
     try:
