@@ -368,10 +368,12 @@ def _keep_best(best, losses, x, deltas):
 
 
 class _InputSpace(nn.Module):
-    """The classifier seen from robustness's input space: ``model(normalizer(x))``.
+    """The classifier seen from robustness's input space: ``model((x − mean) / std)``.
 
     ``module`` points at the registered model, so robust-amo helpers that look for its
-    classifier through wrappers find it.
+    classifier through wrappers find it. robustness's normaliser also clamps x to [0, 1], a no-op
+    on its inputs but one whose gradient is zero at pixels equal to 0 or 1; the penalty is the
+    norm of ∇_x F(x)_c of the network itself, so the clamp is left out.
     """
 
     def __init__(self, attacker_model: AttackerModel) -> None:
@@ -380,7 +382,7 @@ class _InputSpace(nn.Module):
         self.module = attacker_model.model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.module(self.normalizer(x))
+        return self.module((x - self.normalizer.new_mean) / self.normalizer.new_std)
 
 
 def _attacker_model(model: nn.Module) -> AttackerModel:
