@@ -22,6 +22,7 @@ from robust_amo import checkpoint as ckpt_io
 from robust_amo import robustness_plugin as rp
 from robust_amo.cli import main as cli_main
 from robust_amo.data import Loader, dataset_info, load_dataset
+from robust_amo.errors import CheckpointError
 from robust_amo.models import create_model
 from robust_amo.perturb import perturb
 
@@ -270,6 +271,12 @@ def test_robustness_checkpoint_to_robust_amo_and_back(robust_amo_run, tmp_path, 
     x = torch.rand(7, *INFO.input_shape)
     torch.testing.assert_close(native(x), model(x, with_image=False), rtol=1e-5, atol=1e-6)
     assert ck["mean"] == pytest.approx(INFO.mean) and ck["epoch"] == 1
+    # robust-amo's own loader (what `robust-amo eval` uses) reads robustness's run folder
+    direct = ckpt_io.load_checkpoint(robust_amo_run["out"], arch="tiny-cnn", dataset="digits")
+    torch.testing.assert_close(ckpt_io.model_from_checkpoint(direct)(x), native(x), rtol=0,
+                               atol=0)
+    with pytest.raises(CheckpointError, match="--arch"):
+        ckpt_io.load_checkpoint(src)
     # and back: the same AttackerModel state as robustness wrote
     back = tmp_path / "back.pt"
     assert cli_main(["convert-checkpoint", str(ours), str(back)]) == 0
