@@ -232,6 +232,7 @@ class RobustAMOAttackerModel(AttackerModel):
     Attributes:
         last_adv: the x' of the latest training step (detached), for inspection.
         last_deltas: the δ's of the latest training step (detached, one per perturbation point).
+            Under multi-GPU ``DataParallel`` both are set on the replicas, not on this module.
     """
 
     def __init__(self, model: RobustModel, dataset: DataSet, *, rho: float = 0.92,
@@ -466,6 +467,8 @@ def make_model(
     """
     net = architecture(arch, dataset, input_shape=input_shape, **model_kwargs) if isinstance(
         arch, str) else arch
+    if isinstance(net, RobustModel) and not _is_identity_normalization(net):
+        _check_model(net)  # raises: robustness would normalise twice
     if robust_amo:
         model: AttackerModel = RobustAMOAttackerModel(net, dataset, rho=rho, eta_delta=eta_delta,
                                                       delta_grad=delta_grad)
