@@ -287,6 +287,22 @@ def test_robustness_checkpoint_to_robust_amo_and_back(robust_amo_run, tmp_path, 
         torch.testing.assert_close(again[k], original[k], rtol=0, atol=0, msg=k)
 
 
+def test_robust_amo_eval_reads_a_robustness_run(robust_amo_run, tmp_path):
+    from evaluation.loading import load_model
+
+    model, meta = load_model(robust_amo_run["out"], "cpu", arch="tiny-cnn", dataset="digits")
+    assert meta["path"].endswith("checkpoint.pt.latest") and meta["dataset"] == "digits"
+    x = torch.rand(3, *INFO.input_shape)
+    torch.testing.assert_close(model(x), robust_amo_run["model"].eval()(x, with_image=False),
+                               rtol=1e-5, atol=1e-6)
+    report = tmp_path / "report.json"
+    assert cli_main(["eval", "--checkpoint", str(robust_amo_run["out"]), "--arch", "tiny-cnn",
+                     "--dataset", "digits", "--attack", "pgd5", "--eps", "0.1",
+                     "--n-examples", "16", "--no-sanity", "--no-progress",
+                     "--out", str(report)]) == 0
+    assert report.is_file()
+
+
 def test_robust_amo_checkpoint_loads_in_robustness(no_cuda, tmp_path):
     from robust_amo.config import resolve
     from robust_amo.train import train
