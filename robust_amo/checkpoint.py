@@ -88,7 +88,8 @@ def load_checkpoint(
     p = resolve_path(path, which)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
+            KeyError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {e}); "
             "use the previous one (best.pt) or restart the run without --resume"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,13 @@ def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def load_error_summary(e: RuntimeError) -> str:
+    """The first specific line of a ``load_state_dict`` error, shortened."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def is_robustness_checkpoint(obj: Any) -> bool:
     """Whether ``obj`` looks like a checkpoint of ``robustness`` (an AttackerModel state dict)."""
     if not isinstance(obj, dict) or obj.get("format") == ckpt_io.FORMAT:
@@ -72,20 +78,21 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         CheckpointError: missing, corrupt, or not a dict.
     """
     p = ckpt_io.resolve_path(path)
-    errors = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
-              AttributeError, ModuleNotFoundError)
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         try:
             obj = torch.load(p, map_location=map_location, weights_only=False)
-        except errors as e:
+        except (AttributeError, ModuleNotFoundError) as e:
             raise CheckpointError(
                 f"cannot read {p} ({type(e).__name__}: {e}); if it pickles robustness objects, "
                 "load it after `import robust_amo.robustness_plugin`"
             ) from None
-    except errors as e:
-        raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {e})"
+        except Exception as e:  # unpickling a damaged file can raise almost anything
+            raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({type(e).__name__})"
+                                  ) from None
+    except Exception as e:  # as above
+        raise CheckpointError(f"checkpoint {p} is truncated or corrupt ({type(e).__name__})"
                               ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} does not hold a checkpoint dict but a {type(obj).__name__}")
@@ -232,8 +239,8 @@ def from_robustness(
         model.load_state_dict(folded)
     except RuntimeError as e:
         raise CheckpointError(
-            f"the checkpoint's weights do not fit {arch!r} with input shape {tuple(input_shape)}: "
-            f"{str(e).splitlines()[0]}; check --arch/--dataset"
+            f"the checkpoint's weights do not fit {arch!r} with input shape {tuple(input_shape)} "
+            f"({load_error_summary(e)}); check --arch/--dataset"
         ) from None
     n_mean = folded["normalize.mean"].flatten().tolist()
     n_std = folded["normalize.std"].flatten().tolist()

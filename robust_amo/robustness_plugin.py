@@ -73,6 +73,7 @@ from .perturb import perturb  # noqa: E402
 from .robustness_checkpoint import (  # noqa: E402
     convert_checkpoint,
     from_robustness,
+    load_error_summary,
     read_checkpoint,
     to_robustness,
 )
@@ -486,8 +487,8 @@ def make_model(
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:
-            raise CheckpointError(f"{resume_path} does not fit this architecture: "
-                                  f"{str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"{resume_path} does not fit this architecture "
+                                  f"({load_error_summary(e)})") from None
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(dev)
