@@ -65,7 +65,9 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         if o.warmup_epochs > 0 and t < o.warmup_epochs:
             return (it + 1) / (o.warmup_epochs * steps_per_epoch)
         if o.schedule == "multistep":
-            return o.gamma ** sum(1 for m in o.milestones if it >= m * steps_per_epoch)
+            gammas = o.gamma if isinstance(o.gamma, list) else [o.gamma] * len(o.milestones)
+            return math.prod((g for m, g in zip(o.milestones, gammas, strict=True)
+                              if it >= m * steps_per_epoch), start=1.0)
         if o.schedule == "cosine":
             total = max(cfg.epochs - o.warmup_epochs, 1e-9)
             return 0.5 * (1 + math.cos(math.pi * min((t - o.warmup_epochs) / total, 1.0)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -21,6 +22,15 @@ from robust_amo.methods import (
 from robust_amo.models import create_model
 from robust_amo.objectives import pgd_loss, standard_loss
 from robust_amo.perturb import perturb
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny models crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _batch(n=16, shape=(1, 8, 8), seed=0, classes=10):
@@ -79,6 +89,34 @@ def test_robust_amo_with_zero_eta_is_pgd_training(arch, shape):
     assert torch.equal(loss_pgd, loss_amo)
     assert _same_state(m_pgd, m_amo)
     assert m_amo.training  # mode restored after the eval-mode attack
+
+
+def _passes_of_one_step(method: str, x, y) -> dict[str, int]:
+    model = _model()
+    seen = {"fwd": 0, "bwd": 0}
+
+    def fwd(*_):
+        seen["fwd"] += 1
+
+    def bwd(*_):
+        seen["bwd"] += 1
+
+    model.register_forward_pre_hook(fwd)
+    model.classifier.register_full_backward_pre_hook(bwd)
+    pgd = PGD(model, eps=0.1, step_size=0.03, steps=4)
+    if method == "pgd":
+        _sgd_step(model, functools.partial(pgd_loss, attack=pgd), x, y)
+    else:
+        _sgd_step(model, functools.partial(robust_amo_loss,
+                                           attack=RobustAMOAttack.from_pgd(pgd)), x, y)
+    return seen
+
+
+def test_robust_amo_costs_the_passes_of_pgd_training():
+    """Per training step: K attack forwards/backwards + one training forward/backward, as PGD."""
+    x, y = _batch(n=8)
+    expected = {"fwd": 5, "bwd": 5}
+    assert _passes_of_one_step("pgd", x, y) == _passes_of_one_step("robust-amo", x, y) == expected
 
 
 @pytest.mark.parametrize("delta_grad,eta", [("mean", 6.4e-3), ("sum", 6.4e-3), ("mean", 1.0)])

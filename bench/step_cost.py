@@ -1,0 +1,244 @@
+"""Cost of one training step of every method on the same model and batch, measured in one run.
+
+For each method (standard, pgd, robust-amo, amo, jacobian-lm with both ways of computing the
+C vector-Jacobian products) a step is objective + backward + SGD update, exactly as in
+``robust_amo.train``. Methods are timed round-robin (each round runs every method ``--steps``
+times) so that a busy machine slows them alike; the median over rounds is reported, with ratios
+to ``pgd`` and to ``standard``. The model's forward and backward passes per step are counted.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` per method; on CPU (Linux) the growth
+of the peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh process over
+one step, after a warm-up step (a proxy: it includes allocator slack), one subprocess per method.
+
+Examples::
+
+    python bench/step_cost.py                                  # tiny-wrn, CIFAR-shaped, CPU
+    python bench/step_cost.py --arch wrn28-10 --batch 128      # the issue's GPU target (bf16)
+    python bench/step_cost.py --arch mnist-cnn2 --shape 1,28,28 \\
+        --methods standard,jacobian-lm,jacobian-lm-loop,jacobian-lm-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from attacks import PGD  # noqa: E402
+from robust_amo.config import TrainConfig  # noqa: E402
+from robust_amo.models import create_model  # noqa: E402
+from robust_amo.objectives import build_objective  # noqa: E402
+from robust_amo.train import autocast  # noqa: E402
+
+# name -> (trainer method, method_args)
+METHODS: dict[str, tuple[str, dict]] = {
+    "standard": ("standard", {}),
+    "pgd": ("pgd", {}),
+    "robust-amo": ("robust-amo", {}),
+    "amo": ("amo", {}),
+    "jacobian-lm": ("jacobian-lm", {"vjp": "batched"}),
+    "jacobian-lm-loop": ("jacobian-lm", {"vjp": "loop"}),
+    "jacobian-lm-random": ("jacobian-lm", {"variant": "random"}),
+}
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=str, default="tiny-wrn", help="registered architecture")
+    p.add_argument("--shape", type=str, default="3,32,32", help="input C,H,W")
+    p.add_argument("--classes", type=int, default=10, help="number of classes")
+    p.add_argument("--batch", type=int, default=32, help="batch size")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (robust AMO too)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (median reported)")
+    p.add_argument("--methods", type=str, default=",".join(METHODS),
+                   help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="device")
+    p.add_argument("--no-bf16", action="store_true", help="float32 on CUDA")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--json", type=str, default="", help="also write the results here")
+    p.add_argument("--memory-of", type=str, default="", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+class Counter:
+    """Forward calls of the model and backward passes through its classifier."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.forward = self.backward = 0
+        model.register_forward_pre_hook(self._fwd)
+        model.classifier.register_full_backward_pre_hook(self._bwd)
+
+    def _fwd(self, *_):
+        self.forward += 1
+
+    def _bwd(self, *_):
+        self.backward += 1
+
+
+def _setup(args: argparse.Namespace, name: str):
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    shape = tuple(int(s) for s in args.shape.split(","))
+    torch.manual_seed(0)
+    model = create_model(args.arch, args.classes, input_shape=shape).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(args.batch, *shape, generator=g).to(device)
+    y = torch.randint(args.classes, (args.batch,), generator=g).to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    method, margs = METHODS[name]
+    cfg = TrainConfig(arch=args.arch, method=method, method_args=dict(margs))
+    cfg.attack.steps = args.pgd_steps
+    a = cfg.attack
+    attack = PGD(model, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss,
+                 torch.Generator().manual_seed(2))
+    objective = build_objective(cfg, attack)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    amp = autocast(device, not args.no_bf16)
+    return device, model, x, y, objective, opt, amp
+
+
+def _make_step(model, x, y, objective, opt, amp):
+    def step() -> None:
+        with amp:
+            loss, _ = objective(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_child(args: argparse.Namespace) -> None:
+    """Print the peak RSS growth (bytes) of one method's step in this fresh process (Linux).
+
+    The peak RSS (VmHWM) is reset through /proc/self/clear_refs after the model, batch and a
+    warm-up step exist, so the figure is the step's own growth over that baseline.
+    """
+    device, model, x, y, objective, opt, amp = _setup(args, args.memory_of)
+    step = _make_step(model, x, y, objective, opt, amp)
+    step()
+    opt.zero_grad(set_to_none=True)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    step()
+    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024}))
+
+
+def _cpu_memory(args: argparse.Namespace, name: str) -> float:
+    cmd = [sys.executable, __file__, "--memory-of", name, "--arch", args.arch, "--shape",
+           args.shape, "--classes", str(args.classes), "--batch", str(args.batch),
+           "--pgd-steps", str(args.pgd_steps), "--device", "cpu"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main() -> None:
+    args = _parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        _memory_child(args)
+        return
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        sys.exit(f"step_cost.py: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+
+    runs = {}
+    for n in names:
+        device, model, x, y, objective, opt, amp = _setup(args, n)
+        counter = Counter(model)
+        step = _make_step(model, x, y, objective, opt, amp)
+        step()  # warm-up, and the pass count of one step
+        _sync(device)
+        runs[n] = {"step": step, "device": device, "times": [],
+                   "forward": counter.forward, "backward": counter.backward}
+    for _ in range(args.rounds):
+        for n in names:
+            r = runs[n]
+            _sync(r["device"])
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                r["step"]()
+            _sync(r["device"])
+            r["times"].append((time.perf_counter() - t0) / args.steps)
+
+    device = runs[names[0]]["device"]
+    memory: dict[str, float] = {}
+    if not args.no_memory:
+        for n in names:
+            if device.type == "cuda":
+                _, model, x, y, objective, opt, amp = _setup(args, n)
+                step = _make_step(model, x, y, objective, opt, amp)
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                memory[n] = float(torch.cuda.max_memory_allocated())
+                del model, objective, opt, step
+                torch.cuda.empty_cache()
+            else:
+                memory[n] = _cpu_memory(args, n)
+
+    med = {n: statistics.median(runs[n]["times"]) for n in names}
+    dev_name = (torch.cuda.get_device_name() if device.type == "cuda"
+                else f"CPU {platform.processor() or platform.machine()}, "
+                     f"{torch.get_num_threads()} threads, {os.cpu_count()} cores visible")
+    header = (f"# step_cost: {args.arch} input {args.shape} batch {args.batch}, "
+              f"PGD-{args.pgd_steps}, "
+              f"{'bf16' if device.type == 'cuda' and not args.no_bf16 else 'fp32'}; {dev_name}; "
+              f"torch {torch.__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}")
+    print(header)
+    mem_label = "peak MiB" if device.type == "cuda" else "peak RSS+ MiB"
+    print(f"{'method':20s} {'fwd':>4s} {'bwd':>4s} {'s/step':>9s} {'x pgd':>7s} "
+          f"{'x std':>7s} {mem_label:>13s} {'mem x pgd':>9s}")
+    results = []
+    for n in names:
+        r = runs[n]
+        rp = med[n] / med["pgd"] if "pgd" in med else float("nan")
+        rs = med[n] / med["standard"] if "standard" in med else float("nan")
+        mb = memory.get(n, float("nan")) / 2**20
+        mp = (memory[n] / memory["pgd"]) if n in memory and memory.get("pgd") else float("nan")
+        print(f"{n:20s} {r['forward']:4d} {r['backward']:4d} {med[n]:9.4f} {rp:7.2f} {rs:7.2f} "
+              f"{mb:13.1f} {mp:9.2f}")
+        results.append({"method": n, "forward": r["forward"], "backward": r["backward"],
+                        "s_per_step": med[n], "vs_pgd": rp, "vs_standard": rs,
+                        "peak_mib": mb, "mem_vs_pgd": mp})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
