@@ -68,6 +68,7 @@ from robustness.datasets import DataSet  # noqa: E402
 
 from .data import Loader, dataset_info, load_dataset  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
+from .methods import jacobian_penalty  # noqa: E402
 from .models import RobustModel, create_model  # noqa: E402
 from .perturb import perturb  # noqa: E402
 from .robustness_checkpoint import (  # noqa: E402
@@ -425,8 +426,6 @@ class JacobianLMRegularizer:
     def __call__(self, model: nn.Module, inp: torch.Tensor,
                  target: torch.Tensor) -> torch.Tensor | float:
         """The regularisation term for robustness's loop (a scalar tensor, or 0.0)."""
-        from .methods import jacobian_penalty
-
         if not torch.is_grad_enabled() or self.weight == 0:
             return 0.0
         net = _InputSpace(_attacker_model(model))
