@@ -233,6 +233,38 @@ def test_joint_attack_matches_native_robust_amo():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_use_best_keeps_the_x_and_delta_of_the_worst_iterate():
+    ds = rp.robustness_dataset("digits", device="cpu")
+    am = rp.RobustAMOAttackerModel(_net(4), ds, eta_delta=0.5).eval()
+    train = load_dataset("digits")[0]
+    x, y = train.x[:12].float() / 255, train.y[:12]
+    # an attack loss whose sign-gradient ascent overshoots its peak (at a per-example mean
+    # target), so that the best iterate differs between examples; the CE term gives δ a gradient
+    start = ((x - INFO.mean[0]) / INFO.std[0]).flatten(1).mean(1)
+    peak = start + torch.linspace(0.0, 0.4, len(y))
+
+    def custom_loss(m, inp, target):
+        ce = F.cross_entropy(m(inp), target, reduction="none")
+        return -(inp.flatten(1).mean(1) - peak) ** 2 + 0.01 * ce, None
+
+    kw = dict(constraint="inf", eps=0.5, step_size=0.1, custom_loss=custom_loss)
+
+    def loss_at(xa, deltas):
+        with torch.no_grad(), perturb(am.model, deltas, requires_grad=False):
+            return custom_loss(am.model, am.normalizer(xa), y)[0]
+
+    # without a random start, k iterations end at the k-th iterate pair (x'_k, δ_k)
+    pairs = [am.joint_attack(x, y, iterations=k, use_best=False, **kw) for k in range(5)]
+    pick = torch.stack([loss_at(*pr) for pr in pairs]).argmax(0)  # (B,)
+    xb, db = am.joint_attack(x, y, iterations=4, use_best=True, **kw)
+    assert len(set(pick.tolist())) > 1  # the best iterate differs between examples
+    for i, k in enumerate(pick.tolist()):
+        xk, dk = pairs[k]
+        assert torch.equal(xb[i], xk[i])
+        for a, b in zip(db, dk, strict=True):
+            assert torch.equal(a[i], b[i]) if b is not None else a[i].abs().max() == 0
+
+
 @pytest.mark.parametrize("variant", ["all", "random"])
 def test_regularizer_equals_native_jacobian_penalty(variant):
     from robust_amo.methods import jacobian_penalty
