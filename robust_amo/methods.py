@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.pgd import LOSSES, NORMS, PGD, attack_loss, margin_loss, pgd_step, random_start
+from attacks.pgd import PGD, attack_loss, margin_loss, pgd_step, random_start
 
 from .config import TrainConfig
 from .errors import ConfigError
@@ -38,7 +38,7 @@ from .perturb import perturb, unwrap
 DELTA_GRADS = ("mean", "sum")
 JACOBIAN_VARIANTS = ("all", "random")
 TASK_LOSSES = ("hinge", "ce")
-VJP_MODES = ("batched", "loop")
+VJP_MODES = ("loop", "batched")
 
 
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
@@ -103,18 +103,15 @@ class RobustAMOAttack:
         eta_delta: float = 6.4e-3,
         delta_grad: str = "mean",
     ) -> None:
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
+        # the x' part is PGD's: its constructor validates the threat model and makes the generator
+        pgd = PGD(model, eps, step_size, steps, norm, random_start, 1, loss, generator)
         if delta_grad not in DELTA_GRADS:
             raise ValueError(f"unknown delta_grad {delta_grad!r}; choose one of {DELTA_GRADS}")
-        if eps < 0 or step_size < 0 or steps < 0 or eta_delta < 0 or rho < 0:
-            raise ValueError("robust AMO needs eps, step_size, steps, rho, eta_delta >= 0")
-        self.model = model
-        self.eps, self.step_size, self.steps = float(eps), float(step_size), int(steps)
-        self.norm, self.random_start, self.loss = norm, random_start, loss
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        if not (rho >= 0 and eta_delta >= 0):
+            raise ValueError(f"robust AMO needs rho, eta_delta >= 0, got {rho}, {eta_delta}")
+        self.model, self.generator = model, pgd.generator
+        self.eps, self.step_size, self.steps = pgd.eps, pgd.step_size, pgd.steps
+        self.norm, self.random_start, self.loss = pgd.norm, pgd.random_start, pgd.loss
         self.rho, self.eta_delta, self.delta_grad = float(rho), float(eta_delta), delta_grad
 
     @classmethod
@@ -336,7 +333,7 @@ def jacobian_penalty(
     variant: str = "all",
     generator: torch.Generator | None = None,
     create_graph: bool = True,
-    vjp: str = "batched",
+    vjp: str = "loop",
 ) -> torch.Tensor:
     """Sokolić et al. 2017 eq. (26) per example: ‖v_cᵀ J(x)‖₂ / ‖v_c‖₂ = ‖∇_x F(x)_c‖₂ / ‖v_c‖₂.
 
@@ -352,7 +349,8 @@ def jacobian_penalty(
         generator: source of the random classes (default: torch's global CPU generator).
         create_graph: keep the graph so that the penalty can be differentiated (double
             backpropagation; default True).
-        vjp: ``"batched"`` (default, one vmapped backward for all C classes) or ``"loop"``.
+        vjp: ``"loop"`` (default: C backward passes, measured faster on CPU for CNNs, see
+            docs/benchmarks.md) or ``"batched"`` (one vmapped backward for all C classes).
 
     Returns:
         the penalty per example, (B,), float32 (or float64 for a float64 model).
@@ -379,7 +377,7 @@ def jacobian_lm_loss(
     task_loss: str = "hinge",
     frobenius: float = 0.0,
     generator: torch.Generator | None = None,
-    vjp: str = "batched",
+    vjp: str = "loop",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobian-LM training loss (Sokolić et al. 2017, eq. 26 and Section V).
 
@@ -395,7 +393,7 @@ def jacobian_lm_loss(
         task_loss: ``"hinge"`` (multi-class hinge, the paper's default) or ``"ce"``.
         frobenius: weight of the squared Frobenius norm of the classifier matrix (default 0).
         generator: random classes of the ``random`` variant.
-        vjp: ``"batched"`` or ``"loop"``.
+        vjp: ``"loop"`` (default) or ``"batched"`` (see :func:`jacobian_penalty`).
 
     Returns:
         (scalar loss, logits (B, C) of the clean batch).
@@ -459,7 +457,7 @@ class JacobianLMOptions:
     variant: str = "all"
     task_loss: str = "hinge"
     frobenius: float = 0.0
-    vjp: str = "batched"
+    vjp: str = "loop"
 
     def __post_init__(self) -> None:
         _nonneg("method_args.lam_lm", self.lam_lm)

@@ -23,14 +23,7 @@ from robust_amo.models import create_model
 from robust_amo.objectives import pgd_loss, standard_loss
 from robust_amo.perturb import perturb
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny models crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n=16, shape=(1, 8, 8), seed=0, classes=10):

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from robust_amo.cli import main
 from robust_amo.config import resolve
@@ -15,14 +14,7 @@ from robust_amo.errors import ConfigError
 from robust_amo.objectives import build_objective, method_options
 from robust_amo.train import lr_lambda, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny models crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COMMON = {
