@@ -100,7 +100,7 @@ def load_checkpoint(
         if is_robustness_checkpoint(ckpt):
             return from_robustness(ckpt, arch=arch, dataset=dataset)
         raise CheckpointError(
-            f"{p} is neither a robust-amo checkpoint (no format={FORMAT!r} entry) nor a checkpoint "
+            f"{p} is not a robust-amo checkpoint (no format={FORMAT!r} entry), nor a checkpoint "
             "of the robustness library"
         )
     if ckpt.get("version", 0) > VERSION:

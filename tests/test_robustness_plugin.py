@@ -38,6 +38,8 @@ from robustness.train import train_model
 ROOT = Path(__file__).resolve().parents[1]
 INFO = dataset_info("digits")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def no_cuda(monkeypatch):
@@ -141,6 +143,8 @@ def robust_amo_run(digits, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
     mp.setattr(nn.Module, "cuda", lambda self, *a, **k: self)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture, for this module-scoped run
     out = tmp_path_factory.mktemp("robustness_run")
     ds = rp.robustness_dataset("digits", device="cpu")
     net = _net(0)
@@ -177,6 +181,7 @@ def robust_amo_run(digits, tmp_path_factory):
         trained = train_model(args, model, _loaders(digits))
     finally:
         mp.undo()
+        torch.set_num_threads(threads)
     return {"out": out, "w0": w0, "model": trained.module, "seen": seen, "ds": ds}
 
 
