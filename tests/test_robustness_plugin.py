@@ -127,6 +127,18 @@ def test_our_architectures_in_make_and_restore_model(no_cuda, name):
     assert latent.shape[0] == 5
 
 
+def test_architecture_sizes_itself_for_robustness_datasets():
+    net = rp.architecture("tiny-cnn", CIFAR("/tmp"))  # robustness's own CIFAR-10
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert (net.normalize.mean == 0).all() and (net.normalize.std == 1).all()
+    odd = DataSet("odd", "/tmp", num_classes=3, mean=torch.zeros(1), std=torch.ones(1),
+                  transform_train=None, transform_test=None)
+    with pytest.raises(ValueError, match="input_shape"):
+        rp.architecture("tiny-cnn", odd)
+    assert rp.architecture("tiny-mlp", odd, input_shape=(1, 4, 4))(torch.rand(2, 1, 4, 4)).shape \
+        == (2, 3)
+
+
 def test_model_that_normalises_itself_is_refused():
     ds = rp.robustness_dataset("digits", device="cpu")
     double = create_model("tiny-cnn", 10, input_shape=INFO.input_shape, mean=INFO.mean,
