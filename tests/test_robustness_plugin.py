@@ -375,6 +375,15 @@ def test_robust_amo_checkpoint_loads_in_robustness(no_cuda, tmp_path):
     torch.testing.assert_close(model.eval()(x, with_image=False), native(x), rtol=1e-5,
                                atol=1e-6)
     assert loaded["epoch"] == 1
+    # and back to robust-amo (the converted file records the architecture): the same model
+    back = tmp_path / "back.pt"
+    assert cli_main(["convert-checkpoint", str(conv), str(back)]) == 0
+    original = ckpt_io.load_checkpoint(tmp_path / "run")
+    again = ckpt_io.load_checkpoint(back)
+    assert (again["arch"], again["dataset"], again["input_shape"]) == (
+        "tiny-mlp", "digits", list(INFO.input_shape))
+    for k, v in original["model"].items():
+        torch.testing.assert_close(again["model"][k], v, rtol=0, atol=0, msg=k)
     # the plugin's make_model reads robust-amo checkpoints directly, as a RobustAMOAttackerModel
     ours, _ = rp.make_model(arch="tiny-mlp", dataset=ds, input_shape=INFO.input_shape,
                             resume_path=str(tmp_path / "run"), device="cpu")
