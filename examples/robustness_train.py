@@ -78,7 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weight of the Jacobian-LM regularizer (0: off)")
     p.add_argument("--train-subset", type=int, default=None, help="first N training examples")
     p.add_argument("--val-examples", type=int, default=None, help="first N test examples")
-    p.add_argument("--no-augment", action="store_true", help="no crop/flip augmentation")
+    p.add_argument("--augment", type=str, choices=["auto", "on", "off"], default="auto",
+                   help="crop/flip augmentation (auto: on for CIFAR, off for 8x8/28x28 digits)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (init, attack starts)")
     p.add_argument("--resume", type=str, default=None,
                    help="robustness or robust-amo checkpoint to start from (weights; with "
@@ -110,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> torch.nn.Module:
     Path(opts.out).mkdir(parents=True, exist_ok=True)
 
     ds = rp.robustness_dataset(opts.dataset, opts.data_dir)
+    augment = opts.augment == "on" or (opts.augment == "auto" and ds.ds_name.startswith("cifar"))
     train_loader, val_loader = ds.make_loaders(
-        workers=0, batch_size=opts.batch_size, data_aug=not opts.no_augment,
+        workers=0, batch_size=opts.batch_size, data_aug=augment,
         subset=opts.train_subset, val_subset=opts.val_examples, seed=opts.seed)
     model, checkpoint = rp.make_model(arch=opts.arch, dataset=ds, resume_path=opts.resume,
                                       rho=opts.rho, eta_delta=opts.eta_delta)

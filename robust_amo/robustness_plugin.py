@@ -66,7 +66,7 @@ SHIM_INSTALLED = _install_torchvision_shim()
 from robustness.attacker import STEPS, AttackerModel  # noqa: E402
 from robustness.datasets import DataSet  # noqa: E402
 
-from .data import Loader, dataset_info, load_dataset  # noqa: E402
+from .data import Loader, dataset_info, load_dataset, normalize_dataset_name  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .methods import jacobian_penalty  # noqa: E402
 from .models import RobustModel, create_model  # noqa: E402
@@ -165,6 +165,7 @@ class RobustAmoDataSet(DataSet):
 
     def __init__(self, name: str, data_path: str | None = None,
                  device: torch.device | str | None = None) -> None:
+        name = normalize_dataset_name(name)
         info = dataset_info(name)
         super().__init__(name, data_path, num_classes=info.num_classes,
                          mean=torch.tensor(info.mean), std=torch.tensor(info.std),

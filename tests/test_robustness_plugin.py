@@ -398,7 +398,7 @@ def test_example_script_runs(no_cuda, tmp_path):
     spec.loader.exec_module(example)
     model = example.main(["--dataset", "digits", "--arch", "tiny-mlp", "--epochs", "1",
                           "--batch-size", "16", "--train-subset", "32", "--val-examples", "16",
-                          "--attack-steps", "2", "--jacobian-lm", "0.01", "--no-augment",
+                          "--attack-steps", "2", "--jacobian-lm", "0.01", "--augment", "off",
                           "--out", str(tmp_path)])
     assert isinstance(model.module, rp.RobustAMOAttackerModel)
     assert model.module.last_deltas is not None
