@@ -1,21 +1,22 @@
 """Cost of one training step of every method on the same model and batch, measured in one run.
 
 For each method (standard, pgd, robust-amo, amo, jacobian-lm with both ways of computing the
-C vector-Jacobian products) a step is objective + backward + SGD update, exactly as in
-``robust_amo.train``. Methods are timed round-robin (each round runs every method ``--steps``
-times) so that a busy machine slows them alike; the median over rounds is reported, with ratios
-to ``pgd`` and to ``standard``. The model's forward and backward passes per step are counted.
+C vector-Jacobian products, and its random-class variant) a step is objective + backward + SGD
+update, exactly as in ``robust_amo.train``. Methods are timed round-robin (each round runs every
+method ``--steps`` times) so that a busy machine slows them alike; the median over rounds is
+reported, with ratios to ``pgd`` and to ``standard``. The model's forward and backward passes
+per step are counted.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` per method; on CPU (Linux) the growth
-of the peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh process over
-one step, after a warm-up step (a proxy: it includes allocator slack), one subprocess per method.
+Memory: the largest autograd graph that any one forward of the step builds (bytes of the distinct
+storages saved for backward, double-backward graphs included, weights included; deterministic,
+any device), and on CUDA also the real peak, ``torch.cuda.max_memory_allocated``.
 
 Examples::
 
     python bench/step_cost.py                                  # tiny-wrn, CIFAR-shaped, CPU
     python bench/step_cost.py --arch wrn28-10 --batch 128      # the issue's GPU target (bf16)
     python bench/step_cost.py --arch mnist-cnn2 --shape 1,28,28 \\
-        --methods standard,jacobian-lm,jacobian-lm-loop,jacobian-lm-random
+        --methods standard,jacobian-lm,jacobian-lm-batched,jacobian-lm-random
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,8 +46,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "pgd": ("pgd", {}),
     "robust-amo": ("robust-amo", {}),
     "amo": ("amo", {}),
-    "jacobian-lm": ("jacobian-lm", {"vjp": "batched"}),
-    "jacobian-lm-loop": ("jacobian-lm", {"vjp": "loop"}),
+    "jacobian-lm": ("jacobian-lm", {}),  # variant all, vjp loop (the defaults)
+    "jacobian-lm-batched": ("jacobian-lm", {"vjp": "batched"}),
     "jacobian-lm-random": ("jacobian-lm", {"variant": "random"}),
 }
 
@@ -67,9 +67,7 @@ def _parse() -> argparse.Namespace:
                    help="device")
     p.add_argument("--no-bf16", action="store_true", help="float32 on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--json", type=str, default="", help="also write the results here")
-    p.add_argument("--memory-of", type=str, default="", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -130,46 +128,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+class SavedBytes:
+    """Largest total of distinct storages saved for backward between two model forwards.
 
-
-def _memory_child(args: argparse.Namespace) -> None:
-    """Print the peak RSS growth (bytes) of one method's step in this fresh process (Linux).
-
-    The peak RSS (VmHWM) is reset through /proc/self/clear_refs after the model, batch and a
-    warm-up step exist, so the figure is the step's own growth over that baseline.
+    Attack graphs are freed step by step, so this is the size of the biggest graph alive at
+    once: a device-independent stand-in for peak activation memory.
     """
-    device, model, x, y, objective, opt, amp = _setup(args, args.memory_of)
-    step = _make_step(model, x, y, objective, opt, amp)
-    step()
-    opt.zero_grad(set_to_none=True)
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _status_kib("VmRSS")
-    step()
-    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024}))
 
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.current: dict[int, int] = {}
+        self.peak = 0
+        model.register_forward_pre_hook(self._new_forward)
 
-def _cpu_memory(args: argparse.Namespace, name: str) -> float:
-    cmd = [sys.executable, __file__, "--memory-of", name, "--arch", args.arch, "--shape",
-           args.shape, "--classes", str(args.classes), "--batch", str(args.batch),
-           "--pgd-steps", str(args.pgd_steps), "--device", "cpu"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+    def _new_forward(self, *_) -> None:
+        self.close()
+        self.current = {}
+
+    def close(self) -> None:
+        """Account for the graph of the latest forward."""
+        self.peak = max(self.peak, sum(self.current.values()))
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        self.current[st.data_ptr()] = st.nbytes()
+        return t
+
+    def hooks(self):
+        """Context that records every tensor autograd saves."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
 
 def main() -> None:
     args = _parse()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_of:
-        _memory_child(args)
-        return
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -178,11 +170,13 @@ def main() -> None:
     runs = {}
     for n in names:
         device, model, x, y, objective, opt, amp = _setup(args, n)
-        counter = Counter(model)
+        counter, saved = Counter(model), SavedBytes(model)
         step = _make_step(model, x, y, objective, opt, amp)
-        step()  # warm-up, and the pass count of one step
+        with saved.hooks():
+            step()  # warm-up, pass count and graph size of one step
+        saved.close()
         _sync(device)
-        runs[n] = {"step": step, "device": device, "times": [],
+        runs[n] = {"step": step, "device": device, "times": [], "saved": saved.peak,
                    "forward": counter.forward, "backward": counter.backward}
     for _ in range(args.rounds):
         for n in names:
@@ -195,22 +189,19 @@ def main() -> None:
             r["times"].append((time.perf_counter() - t0) / args.steps)
 
     device = runs[names[0]]["device"]
-    memory: dict[str, float] = {}
-    if not args.no_memory:
+    cuda_peak: dict[str, float] = {}
+    if device.type == "cuda":
         for n in names:
-            if device.type == "cuda":
-                _, model, x, y, objective, opt, amp = _setup(args, n)
-                step = _make_step(model, x, y, objective, opt, amp)
-                step()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                memory[n] = float(torch.cuda.max_memory_allocated())
-                del model, objective, opt, step
-                torch.cuda.empty_cache()
-            else:
-                memory[n] = _cpu_memory(args, n)
+            _, model, x, y, objective, opt, amp = _setup(args, n)
+            step = _make_step(model, x, y, objective, opt, amp)
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            cuda_peak[n] = float(torch.cuda.max_memory_allocated())
+            del model, objective, opt, step
+            torch.cuda.empty_cache()
 
     med = {n: statistics.median(runs[n]["times"]) for n in names}
     dev_name = (torch.cuda.get_device_name() if device.type == "cuda"
@@ -221,21 +212,21 @@ def main() -> None:
               f"{'bf16' if device.type == 'cuda' and not args.no_bf16 else 'fp32'}; {dev_name}; "
               f"torch {torch.__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}")
     print(header)
-    mem_label = "peak MiB" if device.type == "cuda" else "peak RSS+ MiB"
     print(f"{'method':20s} {'fwd':>4s} {'bwd':>4s} {'s/step':>9s} {'x pgd':>7s} "
-          f"{'x std':>7s} {mem_label:>13s} {'mem x pgd':>9s}")
+          f"{'x std':>7s} {'graph MiB':>10s} {'x pgd':>7s} {'CUDA peak MiB':>14s}")
     results = []
     for n in names:
         r = runs[n]
         rp = med[n] / med["pgd"] if "pgd" in med else float("nan")
         rs = med[n] / med["standard"] if "standard" in med else float("nan")
-        mb = memory.get(n, float("nan")) / 2**20
-        mp = (memory[n] / memory["pgd"]) if n in memory and memory.get("pgd") else float("nan")
+        gp = r["saved"] / runs["pgd"]["saved"] if "pgd" in runs else float("nan")
+        peak = cuda_peak.get(n, float("nan")) / 2**20
         print(f"{n:20s} {r['forward']:4d} {r['backward']:4d} {med[n]:9.4f} {rp:7.2f} {rs:7.2f} "
-              f"{mb:13.1f} {mp:9.2f}")
+              f"{r['saved'] / 2**20:10.1f} {gp:7.2f} {peak:14.1f}")
         results.append({"method": n, "forward": r["forward"], "backward": r["backward"],
                         "s_per_step": med[n], "vs_pgd": rp, "vs_standard": rs,
-                        "peak_mib": mb, "mem_vs_pgd": mp})
+                        "graph_mib": r["saved"] / 2**20, "graph_vs_pgd": gp,
+                        "cuda_peak_mib": peak})
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=1))
 

@@ -399,7 +399,7 @@ def jacobian_lm_loss(
         (scalar loss, logits (B, C) of the clean batch).
     """
     _choice("task_loss", task_loss, TASK_LOSSES)
-    x = x.detach().requires_grad_(True)
+    x = x.detach().requires_grad_(lam_lm > 0)
     logits = model(x)
     task = multiclass_hinge(logits, y) if task_loss == "hinge" else F.cross_entropy(
         _wide(logits), y)

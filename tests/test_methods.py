@@ -151,6 +151,21 @@ def test_robust_amo_delta_step_uses_the_joint_gradient():
         torch.testing.assert_close(got, 0.5 * a + 0.5 * b)
 
 
+def test_robust_amo_under_bf16_autocast_keeps_float32_deltas():
+    x, y = _batch(n=8, shape=(3, 8, 8))
+    model = _model("tiny-wrn", (3, 8, 8)).to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    joint = RobustAMOAttack(model, eps=0.1, step_size=0.03, steps=2, eta_delta=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = robust_amo_loss(model, x, y, attack=joint)
+        x_adv, deltas = joint(x, y)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    assert x_adv.dtype == torch.float32
+    assert all(d.dtype == torch.float32 and d.abs().sum() > 0 for d in deltas)
+    assert deltas[0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_robust_amo_attack_restores_mode_on_error_and_validates():
     model = _model()
     model.train()
