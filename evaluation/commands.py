@@ -49,6 +49,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-examples", type=int, help="evaluate the first N examples (default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
     p.add_argument("--dataset", type=str, help="dataset (default: the checkpoint's)")
+    p.add_argument("--arch", type=str,
+                   help="architecture of a robustness-library checkpoint (robust-amo archs)")
     p.add_argument("--data-dir", type=str, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--split", type=str, choices=["test", "val"], default="test",
                    help="test split, or the run's held-out val split (default: test)")
@@ -93,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = _attack_names(args.attack)
     device = resolve_device(args.device)
     t_start = time.perf_counter()
-    model, meta = load_model(args.checkpoint, device, which=args.which)
+    model, meta = load_model(args.checkpoint, device, which=args.which, arch=args.arch,
+                             dataset=args.dataset)
     meta["weights_sha256"] = model_digest(model)
     data = load_eval_data(meta, split=args.split, n_examples=args.n_examples,
                           dataset=args.dataset, data_dir=args.data_dir)

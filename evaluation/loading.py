@@ -1,7 +1,7 @@
 """Loading what an evaluation needs: the model of a checkpoint and the examples to attack.
 
-:func:`load_model` is the one place that turns a checkpoint path into a model; formats other than
-robust-amo's own (e.g. robustness-library checkpoints) are to be added here.
+:func:`load_model` is the one place that turns a checkpoint path into a model: robust-amo's own
+checkpoints and robustness-library checkpoints of our architectures.
 """
 
 from __future__ import annotations
@@ -13,19 +13,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint
+from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint, resolve_path
 from robust_amo.errors import CheckpointError, ConfigError, DataError
 
 
 def load_model(
-    path_or_run_dir: str | Path, device: torch.device | str = "cpu", which: str = "checkpoint.pt"
+    path_or_run_dir: str | Path,
+    device: torch.device | str = "cpu",
+    which: str = "checkpoint.pt",
+    *,
+    arch: str | None = None,
+    dataset: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a robust-amo checkpoint, in eval mode on ``device``, and its metadata.
+
+    A checkpoint written by MadryLab's robustness for one of our architectures (a file, or its
+    ``out_dir`` with ``checkpoint.pt.latest``/``.best``) is converted on the fly; it needs
+    ``arch`` and ``dataset`` unless it records them (docs/robustness_plugin.md).
 
     Args:
         path_or_run_dir: a ``.pt`` file or a run folder written by ``robust-amo train``.
         device: where the model goes.
         which: file inside a run folder: ``checkpoint.pt`` (last epoch) or ``best.pt``.
+        arch: architecture of a robustness checkpoint (registry name).
+        dataset: dataset of a robustness checkpoint.
 
     Returns:
         ``(model, meta)``; meta holds ``path``, ``arch``, ``dataset``, ``method``, ``epoch``,
@@ -35,9 +46,9 @@ def load_model(
         CheckpointError: missing, corrupt, or not matching its architecture.
     """
     p = Path(path_or_run_dir).expanduser()
-    ckpt = load_checkpoint(p, map_location="cpu", which=which)
+    ckpt = load_checkpoint(p, map_location="cpu", which=which, arch=arch, dataset=dataset)
     model = model_from_checkpoint(ckpt).to(device).eval()
-    file = p / which if p.is_dir() else p
+    file = resolve_path(p, which)
     meta = {
         "path": str(file),
         "format": ckpt.get("format"),

@@ -40,11 +40,20 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+# what robustness.train.train_model writes into its out_dir, for LAST and BEST
+ROBUSTNESS_NAMES = {LAST: "checkpoint.pt.latest", BEST: "checkpoint.pt.best"}
+
+
 def resolve_path(path: str | Path, which: str = LAST) -> Path:
-    """A checkpoint file from a file path or a run folder (``which``: checkpoint.pt or best.pt)."""
+    """A checkpoint file from a file path or a run folder (``which``: checkpoint.pt or best.pt).
+
+    A folder written by robustness's ``train_model`` (``checkpoint.pt.latest``/``.best``) is a run
+    folder too.
+    """
     p = Path(path).expanduser()
     if p.is_dir():
-        p = p / which
+        alt = p / ROBUSTNESS_NAMES.get(which, which)
+        p = p / which if (p / which).is_file() or not alt.is_file() else alt
     if not p.is_file():
         raise CheckpointError(
             f"no checkpoint at {p}; pass a run folder written by `robust-amo train` or a .pt file"
@@ -53,14 +62,25 @@ def resolve_path(path: str | Path, which: str = LAST) -> Path:
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", which: str = LAST
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    which: str = LAST,
+    *,
+    arch: str | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
-    """Load and check a robust-amo checkpoint.
+    """Load and check a robust-amo checkpoint (or convert a robustness one).
+
+    A checkpoint of MadryLab's robustness holding one of our architectures is converted on the
+    fly (:func:`robust_amo.robustness_checkpoint.from_robustness`, which does not import
+    robustness); it needs ``arch`` and ``dataset`` unless it records them.
 
     Args:
         path: a ``.pt`` file or a run folder.
         map_location: where tensors are loaded (default CPU).
         which: file inside a run folder: ``checkpoint.pt`` (last) or ``best.pt``.
+        arch: architecture of a robustness checkpoint (registry name).
+        dataset: dataset of a robustness checkpoint (gives the input shape).
 
     Raises:
         CheckpointError: missing, truncated/corrupt, or not a robust-amo checkpoint.
@@ -68,15 +88,20 @@ def load_checkpoint(
     p = resolve_path(path, which)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
+            KeyError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {e}); "
             "use the previous one (best.pt) or restart the run without --resume"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        from .robustness_checkpoint import from_robustness, is_robustness_checkpoint
+
+        if is_robustness_checkpoint(ckpt):
+            return from_robustness(ckpt, arch=arch, dataset=dataset)
         raise CheckpointError(
-            f"{p} is not a robust-amo checkpoint (no format={FORMAT!r} entry); for a robustness "
-            "library checkpoint use robust_amo.robustness_plugin"
+            f"{p} is not a robust-amo checkpoint (no format={FORMAT!r} entry), nor a checkpoint "
+            "of the robustness library"
         )
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(

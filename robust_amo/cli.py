@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
     from evaluation import commands as _eval_commands  # noqa: F401  (registers `eval`)
 
-    from . import __version__, margins_cli  # noqa: F401  (margins_cli registers `margins`)
+    from . import __version__, margins_cli, robustness_checkpoint  # noqa: F401  (register
+    # `margins` and `convert-checkpoint`)
 
     parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"robust-amo {__version__}")
