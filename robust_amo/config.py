@@ -103,6 +103,9 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     channels_last: bool = True
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
     out: str = "runs/default"
     log_every: int = 50
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -272,6 +275,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {v}")
     if cfg.attack.steps < 0 or cfg.eval.steps < 0 or cfg.eval.restarts < 1:
         raise ConfigError("attack.steps and eval.steps must be >= 0 and eval.restarts >= 1")
+    modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if cfg.compile_mode not in modes:
+        raise ConfigError(f"compile_mode: {cfg.compile_mode!r} is not one of "
+                          f"{', '.join(m for m in modes if m)} (or leave it unset)")
     if cfg.eval.split == "val" and cfg.data.val_size <= 0:
         raise ConfigError("eval.split: val needs data.val_size > 0")
 
