@@ -164,7 +164,11 @@ class PGD:
         return best
 
     def run_once(
-        self, x: torch.Tensor, y: torch.Tensor, final_eval: bool = False
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        final_eval: bool = False,
+        x_init: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One restart.
 
@@ -172,14 +176,21 @@ class PGD:
             x: clean inputs (B, ...); y: labels (B,).
             final_eval: evaluate the final iterate (one more forward) to report its loss and
                 whether it is misclassified.
+            x_init: the starting point x_0 (B, ...), a point of the eps-ball around x in
+                [0, 1]; replaces the attack's own start (evaluation draws it per example so
+                that it does not depend on the batch, see evaluation/pgd_eval.py).
 
         Returns:
             ``(x_adv, fooled, loss)``: the point kept per example, whether a misclassified
             iterate was found (``early_stop`` or ``final_eval`` only, else all False), and its
             loss (−inf where not evaluated).
         """
-        x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
-        x_adv = x_adv.clone()
+        if x_init is not None:
+            x_adv = x_init.detach().clone()
+        elif self.random_start:
+            x_adv = random_start(x, self.eps, self.norm, self.generator)
+        else:
+            x_adv = x.clone()
         fooled = torch.zeros(len(y), dtype=torch.bool, device=x.device)
         loss_out = torch.full((len(y),), float("-inf"), device=x.device)
         track = self.early_stop or final_eval

@@ -95,19 +95,10 @@ def cmd_archs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=str, help="run folder or checkpoint file")
-
-
-@subcommand("eval", "evaluate robustness of a checkpoint", _eval_args)
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Placeholder until the evaluation command lands."""
-    raise RobustAmoError("`robust-amo eval` is not available yet: it comes with the evaluation "
-                         "issue (PGD-50 x 10 and AutoAttack)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand."""
+    from evaluation import commands as _eval_commands  # noqa: F401  (registers `eval`)
+
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
@@ -142,4 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the imported module so that subcommands registered by other modules (they
+    # import robust_amo.cli, not __main__) are seen
+    from robust_amo.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,310 @@
+"""AutoAttack (Croce & Hein 2020) through the official attack code, never a reimplementation.
+
+Two distributions carry the same attacks under different wrappers; :func:`autoattack_backend`
+picks the first importable one:
+
+- ``autoattack`` (github.com/fra31/auto-attack, installed from its repository):
+  ``AutoAttack(model, norm=, eps=, seed=, verbose=, attacks_to_run=, version=, device=)`` and
+  ``run_standard_evaluation(x, y, bs=, return_labels=)``; its checks print "Warning: ..." lines.
+- ``pyautoattack`` (PyPI): ``AutoAttack(model, attacks=, device=, eps=, norm=, seed=, version=)``
+  and ``run_standard_evaluation(x, y, batch_size=)`` returning ``(x_adv, y_adv)``; its checks
+  log to the ``auto-attack`` logger.
+
+The adapter runs the attacks of a version one at a time (version parameters such as restarts and
+target classes are those AutoAttack sets for the version), each only on the examples every
+earlier attack failed to break, exactly as ``run_standard_evaluation`` does on a batch. Running
+one attack per call lets a killed evaluation continue after the last finished attack with the
+same result as an uninterrupted run (the attacks reseed from ``seed`` at every call). AutoAttack
+reseeds torch's global RNG; the adapter restores it afterwards. AutoAttack's own checks
+(randomised or dynamic defence, probabilities instead of logits, too many target classes, Square
+beating the gradient attacks) stay on; their messages are collected into the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust_amo.errors import RobustAmoError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("autoattack", "pyautoattack")
+VERSIONS = ("standard", "plus", "rand", "custom")
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+VERSION_ATTACKS = {
+    "standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
+    "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
+    "rand": ["apgd-ce", "apgd-dlr"],
+}
+_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+
+
+@dataclass(frozen=True)
+class AutoAttackSettings:
+    """One AutoAttack evaluation.
+
+    Attributes:
+        eps: radius in [0, 1] pixel units.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"``.
+        version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square), ``"plus"``, ``"rand"`` or
+            ``"custom"`` (the attacks in ``attacks``).
+        attacks: the attack list for ``version="custom"`` (names in :data:`ATTACKS`).
+        seed: AutoAttack's seed (it reseeds every attack call with it).
+        backend: ``"autoattack"``, ``"pyautoattack"`` or None for the first installed.
+    """
+
+    eps: float
+    norm: str = "linf"
+    version: str = "standard"
+    attacks: tuple[str, ...] = ()
+    seed: int = 0
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.norm not in _NORMS:
+            raise RobustAmoError(f"AutoAttack norm {self.norm!r} is not one of "
+                                 f"{', '.join(_NORMS)}")
+        if self.version not in VERSIONS:
+            raise RobustAmoError(f"AutoAttack version {self.version!r} is not one of "
+                                 f"{', '.join(VERSIONS)}")
+        if self.version == "custom":
+            bad = [a for a in self.attacks if a not in ATTACKS]
+            if not self.attacks or bad:
+                raise RobustAmoError(
+                    f"AutoAttack custom version needs a list of attacks from {', '.join(ATTACKS)}"
+                    f" (e.g. --aa-attacks apgd-ce,square); got {list(self.attacks)}")
+        elif self.attacks:
+            raise RobustAmoError(f"AutoAttack version {self.version!r} fixes its attacks; use "
+                                 "the custom version to choose them")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise RobustAmoError(f"AutoAttack backend {self.backend!r} is not one of "
+                                 f"{', '.join(BACKENDS)}")
+
+    @property
+    def attack_list(self) -> list[str]:
+        """The attacks run, in order."""
+        return list(self.attacks) if self.version == "custom" else VERSION_ATTACKS[self.version]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for reports and state files (backend resolved by the caller)."""
+        d = asdict(self)
+        d["attacks"] = self.attack_list
+        return d
+
+
+@dataclass
+class AutoAttackResult:
+    """Per-example outcome of :func:`autoattack_robust` on B examples.
+
+    Attributes:
+        clean: (B,) bool, classified correctly without attack.
+        robust: (B,) bool, not broken by any attack of the list.
+        after_attack: attack name -> (B,) bool, robust after that attack and all before it.
+        x_adv: (B, ...) AutoAttack's adversarial point for examples broken in this call, else
+            the input (not saved in the state: examples broken before a resume keep the input).
+        warnings: the messages of AutoAttack's checks (deduplicated, in order).
+        done: the attacks finished so far (all of them unless interrupted).
+    """
+
+    clean: torch.Tensor
+    robust: torch.Tensor
+    after_attack: dict[str, torch.Tensor]
+    x_adv: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        """What must be saved to continue after ``done`` (CPU masks, no images)."""
+        return {"clean": self.clean.cpu(), "robust": self.robust.cpu(),
+                "after_attack": {k: v.cpu() for k, v in self.after_attack.items()},
+                "warnings": list(self.warnings), "done": list(self.done)}
+
+
+def autoattack_backend(preferred: str | None = None) -> tuple[str, Any]:
+    """``(name, module)`` of the AutoAttack distribution to use.
+
+    Raises:
+        RobustAmoError: none is installed (or not the preferred one).
+    """
+    names = [preferred] if preferred else list(BACKENDS)
+    for name in names:
+        try:
+            return name, importlib.import_module(name)
+        except ImportError:
+            continue
+    raise RobustAmoError(
+        "AutoAttack is not installed: `pip install pyautoattack`, or install the official "
+        "repository with `pip install git+https://github.com/fra31/auto-attack`"
+        + (f" (asked for backend {preferred!r})" if preferred else ""))
+
+
+def backend_version(name: str, module: Any) -> str:
+    """``name version`` for reports."""
+    from importlib import metadata
+
+    for dist in (name, "autoattack", "pyautoattack"):
+        try:
+            return f"{name} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return f"{name} {getattr(module, '__version__', 'unknown')}"
+
+
+class LogitsOnly(nn.Module):
+    """The model as AutoAttack wants it: eval mode, float32 logits only, no extra outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float()
+
+
+class _Collect(logging.Handler):
+    """Collects the records AutoAttack logs at WARNING or above."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _capture(sink: list[str]):
+    """Route AutoAttack's check messages (logger, warnings, printed 'Warning:' lines) to sink."""
+    handler = _Collect(sink)
+    aa_log = logging.getLogger("auto-attack")
+    aa_log.addHandler(handler)
+    out = io.StringIO()
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        aa_log.removeHandler(handler)
+        sink.extend(str(w.message) for w in caught)
+        for line in out.getvalue().splitlines():
+            if "warning" in line.lower():
+                sink.append(line.split(":", 1)[1].strip() if ":" in line else line.strip())
+
+
+class _Runner:
+    """One constructed AutoAttack object and a uniform ``run(attack, x, y) -> (x_adv, y_adv)``."""
+
+    def __init__(self, model: nn.Module, settings: AutoAttackSettings, device: torch.device):
+        self.name, mod = autoattack_backend(settings.backend)
+        self.version = backend_version(self.name, mod)
+        norm = _NORMS[settings.norm]
+        version = settings.version
+        if self.name == "pyautoattack":
+            self.aa = mod.AutoAttack(
+                model, attacks=settings.attack_list if version == "custom" else None,
+                device=device, eps=settings.eps, norm=norm, seed=settings.seed, version=version)
+        else:
+            self.aa = mod.AutoAttack(
+                model, norm=norm, eps=settings.eps, seed=settings.seed, verbose=False,
+                attacks_to_run=settings.attack_list if version == "custom" else [],
+                version=version, device=device)
+        params = inspect.signature(self.aa.run_standard_evaluation).parameters
+        self._labels = "return_labels" in params
+        self._bs_kw = "batch_size" if "batch_size" in params else "bs"
+
+    def run(self, attack: str, x: torch.Tensor, y: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.aa.attacks_to_run = [attack]
+        kw: dict[str, Any] = {self._bs_kw: len(y)}
+        if self._labels:
+            kw["return_labels"] = True
+        out = self.aa.run_standard_evaluation(x, y, **kw)
+        if isinstance(out, tuple):
+            return out[0], out[1]
+        with torch.no_grad():
+            return out, self.aa.model(out).argmax(1)
+
+
+def autoattack_robust(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: AutoAttackSettings,
+    *,
+    state: dict[str, Any] | None = None,
+    on_step: Callable[[AutoAttackResult], None] | None = None,
+) -> AutoAttackResult:
+    """AutoAttack on one batch (B ≤ a few hundred: it is AutoAttack's batch).
+
+    Args:
+        model: classifier returning logits for inputs in [0, 1]; wrapped in :class:`LogitsOnly`
+            and run in eval mode (mode restored afterwards), float32.
+        x: clean inputs (B, C, H, W) in [0, 1]; y: labels (B,).
+        settings: the version, eps, norm and seed.
+        state: a :meth:`AutoAttackResult.state` saved by ``on_step`` of an interrupted call;
+            the attacks in its ``done`` are not run again.
+        on_step: called after every finished attack (save the state there to make the run
+            resumable).
+
+    Returns:
+        :class:`AutoAttackResult` with per-example masks.
+    """
+    x, y = x.detach().float(), y.detach()
+    dev = x.device
+    wrapped = LogitsOnly(model).eval()
+    was_training = model.training
+    model.eval()
+    try:
+        if state is None:
+            with torch.no_grad():
+                clean = wrapped(x).argmax(1) == y
+            res = AutoAttackResult(clean, clean.clone(), {}, x.clone())
+        else:
+            res = AutoAttackResult(
+                state["clean"].to(dev), state["robust"].to(dev),
+                {k: v.to(dev) for k, v in state["after_attack"].items()},
+                x.clone(), list(state["warnings"]),
+                list(state["done"]))
+        runner = None
+        for attack in settings.attack_list:
+            if attack in res.done:
+                continue
+            idx = res.robust.nonzero().squeeze(1)
+            if idx.numel() > 0:
+                runner = runner or _Runner(wrapped, settings, dev)
+                found: list[str] = []
+                with _capture(found), torch.random.fork_rng(devices=_cuda_devices(dev)):
+                    xa, ya = runner.run(attack, x[idx], y[idx])
+                for msg in found:
+                    if msg not in res.warnings:
+                        res.warnings.append(msg)
+                broken = ya.to(dev) != y[idx]
+                res.x_adv[idx[broken]] = xa.to(dev)[broken]
+                res.robust[idx[broken]] = False
+            res.after_attack[attack] = res.robust.clone()
+            res.done.append(attack)
+            if on_step is not None:
+                on_step(res)
+        return res
+    finally:
+        model.train(was_training)
+
+
+def _cuda_devices(dev: torch.device) -> list[int]:
+    if dev.type == "cuda":
+        return [dev.index if dev.index is not None else torch.cuda.current_device()]
+    return []
