@@ -226,11 +226,30 @@ def assemble(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
         n: the total number of examples.
 
     Returns:
-        (n, ...) tensor on ``values``' device, identical on every rank.
+        (n, ...) tensor on ``values``' device, identical on every rank (communicated through
+        :func:`comm_device`, so CPU masks work under NCCL too).
     """
     is_bool = values.dtype == torch.bool
-    src = values.to(torch.uint8) if is_bool else values
-    out = torch.zeros((n, *values.shape[1:]), dtype=src.dtype, device=values.device)
-    out[index.to(values.device)] = src
+    dev = comm_device()
+    src = (values.to(torch.uint8) if is_bool else values).to(dev)
+    out = torch.zeros((n, *values.shape[1:]), dtype=src.dtype, device=dev)
+    out[index.to(dev)] = src
     all_reduce_sum(out)
+    out = out.to(values.device)
     return out.bool() if is_bool else out
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: this rank's GPU under NCCL, else the CPU."""
+    if current().enabled and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not current().enabled:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -21,12 +21,16 @@ import torch
 
 from robust_amo import distributed
 from robust_amo.checkpoint import load_checkpoint
+from robust_amo.cli import main as cli_main
 from robust_amo.config import ConfigError, TrainConfig, from_dict, validate
 from robust_amo.data import Loader, Split, augment
 from robust_amo.train import train
 
 WORLD = 2
 TIMEOUT_S = 240
+# fork shares this process's imported torch/sklearn with the workers (spawn would import them
+# again: most of the cost on a small CI machine); the workers use one thread each
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def _cfg(out: Path, epochs: int) -> dict:
@@ -52,19 +56,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(job: dict) -> None:
-    """Run tests/_dist_worker.run on WORLD spawned processes; fail (not hang) on error."""
-    import torch.multiprocessing as mp
-
+def _worker():
+    """tests/_dist_worker.py as a module (a spawned child imports it by this name)."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         import _dist_worker
     finally:
         sys.path.pop(0)
+    return _dist_worker
+
+
+def _spawn(job: dict) -> None:
+    """Run tests/_dist_worker.run on WORLD spawned processes; fail (not hang) on error."""
+    import torch.multiprocessing as mp
+
+    _dist_worker = _worker()
     for k in distributed.ENV_VARS:
         assert k not in os.environ, "run the tests outside torchrun"
     ctx = mp.start_processes(_dist_worker.run, args=(WORLD, _free_port(), job), nprocs=WORLD,
-                             join=False, start_method="spawn")
+                             join=False, start_method=START_METHOD)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=2):
@@ -83,13 +93,51 @@ def runs(tmp_path_factory):
     _train_single(_cfg(single, 1))
     shutil.copytree(single, mixed)
     single_epoch1 = load_checkpoint(single)
-    _spawn({"out": str(root), "train": [(_cfg(two, 1), False), (_cfg(mixed, 2), True)]})
+    eval_argv = ["eval", "--checkpoint", str(mixed / "epoch1.pt"), "--attack", "pgd3",
+                 "--restarts", "2", "--eps", "0.1", "--n-examples", "45", "--batch-size", "8",
+                 "--device", "cpu", "--no-progress", "--no-sanity"]
+    shutil.copy(mixed / "checkpoint.pt", mixed / "epoch1.pt")
+    _spawn({"out": str(root), "train": [(_cfg(two, 1), False), (_cfg(mixed, 2), True)],
+            "eval": [eval_argv + ["--out", str(root / "eval_two" / "report.json")]],
+            "masks": str(mixed / "epoch1.pt")})
+    assert cli_main(eval_argv + ["--out", str(root / "eval_one" / "report.json")]) == 0
     two_epoch1 = load_checkpoint(two)
     _train_single(_cfg(single, 2), resume=True)  # the reference: one process throughout
     _train_single(_cfg(two, 2), resume=True)  # 2 ranks for epoch 1, then 1 rank
     return {"root": root, "single1": single_epoch1, "two1": two_epoch1,
             "single2": load_checkpoint(single), "two_then_one": load_checkpoint(two),
             "one_then_two": load_checkpoint(mixed), "two_dir": two, "single_dir": single}
+
+
+def test_distributed_eval_equals_single_process(runs):
+    root = runs["root"]
+    single = _worker().eval_masks(str(root / "one_then_two" / "epoch1.pt"))
+    saved = [torch.load(root / f"masks_rank{r}.pt") for r in range(WORLD)]
+    ranks = [d["masks"] for d in saved]
+    # the work was split: rank r attacked chunks r, r+2, r+4 of every attack, and only those
+    for r in range(WORLD):
+        assert saved[r]["chunks"] == [(a, c) for a in ("clean", "pgd3", "pgd4")
+                                      for c in range(r, 6, WORLD)]
+    assert set(single) == set(ranks[0]) == set(ranks[1])
+    assert "pgd3/restart 2" in single
+    for k, v in single.items():
+        assert v.dtype == torch.bool and len(v) == 45, k
+        for r in range(WORLD):
+            assert torch.equal(ranks[r][k], v), (k, r)
+    # the masks are not trivial: the attack breaks some examples and not others
+    assert 0 < int(single["pgd3/robust"].sum()) < int(single["pgd3/clean"].sum())
+    one = json.loads((root / "eval_one" / "report.json").read_text())
+    two = json.loads((root / "eval_two" / "report.json").read_text())
+    assert _strip_timing(two["attacks"]) == _strip_timing(one["attacks"])
+    assert not list((root / "eval_two").glob("*.state*"))  # per-rank state files cleaned up
+
+
+def _strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_timing(v) for k, v in obj.items() if "time" not in k}
+    if isinstance(obj, list):
+        return [_strip_timing(v) for v in obj]
+    return obj
 
 
 def _assert_weights_close(a: dict, b: dict) -> None:
