@@ -111,6 +111,7 @@ class NativeTrainer:
         self.net = model if model is not None else make_model(args, device)
         self.channels_last = device.type == "cuda"
         if self.channels_last:
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # as robust_amo.train does
             self.net = self.net.to(memory_format=torch.channels_last)
         self.fwd = CompiledModel(self.net) if args.compile else self.net
         self.optimizer = make_optimizer(self.net, cfg, device)

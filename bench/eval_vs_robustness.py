@@ -3,8 +3,9 @@
 Both attack the same examples of the same model with L-inf PGD, 50 steps of 2/255 in the
 8/255 ball, random start, 10 restarts; each reports robust accuracy (lower = stronger attack)
 and the time taken. robustness keeps the best-loss iterate of every restart (``use_best``) and
-runs all restarts on all examples; robust-amo's PGD stops attacking an example once it is
-misclassified and only restarts the examples still standing.
+runs all restarts on all examples; robust-amo's evaluation (``evaluation.runner``, what
+``robust-amo eval --attack pgd50`` runs) stops attacking an example at its first misclassified
+iterate and only restarts the examples still standing.
 
 Target (issue 7): ratio >= 3 with equal or lower robust accuracy, on one GPU, for a
 PGD-trained model (an untrained one falls at the first step and says little):
@@ -32,10 +33,9 @@ from _common import (
     synthetic_split,
 )
 
-from attacks import PGD
+from evaluation.runner import evaluate_attacks, parse_attack
 from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_amo.data import load_dataset
-from robust_amo.train import autocast
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int):
@@ -45,20 +45,15 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int):
 
 
 def native(model, x, y, args, device, steps: int, restarts: int) -> tuple[float, float]:
-    """(robust accuracy, seconds) of robust-amo's PGD-steps x restarts."""
-    attack = PGD(model, args.eps, args.step_size, steps, "linf", True, restarts, "ce",
-                 torch.Generator().manual_seed(0), early_stop=True)
-    amp = autocast(device, not args.no_bf16)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    """(robust accuracy, seconds) of ``robust-amo eval``'s PGD-steps x restarts."""
+    spec = parse_attack(f"pgd{steps}", eps=args.eps, step_size=args.step_size,
+                        restarts=restarts)
     sync(device)
     t0 = time.perf_counter()
-    for xb, yb in batches(x, y, args.batch_size):
-        with amp:
-            x_adv = attack(xb, yb)
-            with torch.no_grad():
-                correct += (model(x_adv).argmax(1) == yb).sum()
+    (outcome,) = evaluate_attacks(model, x, y, [spec], batch_size=args.batch_size,
+                                  device=device, bf16=args.eval_bf16 and device.type == "cuda")
     sync(device)
-    return correct.item() / len(y), time.perf_counter() - t0
+    return outcome.robust.float().mean().item(), time.perf_counter() - t0
 
 
 def robustness(model, x, y, args, device, steps: int, restarts: int) -> tuple[float, float]:
@@ -94,6 +89,9 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=1000, help="examples attacked (default 1000)")
     p.add_argument("--pgd-steps", type=int, default=50, help="steps per restart (default 50)")
     p.add_argument("--restarts", type=int, default=10, help="restarts (default 10)")
+    p.add_argument("--eval-bf16", action="store_true",
+                   help="robust-amo side in bf16 autocast on CUDA (default float32 like "
+                        "robustness; `robust-amo eval --bf16`)")
     args = p.parse_args()
     device = device_from(args)
     print(header(device))

@@ -60,7 +60,7 @@ def main() -> None:
     if peak is None:
         print("peak unknown for this device: pass --peak-tflops; MFU: nan")
         return
-    print(f"peak (dense bf16): {peak:.1f} TFLOP/s")
+    print(f"peak (dense bf16, or as given): {peak:.4g} TFLOP/s")
     print(f"MFU (achieved / peak): {achieved / peak:.4g}")
 
 

@@ -103,6 +103,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     channels_last: bool = True
+    cudnn_benchmark: bool = True
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None

@@ -278,6 +278,8 @@ def _train(
     net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape, mean=info.mean,
                        std=info.std, **cfg.model_kwargs).to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
+    if device.type == "cuda" and cfg.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tuned kernels pay off
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, cfg, device)

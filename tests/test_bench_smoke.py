@@ -24,7 +24,7 @@ CASES = {
     "mfu.py": (["--steps", "2", "--peak-tflops", "0.05"], "MFU (achieved / peak)"),
     "eval_vs_robustness.py": (["--dataset", "digits", "--examples", "16", "--pgd-steps", "3",
                                "--restarts", "2"], "ratio robustness time / robust-amo time"),
-    "data_pipeline.py": (["--steps", "2"], "idle fraction caused by data"),
+    "data_pipeline.py": (["--steps", "2", "--rounds", "1"], "idle fraction caused by data"),
 }
 
 
