@@ -189,6 +189,16 @@ def per_rank_batch(batch_size: int, ctx: DistContext) -> int:
     return batch_size // ctx.world_size
 
 
+def global_batch(n_local: int) -> int:
+    """The global batch size whose share on this rank has ``n_local`` examples.
+
+    A per-example step that is defined through the gradient of a *batch-mean* loss (the δ ascent
+    of (robust) AMO with ``delta_grad="mean"``) must divide by this, not by the local size, or N
+    ranks take δ steps N times larger than one process with the same global batch.
+    """
+    return n_local * current().world_size
+
+
 def shard_batches(n: int, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
     """Indices of the examples this rank evaluates: whole batches, dealt round-robin.
 

@@ -47,6 +47,7 @@ def run(rank: int, world_size: int, port: int, job: dict) -> None:
         full = distributed.assemble(values, idx, n)
         full_mask = distributed.assemble(mask, idx, n)
         count = distributed.all_reduce_sum(torch.tensor([len(idx)]))
+        assert distributed.global_batch(16) == 16 * world_size
         (out / f"helpers_rank{ctx.rank}.json").write_text(json.dumps(
             {"values": full.tolist(), "mask": full_mask.tolist(), "count": count.item(),
              "mask_dtype": str(full_mask.dtype)}))

@@ -38,8 +38,9 @@ def one_thread(monkeypatch):
     torch.set_num_threads(n)
 
 
-def test_every_bench_script_has_a_smoke_case():
-    assert {p.name for p in BENCH.glob("*.py") if not p.name.startswith("_")} == set(CASES)
+def test_speed_bench_scripts_exist():
+    # other benchmarks in bench/ (method step costs, the robustness plugin) have their own tests
+    assert set(CASES) <= {p.name for p in BENCH.glob("*.py")}
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
