@@ -290,6 +290,12 @@ def _train(
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         start_epoch, best = _resume(run_dir, cfg, net, optimizer, scheduler)
+        found = distributed.gather_objects(start_epoch)
+        if len(set(found)) > 1:
+            raise CheckpointError(
+                f"--resume: the processes found different checkpoints in {run_dir} (epochs "
+                f"{found} by rank); put --out on storage every machine sees"
+            )
         if ctx.is_main:
             _truncate_metrics(metrics_path, start_epoch)
     elif ctx.is_main and metrics_path.exists():
