@@ -153,12 +153,10 @@ def backend_version(name: str, module: Any) -> str:
     """``name version`` for reports."""
     from importlib import metadata
 
-    for dist in (name, "autoattack", "pyautoattack"):
-        try:
-            return f"{name} {metadata.version(dist)}"
-        except metadata.PackageNotFoundError:
-            continue
-    return f"{name} {getattr(module, '__version__', 'unknown')}"
+    try:
+        return f"{name} {metadata.version(name)}"
+    except metadata.PackageNotFoundError:
+        return f"{name} {getattr(module, '__version__', 'unknown')}"
 
 
 class LogitsOnly(nn.Module):

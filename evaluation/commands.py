@@ -97,7 +97,7 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     from . import sharding
     from .loading import load_eval_data, load_model
     from .report import build_report, markdown, sanity_checks, write_report
-    from .runner import evaluate_attacks, large_eps_accuracy, parse_attack
+    from .runner import evaluate_attacks, large_eps_accuracy, model_digest, parse_attack
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -106,6 +106,7 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     names = _attack_names(args.attack)
     t_start = time.perf_counter()
     model, meta = load_model(args.checkpoint, device, which=args.which)
+    meta["weights_sha256"] = model_digest(model)
     data = load_eval_data(meta, split=args.split, n_examples=args.n_examples,
                           dataset=args.dataset, data_dir=args.data_dir)
     train_attack = (meta.get("config") or {}).get("attack") or {}
@@ -138,7 +139,7 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
         model, data.x, data.y, specs, batch_size=args.batch_size, device=device,
         state_path=state_path, resume=args.resume, bf16=bf16, progress=not args.no_progress,
         fingerprint={"split": data.split, "dataset": data.dataset})
-    clean_acc = outcomes[0].clean.float().mean().item()
+    clean_acc = int(outcomes[0].clean.sum()) / len(data.y)
     large = None
     if not args.no_sanity:
         large = large_eps_accuracy(model, data.x, data.y, norm, batch_size=args.batch_size,

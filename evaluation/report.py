@@ -127,7 +127,7 @@ def build_report(
     if not outcomes:
         raise ValueError("no attack outcomes to report")
     n = len(outcomes[0].robust)
-    clean = outcomes[0].clean.float().mean().item() if n else float("nan")
+    clean = int(outcomes[0].clean.sum()) / n if n else float("nan")
     worst = outcomes[0].clean.clone()
     attacks: dict[str, Any] = {}
     for o in outcomes:
@@ -161,7 +161,7 @@ def build_report(
         "bf16": bf16,
         "clean_accuracy": clean,
         "attacks": attacks,
-        "robust_accuracy": worst.float().mean().item() if n else float("nan"),
+        "robust_accuracy": int(worst.sum()) / n if n else float("nan"),
         "n_robust": int(worst.sum()),
         "sanity_checks": checks,
         "sanity_ok": all(c["passed"] for c in checks),

@@ -101,7 +101,12 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
         )
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match its architecture: {e}") from None
+        # load_state_dict lists every mismatched key over many lines: keep one line
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise CheckpointError(
+            f"checkpoint does not match its architecture {ckpt.get('arch')!r}: {detail}"
+        ) from None
     return model.eval()
 
 
