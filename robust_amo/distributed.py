@@ -165,15 +165,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Mod
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP and compile wrappers (whose state_dict checkpoints hold)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def per_rank_batch(batch_size: int, ctx: DistContext) -> int:
     """This rank's share of the global ``batch_size``.
 

@@ -256,5 +256,4 @@ def test_single_process_helpers_are_identity():
                                                                                 True]
     net = torch.nn.Linear(2, 2)
     assert distributed.wrap_ddp(net, distributed.DistContext(), torch.device("cpu")) is net
-    assert distributed.unwrap(torch.nn.parallel.DataParallel(net)) is net
     assert distributed.global_batch(16) == 16
