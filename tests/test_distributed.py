@@ -33,6 +33,21 @@ TIMEOUT_S = 240
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
+# methods whose per-example δ step depends on the batch size (merged from the methods work);
+# under DDP they must scale by the global batch (robust_amo.distributed.global_batch)
+DELTA_METHODS = {"robust-amo": {}, "amo": {"steps": 2, "eta_p": 0.5}}
+
+
+def _delta_methods() -> dict:
+    from robust_amo.objectives import OBJECTIVES
+
+    return {m: a for m, a in DELTA_METHODS.items() if m in OBJECTIVES}
+
+
+def _method_cfg(out: Path, method: str) -> dict:
+    return {**_cfg(out, 1), "method": method, "method_args": _delta_methods()[method]}
+
+
 def _cfg(out: Path, epochs: int) -> dict:
     return {
         "arch": "tiny-mlp", "dataset": "digits", "method": "pgd", "epochs": epochs,
@@ -97,7 +112,11 @@ def runs(tmp_path_factory):
                  "--restarts", "2", "--eps", "0.1", "--n-examples", "45", "--batch-size", "8",
                  "--device", "cpu", "--no-progress", "--no-sanity"]
     shutil.copy(mixed / "checkpoint.pt", mixed / "epoch1.pt")
-    _spawn({"out": str(root), "train": [(_cfg(two, 1), False), (_cfg(mixed, 2), True)],
+    methods = _delta_methods()
+    for m in methods:
+        _train_single(_method_cfg(root / f"{m}-one", m))
+    _spawn({"out": str(root), "train": [(_cfg(two, 1), False), (_cfg(mixed, 2), True)]
+            + [(_method_cfg(root / f"{m}-two", m), False) for m in methods],
             "eval": [eval_argv + ["--out", str(root / "eval_two" / "report.json")]],
             "masks": str(mixed / "epoch1.pt")})
     assert cli_main(eval_argv + ["--out", str(root / "eval_one" / "report.json")]) == 0
@@ -175,6 +194,14 @@ def test_resume_with_more_ranks(runs):
     assert runs["one_then_two"]["epoch"] == 2
     _assert_weights_close(runs["one_then_two"], runs["single2"])
     _assert_weights_close(runs["one_then_two"], runs["two_then_one"])
+
+
+@pytest.mark.parametrize("method", sorted(DELTA_METHODS))
+def test_ddp_delta_methods_match_single_process(runs, method):
+    if method not in _delta_methods():
+        pytest.skip(f"method {method} is not registered in this checkout")
+    _assert_weights_close(load_checkpoint(runs["root"] / f"{method}-two"),
+                          load_checkpoint(runs["root"] / f"{method}-one"))
 
 
 def test_sharding_helpers_in_a_group(runs):
