@@ -28,9 +28,15 @@ from robust_amo.train import train
 
 WORLD = 2
 TIMEOUT_S = 240
-# fork shares this process's imported torch/sklearn with the workers (spawn would import them
-# again: most of the cost on a small CI machine); the workers use one thread each
-START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def _start_method() -> str:
+    """fork where safe: it shares this process's imported torch/sklearn with the workers (spawn
+    imports them again, most of the cost on a small CI machine); a forked child cannot use CUDA
+    once this process has initialised it, so then spawn."""
+    if sys.platform.startswith("linux") and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
 
 
 # methods whose per-example δ step depends on the batch size (merged from the methods work);
@@ -89,7 +95,7 @@ def _spawn(job: dict) -> None:
     for k in distributed.ENV_VARS:
         assert k not in os.environ, "run the tests outside torchrun"
     ctx = mp.start_processes(_dist_worker.run, args=(WORLD, _free_port(), job), nprocs=WORLD,
-                             join=False, start_method=START_METHOD)
+                             join=False, start_method=_start_method())
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=2):
