@@ -61,7 +61,10 @@ def random_start(
         direction = direction / _flat_norm(direction).clamp_min(1e-12)
         r = torch.rand(shape[0], generator=generator, device=gdev) ** (1.0 / d)
         noise = direction * (eps * r).view(-1, *([1] * (x.dim() - 1)))
-    return (x + noise.to(device=x.device, dtype=x.dtype)).clamp_(0, 1)
+    noise = noise.to(x.dtype)
+    # a pinned, non-blocking copy: a pageable one would make the host wait for the GPU
+    noise = noise.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else noise
+    return (x + noise.to(x.device)).clamp_(0, 1)
 
 
 def pgd_step(

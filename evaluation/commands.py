@@ -15,10 +15,16 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robust_amo.cli import subcommand
 from robust_amo.config import parse_float
 from robust_amo.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from robust_amo.distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +87,16 @@ def _attack_names(values: list[str]) -> list[str]:
 
 @subcommand("eval", "evaluate robustness of a checkpoint (PGD-50 x 10, AutoAttack)", _eval_args)
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``robust-amo eval``: load, attack, check, report."""
+    """``robust-amo eval``: load, attack, check, report (sharded over ranks under torchrun)."""
+    from robust_amo import distributed
     from robust_amo.train import resolve_device
 
+    with distributed.session(resolve_device(args.device)) as (ctx, device):
+        return _eval(args, ctx, device)
+
+
+def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> int:
+    from . import sharding
     from .loading import load_eval_data, load_model
     from .report import build_report, markdown, sanity_checks, write_report
     from .runner import evaluate_attacks, large_eps_accuracy, model_digest, parse_attack
@@ -93,7 +106,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.n_examples is not None and args.n_examples < 1:
         raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
     names = _attack_names(args.attack)
-    device = resolve_device(args.device)
     t_start = time.perf_counter()
     model, meta = load_model(args.checkpoint, device, which=args.which, arch=args.arch,
                              dataset=args.dataset)
@@ -144,8 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           device=str(device), bf16=bf16,
                           wall_time_s=time.perf_counter() - t_start, checks=checks,
                           data_dir=data.data_dir)
+    sharding.state_file(state_path).unlink(missing_ok=True)
+    if not ctx.is_main:  # every rank holds the same report; rank 0 writes it
+        return 0
     json_path, md_path = write_report(report, out)
-    state_path.unlink(missing_ok=True)
     print(markdown(report))
     log.info("report written to %s and %s", json_path, md_path)
     for c in checks:

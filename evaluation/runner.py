@@ -8,6 +8,9 @@ as well be spread over processes and their masks gathered. After every chunk (an
 AutoAttack, after every attack of a chunk) the masks are written atomically to the state file; a
 killed run started again with ``resume=True`` skips what is there and ends with the masks an
 uninterrupted run gives.
+
+Under torchrun each rank attacks its share of the chunks and the masks are gathered, so every
+rank ends with the single-process result (evaluation/sharding.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 from robust_amo.checkpoint import atomic_save
 from robust_amo.errors import CheckpointError, ConfigError, RobustAmoError
 
+from . import sharding
 from .autoattack_adapter import AutoAttackSettings, autoattack_robust
 from .pgd_eval import PGDSettings, pgd_robust
 
@@ -218,14 +222,16 @@ def evaluate_attacks(
     n = len(y)
     fp = {"model": model_digest(model), "data": tensor_digest(x, y), "n": n,
           "batch_size": batch_size, **(fingerprint or {})}
-    state = EvalState(Path(state_path) if state_path else None, fp, resume)
+    state = EvalState(sharding.state_file(state_path), fp, resume)
     amp = _amp(device, bf16)
     outcomes = []
     for spec in specs:
         done = state.attack(spec)
-        resumed = sum(1 for e in done.values() if e.get("finished"))
         parts = chunks(n, batch_size)
-        for c, sl in enumerate(tqdm(parts, desc=spec.name, disable=not progress, leave=False)):
+        mine = sharding.my_chunks(n, batch_size)  # all chunks unless run under torchrun
+        resumed = sum(1 for c in mine if done.get(c, {}).get("finished"))
+        for c in tqdm(mine, desc=spec.name, disable=not progress, leave=False):
+            sl = parts[c]
             entry = done.get(c)
             if entry is not None and entry.get("finished"):
                 continue
@@ -264,13 +270,15 @@ def evaluate_attacks(
             state.save()
             if interrupt is not None:
                 interrupt(spec.name, c)
-        outcomes.append(_collect(spec, [done[c] for c in range(len(parts))], resumed))
+        outcome = _collect(spec, [done[c] for c in mine], resumed)
+        outcomes.append(sharding.gather_outcome(outcome, n, batch_size))
     return outcomes
 
 
 def _collect(spec: AttackSpec, entries: list[dict[str, Any]], resumed: int) -> AttackOutcome:
-    clean = torch.cat([e["clean"] for e in entries])
-    robust = torch.cat([e["robust"] for e in entries])
+    none = [torch.zeros(0, dtype=torch.bool)]  # a rank may get no chunk
+    clean = torch.cat([e["clean"] for e in entries] or none)
+    robust = torch.cat([e["robust"] for e in entries] or none)
     names = list(entries[0]["steps"]) if entries else []
     steps = {k: torch.cat([e["steps"][k] for e in entries]) for k in names}
     warns: list[str] = []

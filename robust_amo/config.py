@@ -108,6 +108,10 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     channels_last: bool = True
+    cudnn_benchmark: bool = True
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
     out: str = "runs/default"
     log_every: int = 50
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -282,6 +286,10 @@ def validate(cfg: TrainConfig) -> None:
             f"optim.gamma: a list needs one factor per milestone, got {len(cfg.optim.gamma)} "
             f"factors for {len(cfg.optim.milestones)} milestones"
         )
+    modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if cfg.compile_mode not in modes:
+        raise ConfigError(f"compile_mode: {cfg.compile_mode!r} is not one of "
+                          f"{', '.join(m for m in modes if m)} (or leave it unset)")
     if cfg.eval.split == "val" and cfg.data.val_size <= 0:
         raise ConfigError("eval.split: val needs data.val_size > 0")
 

@@ -233,18 +233,27 @@ def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split]:
     return split.subset(perm[size:]), split.subset(perm[:size])
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, generator: torch.Generator, pad: int = 4, *, rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
     """Random crop with ``pad``-pixel zero padding and random horizontal flip, per example.
 
     Args:
         x: float images (B, C, H, W) on any device.
         generator: a CPU generator; offsets are drawn on the CPU so the stream does not depend
             on the device.
+        rank, world_size: ``x`` is this rank's share of a global batch of ``B * world_size``
+            examples (positions ``rank::world_size``, as :class:`Loader` deals them). The
+            offsets are drawn for the whole global batch and this rank's are kept, so every
+            example is augmented exactly as in a single-process run.
     """
     b, _, h, w = x.shape
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    n = b * world_size
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[rank::world_size]
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[rank::world_size]
+    flip = (torch.rand(n, generator=generator) < 0.5)[rank::world_size]
+    dx, dy, flip = (to_device(t, x.device) for t in (dx, dy, flip))
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(b, 1))  # (B, H)
     cols = torch.arange(w, device=x.device).view(1, w).expand(b, w)
@@ -252,6 +261,17 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     bi = torch.arange(b, device=x.device).view(b, 1, 1)
     out = xp.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` from pageable memory synchronises the stream, which would stall the
+    training loop once per batch; a pinned staging copy with ``non_blocking=True`` does not.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Loader:
@@ -268,7 +288,10 @@ class Loader:
         augment: random crop (4-pixel padding) and horizontal flip.
         seed: base seed of the per-epoch generator.
         drop_last: drop the final incomplete batch.
-        rank, world_size: shard every epoch's permutation across data-parallel ranks.
+        rank, world_size: shard every epoch's permutation across data-parallel ranks: with
+            ``batch_size`` b per rank, the union over ranks of batch i is batch i of a
+            single-process loader with batch size ``b * world_size`` (same examples, same
+            augmentation); the last ``n % world_size`` examples of the permutation are dropped.
     """
 
     def __init__(
@@ -313,5 +336,5 @@ class Loader:
             j = idx[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.x[j].float().div_(255)
             if self.augment:
-                x = augment(x, g)
+                x = augment(x, g, rank=self.rank, world_size=self.world_size)
             yield x, self.y[j]

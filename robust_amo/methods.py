@@ -31,6 +31,7 @@ from torch import nn
 from attacks.pgd import PGD, attack_loss, margin_loss, pgd_step, random_start
 
 from .config import TrainConfig
+from .distributed import global_batch
 from .errors import ConfigError
 from .objectives import Objective, register_objective
 from .perturb import perturb, unwrap
@@ -160,7 +161,11 @@ class RobustAMOAttack:
     def _attack(self, x: torch.Tensor, y: torch.Tensor):
         x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
         x_adv = x_adv.clone()
-        scale = self.eta_delta / len(y) if self.delta_grad == "mean" else self.eta_delta
+        # "mean" is the gradient of the global batch-mean loss: divide by the global batch, so
+        # N data-parallel ranks take the δ step of one process with the same global batch
+        scale = self.eta_delta
+        if self.delta_grad == "mean":
+            scale = scale / global_batch(len(y))
         with perturb(self.model) as p:
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
@@ -261,7 +266,9 @@ def amo_loss(
             with _keep_bn_statistics(model), torch.enable_grad():
                 for _ in range(steps):
                     logits = model(x)
-                    loss = F.cross_entropy(_wide(logits), y, reduction=reduction)
+                    loss = F.cross_entropy(_wide(logits), y, reduction="sum")
+                    if reduction == "mean":  # mean over the global batch (see global_batch)
+                        loss = loss / global_batch(len(y))
                     grads = torch.autograd.grad(loss, p.deltas)
                     with torch.no_grad():
                         p.deltas = [shrink * d.detach() + eta_p * g

@@ -24,6 +24,8 @@ from torch import nn
 from attacks import PGD
 
 from . import checkpoint as ckpt_io
+from . import distributed
+from .compiled import CompiledModel, probe
 from .config import TrainConfig, save_yaml
 from .data import Loader, dataset_info, hold_out, load_dataset, take_subset
 from .errors import CheckpointError, RobustAmoError
@@ -97,28 +99,62 @@ def evaluate(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     amp: Any = contextlib.nullcontext,
+    *,
+    reduce_ranks: bool = False,
 ) -> dict[str, float]:
     """Clean accuracy and accuracy under ``attack`` (eval mode, model mode restored).
+
+    Args:
+        reduce_ranks: each rank of the process group passes its shard of the examples and the
+            counts are summed over ranks (every rank must call this then).
 
     Returns:
         ``{"clean_acc", "robust_acc", "n"}``; robust_acc is NaN without an attack.
     """
     was_training = model.training
     model.eval()
-    clean = robust = torch.zeros((), dtype=torch.long)
-    n = 0
+    # counted on the device, read once at the end: no host sync per batch
+    counts = torch.zeros(3, dtype=torch.long, device=next(model.parameters()).device)
     try:
         for x, y in loader:
             with amp():
-                clean = clean + _count_correct(model, x, y).cpu()
+                counts[0] += _count_correct(model, x, y)
                 if attack is not None:
-                    robust = robust + _count_correct(model, attack(x, y), y).cpu()
-            n += len(y)
+                    counts[1] += _count_correct(model, attack(x, y), y)
+            counts[2] += len(y)
     finally:
         model.train(was_training)
+    if reduce_ranks:
+        distributed.all_reduce_sum(counts)
+    clean, robust, n = counts.tolist()
     n_ = max(n, 1)
-    return {"clean_acc": clean.item() / n_,
-            "robust_acc": robust.item() / n_ if attack is not None else float("nan"), "n": n}
+    return {"clean_acc": clean / n_,
+            "robust_acc": robust / n_ if attack is not None else float("nan"), "n": n}
+
+
+def train_step(
+    model: nn.Module,
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]],
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step: the method's objective (its attack included), backward, update.
+
+    Nothing here waits for the device (no ``.item()``, no data-dependent branch), so the host
+    queues the next batch's work while the GPU computes. The benchmarks in bench/ time exactly
+    this function.
+
+    Returns:
+        ``(loss, logits)``, detached.
+    """
+    with amp():
+        loss, logits = objective(model, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
 def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, info) -> dict:
@@ -185,25 +221,47 @@ def train(
 ) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``cfg.dataset`` with ``cfg.method``; see the module docstring.
 
+    Under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set) every process runs this function: the
+    model is wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch split
+    evenly over the ranks, metrics are summed over ranks, and rank 0 alone writes files
+    (``robust_amo.distributed``).
+
     Args:
         cfg: the resolved configuration (``robust_amo.config.resolve``).
-        resume: continue from ``cfg.out/checkpoint.pt`` when it exists.
-        progress: show tqdm progress bars (the CLI turns them on).
-        callbacks: called as ``cb(epoch, metrics)`` after each epoch's checkpoint is written.
+        resume: continue from ``cfg.out/checkpoint.pt`` when it exists (also with another
+            number of processes than the run that wrote it).
+        progress: show tqdm progress bars (the CLI turns them on; rank 0 only).
+        callbacks: called as ``cb(epoch, metrics)`` after each epoch's checkpoint is written, on
+            every rank with the same (reduced) metrics; guard file writes with
+            ``robust_amo.distributed.is_main()``.
 
     Returns:
         the last epoch's metrics (also the last line of ``metrics.jsonl``).
     """
+    with distributed.session(resolve_device(cfg.device)) as (ctx, device):
+        return _train(cfg, ctx, device, resume, progress, callbacks or [])
+
+
+def _train(
+    cfg: TrainConfig,
+    ctx: distributed.DistContext,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    callbacks: list[EpochCallback],
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    device = resolve_device(cfg.device)
     method_options(cfg)  # reject bad method options before any work
+    local_batch = distributed.per_rank_batch(cfg.batch_size, ctx)
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run_dir / "config.yaml")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)  # weight init and dropout only; attacks use their own generator
 
-    # data: subset, held-out split, loaders that keep the uint8 set on the device
+    # data: subset, held-out split, loaders that keep the uint8 set on the device; each rank
+    # takes its share of every global batch and whole batches of the evaluation examples
     info = dataset_info(cfg.dataset)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data.data_dir, cfg.data.download)
     train_split = take_subset(train_split, cfg.data.train_subset, cfg.data.subset_seed)
@@ -211,90 +269,123 @@ def train(
     use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)
     eval_split = val_split if use_val else test_split
     eval_split = eval_split.subset(torch.arange(min(cfg.eval.examples, len(eval_split))))
-    loader = Loader(train_split, cfg.batch_size, device, shuffle=True, augment=cfg.data.augment,
-                    seed=cfg.seed, drop_last=len(train_split) > cfg.batch_size)
-    eval_loader = Loader(eval_split, cfg.eval.batch_size, device)
+    loader = Loader(train_split, local_batch, device, shuffle=True, augment=cfg.data.augment,
+                    seed=cfg.seed, drop_last=len(train_split) > cfg.batch_size,
+                    rank=ctx.rank, world_size=ctx.world_size)
+    eval_shard = distributed.shard_batches(len(eval_split), cfg.eval.batch_size, ctx.rank,
+                                           ctx.world_size)
+    eval_loader = Loader(eval_split.subset(eval_shard), cfg.eval.batch_size, device)
 
-    # model and optimisation
-    model = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape, mean=info.mean,
-                         std=info.std, **cfg.model_kwargs).to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg, device)
+    # model and optimisation (on the plain model, whose weights checkpoints hold)
+    net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape, mean=info.mean,
+                       std=info.std, **cfg.model_kwargs).to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if device.type == "cuda" and cfg.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tuned kernels pay off
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(net, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
     amp = lambda: autocast(device, cfg.bf16)  # noqa: E731
-
-    # the method: training attack (own generator, reseeded per epoch) and objective
-    a = cfg.attack
-    attack_gen = torch.Generator()
-    attack = PGD(model, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss, attack_gen)
-    objective = build_objective(cfg, attack)
-    eval_gen = torch.Generator()
-    eval_attack = PGD(model, a.eps, cfg.eval.step_size or a.step_size, cfg.eval.steps, a.norm,
-                      a.random_start, cfg.eval.restarts, a.loss, eval_gen, early_stop=True)
 
     start_epoch, best = (0, -1.0)
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        start_epoch, best = _resume(run_dir, cfg, model, optimizer, scheduler)
-        _truncate_metrics(metrics_path, start_epoch)
-    elif metrics_path.exists():
+        start_epoch, best = _resume(run_dir, cfg, net, optimizer, scheduler)
+        found = distributed.gather_objects(start_epoch)
+        if len(set(found)) > 1:
+            raise CheckpointError(
+                f"--resume: the processes found different checkpoints in {run_dir} (epochs "
+                f"{found} by rank); put --out on storage every machine sees"
+            )
+        if ctx.is_main:
+            _truncate_metrics(metrics_path, start_epoch)
+    elif ctx.is_main and metrics_path.exists():
         metrics_path.unlink()
 
+    # the forward attacks and objectives call: compiled if asked (CompiledModel falls back to
+    # eager under perturbation hooks), and DDP-wrapped for the gradient all-reduce
+    fwd: nn.Module = net
+    if cfg.compile:
+        fwd = CompiledModel(net, cfg.compile_backend, cfg.compile_mode)
+
+    # the method: training attack (own generator, reseeded per epoch and rank) and objective;
+    # attacks need no gradient sync, so they run on the unwrapped forward
+    a = cfg.attack
+    attack_gen = torch.Generator()
+    attack = PGD(fwd, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss, attack_gen)
+    objective = build_objective(cfg, attack)
+    eval_gen = torch.Generator()
+    eval_attack = PGD(fwd, a.eps, cfg.eval.step_size or a.step_size, cfg.eval.steps, a.norm,
+                      a.random_start, cfg.eval.restarts, a.loss, eval_gen, early_stop=True)
+    if isinstance(fwd, CompiledModel) and start_epoch < cfg.epochs and len(loader) > 0:
+        loader.set_epoch(start_epoch)
+        x0, y0 = next(iter(loader))
+        probe(fwd, objective, _memory_format(x0, channels_last), y0, amp)
+    model = distributed.wrap_ddp(fwd, ctx, device)
+
     metrics: dict[str, Any] = {}
-    log.info("training %s on %s with %s for %d epochs on %s (%d train, %d eval examples)",
-             cfg.arch, cfg.dataset, cfg.method, cfg.epochs, device, len(train_split),
-             len(eval_split))
+    if ctx.is_main:
+        log.info("training %s on %s with %s for %d epochs on %s x %d (%d train, %d eval "
+                 "examples, global batch %d)", cfg.arch, cfg.dataset, cfg.method, cfg.epochs,
+                 device, ctx.world_size, len(train_split), len(eval_split), cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         loader.set_epoch(epoch)
-        attack_gen.manual_seed(cfg.seed * 1_000_003 + epoch + 17)
+        attack_gen.manual_seed(cfg.seed * 1_000_003 + epoch + 17 + 7919 * ctx.rank)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (progress and ctx.is_main), leave=False)
         for step, (x, y) in enumerate(bar):
-            if cfg.channels_last and device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with amp():
-                loss, logits = objective(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = train_step(model, objective, optimizer,
+                                      _memory_format(x, channels_last), y, amp)
             scheduler.step()
             # accumulate on the device: no host sync inside the loop
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if progress and step % cfg.log_every == 0:
+            if progress and ctx.is_main and step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")  # one host sync per log_every steps
+        totals = torch.stack([loss_sum.double(), correct.double(),
+                              torch.tensor(float(seen), device=device, dtype=torch.float64)])
+        loss_sum_all, correct_all, seen_all = distributed.all_reduce_sum(totals).tolist()
         train_time = time.perf_counter() - t0
-        train_loss = loss_sum.item() / max(seen, 1)
+        train_loss = loss_sum_all / max(seen_all, 1)
         if not math.isfinite(train_loss):
             raise RobustAmoError(
                 f"training diverged: the loss is {train_loss} in epoch {epoch + 1}; lower "
                 "optim.lr or check the method's options"
             )
 
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / seen,
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss,
+                   "train_acc": correct_all / max(seen_all, 1),
                    "lr": optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
-                   "images_per_s": round(seen / train_time, 1)}
+                   "images_per_s": round(seen_all / train_time, 1)}
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
-            eval_gen.manual_seed(cfg.seed + 12345)  # same attack starts every epoch
-            metrics.update(evaluate(model, eval_loader, eval_attack, amp))
-        log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            eval_gen.manual_seed(cfg.seed + 12345 + 7919 * ctx.rank)  # same starts every epoch
+            metrics.update(evaluate(fwd, eval_loader, eval_attack, amp,
+                                    reduce_ranks=ctx.enabled))
 
         robust = metrics.get("robust_acc", float("nan"))
         is_best = math.isfinite(robust) and robust > best
         best = robust if is_best else best
-        state = _checkpoint_dict(cfg, model, optimizer, scheduler, epoch + 1, best, metrics, info)
-        ckpt_io.atomic_save(state, run_dir / ckpt_io.LAST)
-        if is_best:
-            ckpt_io.atomic_save(state, run_dir / ckpt_io.BEST)
-        for cb in callbacks or []:
+        if ctx.is_main:
+            log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            state = _checkpoint_dict(cfg, net, optimizer, scheduler, epoch + 1, best, metrics,
+                                     info)
+            ckpt_io.atomic_save(state, run_dir / ckpt_io.LAST)
+            if is_best:
+                ckpt_io.atomic_save(state, run_dir / ckpt_io.BEST)
+        distributed.barrier()  # the checkpoint exists before any rank goes on
+        for cb in callbacks:
             cb(epoch + 1, metrics)
     return metrics
+
+
+def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,229 @@
+"""Shared pieces of the speed benchmarks: options, timing, the native PGD step, FLOP counting.
+
+Every benchmark times both sides in the same process, on the same device, model and batch, and
+prints the ratio on its last line. Run from the repository root, e.g.
+``python bench/mfu.py --device cuda``; ``--help`` lists the size options (tiny values make a
+CPU smoke run, see tests/test_bench_smoke.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's robust_amo
+
+from attacks import PGD  # noqa: E402
+from robust_amo.compiled import CompiledModel  # noqa: E402
+from robust_amo.config import TrainConfig  # noqa: E402
+from robust_amo.data import Loader, Split  # noqa: E402
+from robust_amo.models import create_model  # noqa: E402
+from robust_amo.objectives import build_objective  # noqa: E402
+from robust_amo.train import autocast, make_optimizer, resolve_device, train_step  # noqa: E402
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+
+def fraction(s: str) -> float:
+    """argparse type for numbers written as fractions (8/255)."""
+    return float(Fraction(s))
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Options every benchmark takes: device, model, batch, image size, iterations."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run both sides (default: cuda when available)")
+    p.add_argument("--arch", type=str, default="wrn28-10", help="architecture (default wrn28-10)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--image-size", type=int, default=32, help="square image side (default 32)")
+    p.add_argument("--channels", type=int, default=3, help="image channels (default 3)")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
+    p.add_argument("--eps", type=fraction, default=8 / 255, help="L-inf radius (default 8/255)")
+    p.add_argument("--step-size", type=fraction, default=2 / 255,
+                   help="PGD step size (default 2/255)")
+    p.add_argument("--no-bf16", action="store_true", help="native side in float32")
+    p.add_argument("--compile", action="store_true", help="native side with torch.compile")
+    return p
+
+
+def header(device: torch.device) -> str:
+    """One line naming the machine, device, torch version and date (for docs/benchmarks.md)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return (f"# device: {device.type} ({name or platform.machine()}), "
+            f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def device_from(args: argparse.Namespace) -> torch.device:
+    """The device asked for (``auto``: cuda when available)."""
+    return resolve_device(args.device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (timing boundaries only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_model(args: argparse.Namespace, device: torch.device, num_classes: int = 10) -> nn.Module:
+    """The benchmark's model, freshly initialised (seed 0), in float32 on ``device``."""
+    torch.manual_seed(0)
+    shape = (args.channels, args.image_size, args.image_size)
+    mean = CIFAR_MEAN[: args.channels] if args.channels <= 3 else (0.5,) * args.channels
+    std = CIFAR_STD[: args.channels] if args.channels <= 3 else (0.25,) * args.channels
+    return create_model(args.arch, num_classes, input_shape=shape, mean=mean, std=std).to(device)
+
+
+def synthetic_split(args: argparse.Namespace, n: int, num_classes: int = 10) -> Split:
+    """n random uint8 images with random labels (throughput does not depend on the content)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, args.channels, args.image_size, args.image_size), generator=g,
+                      dtype=torch.uint8)
+    return Split(x, torch.randint(0, num_classes, (n,), generator=g))
+
+
+class NativeTrainer:
+    """robust-amo's PGD training step exactly as ``robust_amo.train`` runs it.
+
+    bf16 autocast and channels_last on CUDA, fused SGD, the uint8 set on the device with
+    crop/flip done there, PGD from ``attacks`` (eval mode, random start), ``train_step``.
+    """
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, steps: int = 10,
+                 model: nn.Module | None = None) -> None:
+        self.device = device
+        cfg = TrainConfig(arch=args.arch, method="pgd", batch_size=args.batch_size,
+                          bf16=not args.no_bf16)
+        cfg.attack.eps, cfg.attack.step_size, cfg.attack.steps = args.eps, args.step_size, steps
+        self.net = model if model is not None else make_model(args, device)
+        self.channels_last = device.type == "cuda"
+        if self.channels_last:
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # as robust_amo.train does
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.fwd = CompiledModel(self.net) if args.compile else self.net
+        self.optimizer = make_optimizer(self.net, cfg, device)
+        a = cfg.attack
+        attack = PGD(self.fwd, a.eps, a.step_size, a.steps, a.norm, True, 1, a.loss,
+                     torch.Generator().manual_seed(0))
+        self.objective = build_objective(cfg, attack)
+        self.amp = lambda: autocast(device, cfg.bf16)
+        n = args.batch_size * (args.iters + args.warmup)
+        self.loader = Loader(synthetic_split(args, n), args.batch_size, device, shuffle=True,
+                             augment=True, drop_last=True)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches as the trainer sees them (channels_last on CUDA)."""
+        for x, y in self.loader:
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last
+                   else x), y
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One PGD-k training step (no host sync)."""
+        self.net.train()
+        train_step(self.fwd, self.objective, self.optimizer, x, y, self.amp)
+
+    def images_per_s(self, warmup: int) -> float:
+        """Throughput over the batches after the first ``warmup`` (data loading included)."""
+        t0, timed = 0.0, 0
+        for i, (x, y) in enumerate(self.batches()):
+            if i == warmup:
+                sync(self.device)
+                t0 = time.perf_counter()
+            self.step(x, y)
+            timed += len(y) if i >= warmup else 0
+        sync(self.device)
+        return timed / (time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def cuda_noop_patch(device: torch.device) -> Iterator[None]:
+    """BENCHMARK-ONLY PATCH, CPU SMOKE RUNS ONLY: make ``.cuda()`` a no-op for robustness.
+
+    ``robustness`` hard-codes ``.cuda()`` in its training loop and attacker. On a machine
+    without a GPU this patch lets its code run on the CPU so the benchmark script can be
+    smoke-tested; its figures are then CPU figures of the same code. On CUDA nothing is patched.
+    """
+    if device.type == "cuda":
+        yield
+        return
+    saved = (torch.Tensor.cuda, nn.Module.cuda)
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, nn.Module.cuda = saved  # type: ignore[method-assign]
+
+
+class ZeroOneDataset:
+    """What robustness's ``AttackerModel`` needs of a dataset: mean 0, std 1.
+
+    robust-amo models normalise inside, so robustness's own normalisation must be the identity;
+    both sides then run the very same network on the very same [0, 1] inputs.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.mean = torch.zeros(channels)
+        self.std = torch.ones(channels)
+
+
+def forward_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Analytic FLOPs of one forward of ``x`` through the convolutions and linear layers.
+
+    A multiply-add counts 2 FLOPs; normalisation, activations and pooling are not counted (the
+    usual convention for model FLOP utilisation). Returns ``(total, first_layer)`` per batch;
+    the first layer matters because the training backward needs no gradient of the input.
+    """
+    counts: list[int] = []
+
+    def hook(m: nn.Module, inp, out) -> None:
+        if isinstance(m, nn.Conv2d):
+            k = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            counts.append(2 * out.numel() * k)
+        else:
+            counts.append(2 * out.numel() * m.in_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(counts), (counts[0] if counts else 0)
+
+
+def pgd_step_flops(fwd: int, first: int, steps: int) -> int:
+    """FLOPs of one PGD-k training step from the forward FLOPs (see docs/benchmarks.md).
+
+    Each attack step is a forward plus the backward to the input (every layer's input gradient,
+    about one forward); the weight update is a forward plus the backward to the weights (one
+    forward) and to the inputs of all layers but the first.
+    """
+    return steps * 2 * fwd + 3 * fwd - first
+
+
+def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / max(iters, 1)

@@ -1,0 +1,68 @@
+"""Model FLOP utilisation of the native PGD-10 training step against the device's peak.
+
+FLOPs are counted analytically (convolutions and linear layers, 2 per multiply-add, see
+``_common.pgd_step_flops``) and divided by the measured step time; the ratio to the dense bf16
+peak of the GPU is the MFU. The peak is looked up from the GPU's name or given with
+``--peak-tflops`` (needed on the CPU, where it depends on the machine).
+
+Target (issue 7): MFU >= 40% for WRN-28-10 on one GPU:
+
+    python bench/mfu.py --device cuda --arch wrn28-10 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import torch
+from _common import NativeTrainer, base_parser, device_from, forward_flops, header, pgd_step_flops
+
+# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
+    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+    "RTX 4090": 165.2, "RTX 3090": 71.0, "V100": 125.0,
+}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """The bf16 dense peak: ``--peak-tflops``, else the table entry matching the GPU name."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return value
+    return None
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s to compare with (default: looked up from the GPU name)")
+    args = p.parse_args()
+    device = device_from(args)
+    print(header(device))
+    trainer = NativeTrainer(args, device, steps=args.steps)
+    x = torch.zeros(args.batch_size, args.channels, args.image_size, args.image_size,
+                    device=device)
+    fwd, first = forward_flops(trainer.net, x)
+    step_flops = pgd_step_flops(fwd, first, args.steps)
+    ips = trainer.images_per_s(args.warmup)
+    achieved = step_flops / args.batch_size * ips / 1e12
+    bf16 = not args.no_bf16 and device.type == "cuda"
+    print(f"# {args.arch}, batch {args.batch_size}, PGD-{args.steps}, bf16 autocast={bf16}")
+    print(f"forward GFLOPs per image: {fwd / args.batch_size / 1e9:.4g}")
+    print(f"PGD-{args.steps} step GFLOPs per image: {step_flops / args.batch_size / 1e9:.4g}")
+    print(f"throughput: {ips:.1f} images/s = {achieved:.4g} TFLOP/s")
+    peak = peak_tflops(device, args.peak_tflops)
+    if peak is None:
+        print("peak unknown for this device: pass --peak-tflops; MFU: nan")
+        return
+    print(f"peak (dense bf16, or as given): {peak:.4g} TFLOP/s")
+    print(f"MFU (achieved / peak): {achieved / peak:.4g}")
+
+
+if __name__ == "__main__":
+    main()
