@@ -19,7 +19,12 @@ import torch
 from .errors import CheckpointError
 
 FORMAT = "robust-amo-checkpoint"
-VERSION = 1
+VERSION = 2
+# Version 2 stores the weights in the layout of MadryLab's robustness (the state dict of
+# DataParallel(AttackerModel)), so that robustness's make_and_restore_model(resume_path=...)
+# reads a robust-amo checkpoint as it is. Version 1 stored the bare state dict.
+MODEL_PREFIX = "module.model."
+ATTACKER_PREFIX = "module.attacker.model."
 LAST = "checkpoint.pt"
 BEST = "best.pt"
 
@@ -111,6 +116,33 @@ def load_checkpoint(
     return ckpt
 
 
+def pack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bare model state dict in robustness's ``DataParallel(AttackerModel)`` layout.
+
+    The model keeps its own normalisation (``module.model.normalize.*``); robustness's two
+    normalisers get identity buffers so inputs are not normalised twice. ``module.model.*`` and
+    ``module.attacker.model.*`` hold the same tensor objects, which ``torch.save`` stores once.
+    """
+    channels = state["normalize.mean"].numel()
+    identity = {"new_mean": torch.zeros(channels, 1, 1), "new_std": torch.ones(channels, 1, 1)}
+    out: dict[str, torch.Tensor] = {}
+    for owner in ("module.normalizer.", "module.attacker.normalize."):
+        for k, v in identity.items():
+            out[owner + k] = v
+    for k, v in state.items():
+        out[MODEL_PREFIX + k] = v
+        out[ATTACKER_PREFIX + k] = v
+    return out
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The bare model state dict of a robust-amo checkpoint (any format version)."""
+    sd = ckpt["model"]
+    if ckpt.get("version", 1) < 2:
+        return dict(sd)
+    return {k[len(MODEL_PREFIX):]: v for k, v in sd.items() if k.startswith(MODEL_PREFIX)}
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the registered architecture of a checkpoint and load its weights (eval mode)."""
     from .models import create_model
@@ -124,7 +156,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
             std=ckpt["std"],
             **ckpt.get("model_kwargs", {}),
         )
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(model_state(ckpt))
     except (KeyError, RuntimeError) as e:
         # load_state_dict lists every mismatched key over many lines: keep one line
         detail = " ".join(str(e).split())

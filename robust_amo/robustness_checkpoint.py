@@ -153,7 +153,7 @@ def to_robustness(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """
     if ckpt.get("format") != ckpt_io.FORMAT:
         raise CheckpointError("expected a robust-amo checkpoint (format=robust-amo-checkpoint)")
-    sd = dict(ckpt["model"])
+    sd = ckpt_io.model_state(ckpt)
     try:
         m = sd["normalize.mean"].float()
         s = sd["normalize.std"].float()
@@ -255,7 +255,7 @@ def from_robustness(
         "model_kwargs": kwargs,
         "dataset": dataset,
         "method": meta.get("method", ROBUSTNESS),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": ckpt_io.pack_state({k: v.detach().cpu() for k, v in model.state_dict().items()}),
         "epoch": int(rckpt.get("epoch", 0)),
         "source": ROBUSTNESS,
         "robust_amo_version": __import__("robust_amo").__version__,

@@ -169,7 +169,7 @@ def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, inf
         "model_kwargs": dict(cfg.model_kwargs),
         "dataset": cfg.dataset,
         "method": cfg.method,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": ckpt_io.pack_state({k: v.detach().cpu() for k, v in model.state_dict().items()}),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
@@ -195,7 +195,7 @@ def _resume(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler) -> tup
                 f"cannot resume {path}: it was trained with {key}={ck.get(key)!r}, this run asks "
                 f"for {key}={getattr(cfg, key)!r}; use another --out or the same settings"
             )
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(ckpt_io.model_state(ck))
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     ckpt_io.set_rng_state(ck["rng"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from robust_amo.checkpoint import model_state
 from robust_amo.compiled import CompiledModel, has_hooks, probe
 from robust_amo.config import resolve
 from robust_amo.models import create_model
@@ -99,7 +100,8 @@ def test_train_with_compile_matches_eager(tmp_path, caplog):
     eager = run(False)
     a = torch.load(tmp_path / "c1" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "c0" / "checkpoint.pt", weights_only=False)
-    assert a["model"].keys() == b["model"].keys()  # plain keys, no wrapper prefixes
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    a, b = model_state(a), model_state(b)
+    assert a.keys() == b.keys()  # plain keys, no wrapper prefixes
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert compiled["clean_acc"] == eager["clean_acc"]

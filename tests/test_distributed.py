@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from robust_amo import distributed
-from robust_amo.checkpoint import load_checkpoint
+from robust_amo.checkpoint import load_checkpoint, model_state
 from robust_amo.cli import main as cli_main
 from robust_amo.config import ConfigError, TrainConfig, from_dict, validate
 from robust_amo.data import Loader, Split, augment
@@ -166,17 +166,18 @@ def _strip_timing(obj):
 
 
 def _assert_weights_close(a: dict, b: dict) -> None:
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    a, b = model_state(a), model_state(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_ddp_weights_match_single_process(runs):
     assert runs["two1"]["epoch"] == runs["single1"]["epoch"] == 1
     _assert_weights_close(runs["two1"], runs["single1"])
     # the run did move the weights: equal weights are not vacuous
-    moved = (runs["single1"]["model"]["classifier.weight"]
-             - runs["single2"]["model"]["classifier.weight"]).abs().max()
+    moved = (model_state(runs["single1"])["classifier.weight"]
+             - model_state(runs["single2"])["classifier.weight"]).abs().max()
     assert moved > 1e-3
 
 

@@ -363,15 +363,23 @@ def test_robust_amo_checkpoint_loads_in_robustness(no_cuda, tmp_path):
                           "attack": {"eps": 0.1, "step_size": 0.05, "steps": 1},
                           "eval": {"examples": 8, "steps": 1}}])
     train(cfg)
-    conv = tmp_path / "for_robustness.pt"
-    assert cli_main(["convert-checkpoint", str(tmp_path / "run"), str(conv)]) == 0
-    # a dataset with other statistics: the checkpoint's normaliser wins, as it must
-    ds = DataSet("grey", "/tmp", num_classes=10, mean=torch.tensor([0.5]),
-                 std=torch.tensor([0.25]), transform_train=None, transform_test=None)
-    arch = rp.architecture("tiny-mlp", ds, input_shape=INFO.input_shape)
-    model, loaded = make_and_restore_model(arch=arch, dataset=ds, resume_path=str(conv))
     native = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(tmp_path / "run"))
     x = torch.rand(6, *INFO.input_shape)
+    # the file `robust-amo train` wrote loads in robustness's own make_and_restore_model as is
+    ds = DataSet("grey", "/tmp", num_classes=10, mean=torch.tensor([0.5]),
+                 std=torch.tensor([0.25]), transform_train=None, transform_test=None)
+    direct, loaded = make_and_restore_model(
+        arch=rp.architecture("tiny-mlp", ds, input_shape=INFO.input_shape), dataset=ds,
+        resume_path=str(tmp_path / "run" / "checkpoint.pt"))
+    torch.testing.assert_close(direct.eval()(x, with_image=False), native(x), rtol=1e-5,
+                               atol=1e-6)
+    assert loaded["epoch"] == 1
+    conv = tmp_path / "for_robustness.pt"
+    assert cli_main(["convert-checkpoint", str(tmp_path / "run"), str(conv)]) == 0
+    # converted, the normalisation moves to robustness's normaliser; the dataset's other
+    # statistics are overridden by the checkpoint's, as they must be
+    arch = rp.architecture("tiny-mlp", ds, input_shape=INFO.input_shape)
+    model, loaded = make_and_restore_model(arch=arch, dataset=ds, resume_path=str(conv))
     torch.testing.assert_close(model.eval()(x, with_image=False), native(x), rtol=1e-5,
                                atol=1e-6)
     assert loaded["epoch"] == 1
