@@ -23,12 +23,8 @@ def _single_thread():
 
 
 @pytest.fixture
-def one_thread():
-    """Kept for tests that ask for it explicitly; the session already runs on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(_single_thread):
+    """For tests that ask for one thread explicitly: the session fixture already provides it."""
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = ["--device", "cpu", "--arch", "tiny-cnn", "--channels", "1", "--image-size", "8",
@@ -29,13 +28,9 @@ CASES = {
 
 
 @pytest.fixture
-def one_thread(monkeypatch):
-    # a shared 2-core CI machine: two threads per process spin against each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(monkeypatch, _single_thread):
+    """The benchmarks import each other from bench/; the suite already runs on one thread."""
     monkeypatch.syspath_prepend(str(BENCH))
-    yield
-    torch.set_num_threads(n)
 
 
 def test_speed_bench_scripts_exist():

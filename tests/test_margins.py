@@ -27,13 +27,6 @@ from robust_amo.perturb import perturb
 OPTS = SearchOptions(steps=20, rounds=12, rtol=0.005)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight over a shared CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _linear(num_classes: int, weight: torch.Tensor, bias: torch.Tensor | None = None):
