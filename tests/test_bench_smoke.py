@@ -34,7 +34,7 @@ def one_thread(monkeypatch, _single_thread):
 
 
 def test_speed_bench_scripts_exist():
-    # other benchmarks in bench/ (method step costs, the robustness plugin) have their own tests
+    # the other benchmarks in bench/ run in tests/test_bench_scripts.py
     assert set(CASES) <= {p.name for p in BENCH.glob("*.py")}
 
 
