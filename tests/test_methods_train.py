@@ -108,3 +108,18 @@ def test_paper_settings_in_configs():
         assert (r.epochs, r.optim.milestones) == (150, [50, 100, 150])
     assert len(list((configs / "sokolic_table1").glob("*.yaml"))) == 36
     assert len(list((configs / "sokolic_fig2").glob("*.yaml"))) == 12
+
+
+@pytest.mark.parametrize("depth", ["16", "28"])
+def test_robust_amo_configs_match_their_pgd_baselines(depth):
+    """Table 2 compares robust AMO with Madry training under the same protocol (F.2: "for both
+    methods"): same data, split, augmentation, threat model, per-epoch check and schedule."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    amo = resolve(configs / f"cifar10_wrn{depth}-10_robust-amo.yaml")
+    pgd = resolve(configs / f"cifar10_wrn{depth}-10_pgd.yaml")
+    assert (amo.arch, amo.dataset, amo.epochs) == (pgd.arch, pgd.dataset, pgd.epochs)
+    assert amo.data == pgd.data
+    assert amo.attack == pgd.attack
+    assert amo.eval == pgd.eval
+    assert (amo.optim.milestones, amo.optim.gamma, amo.optim.momentum) == (
+        pgd.optim.milestones, pgd.optim.gamma, pgd.optim.momentum)
