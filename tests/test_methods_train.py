@@ -123,3 +123,19 @@ def test_robust_amo_configs_match_their_pgd_baselines(depth):
     assert amo.eval == pgd.eval
     assert (amo.optim.milestones, amo.optim.gamma, amo.optim.momentum) == (
         pgd.optim.milestones, pgd.optim.gamma, pgd.optim.momentum)
+
+
+AMO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_amo*.yaml"))
+
+
+@pytest.mark.parametrize("path", AMO_CONFIGS, ids=[p.name for p in AMO_CONFIGS])
+def test_clean_amo_configs_follow_the_authors_schedule(path):
+    """Wei & Ma's code sets lr = 0.1·0.2^[e ≥ 60]·0.2^[e ≥ 120]·0.2^[e ≥ 150] for the epoch
+    e = 1..200 counted from 1 (train_util.lr_wr_default(lr, epoch + 1)), Nesterov SGD."""
+    cfg = resolve(path)
+    assert (cfg.epochs, cfg.batch_size, cfg.optim.nesterov) == (200, 128, True)
+    f = lr_lambda(cfg, steps_per_epoch=4)
+    for epoch in range(cfg.epochs):  # 0-based, as the trainer counts
+        e = epoch + 1
+        authors = 0.1 * 0.2 ** (e >= 60) * 0.2 ** (e >= 120) * 0.2 ** (e >= 150)
+        assert cfg.optim.lr * f(epoch * 4) == pytest.approx(authors), epoch
