@@ -52,6 +52,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-examples", type=int, default=256, help="examples to analyse (default 256)")
     p.add_argument("--split", type=str, choices=["test", "train"], default="test",
                    help="which split the first N examples come from (default test)")
+    p.add_argument("--arch", type=str,
+                   help="architecture of a robustness checkpoint, which does not record it")
     p.add_argument("--dataset", type=str, help="dataset (default: the checkpoint's)")
     p.add_argument("--data-dir", type=str, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--eps", type=str, help="PGD neighbourhood radius, e.g. 8/255 "
@@ -146,7 +148,8 @@ def cmd_margins(args: argparse.Namespace) -> int:
     if rtol < 0:
         raise ConfigError(f"--rtol must be >= 0, got {rtol}")
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, which=BEST if args.which == "best" else LAST)
+    ckpt = load_checkpoint(args.checkpoint, which=BEST if args.which == "best" else LAST,
+                           arch=args.arch, dataset=args.dataset)
     model = model_from_checkpoint(ckpt).to(device)
     dataset, split = _load_examples(ckpt, args)
     attack_cfg = _attack_settings(ckpt, args)

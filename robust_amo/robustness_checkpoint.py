@@ -133,7 +133,8 @@ def _fold_into_model(model_sd: dict, mean: torch.Tensor, std: torch.Tensor) -> d
             "the classifier in this robustness checkpoint is not a robust-amo model (no "
             "normalize.mean/std buffers); only registered architectures can be converted"
         )
-    out["normalize.mean"] = (m1.float().view(shape) + mean.view(shape) * s1.float().view(shape)
+    # robustness's normaliser (mean, std) runs first, the model's own (m1, s1) second
+    out["normalize.mean"] = (mean.view(shape) + m1.float().view(shape) * std.view(shape)
                              ).to(m1.dtype)
     out["normalize.std"] = (s1.float().view(shape) * std.view(shape)).to(s1.dtype)
     return out

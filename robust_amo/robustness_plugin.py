@@ -404,8 +404,9 @@ class JacobianLMRegularizer:
 
     ``regularizer(model, inp, target)`` returns ``weight · mean_i penalty(inp_i)`` with the
     penalty of :func:`robust_amo.methods.jacobian_penalty` taken w.r.t. the [0, 1] input, through
-    the AttackerModel's normaliser, differentiable (double backpropagation). It returns 0 when
-    gradients are disabled (robustness's validation loop runs under ``torch.no_grad``).
+    the AttackerModel's normaliser, differentiable (double backpropagation). It returns 0 outside
+    training: when gradients are disabled (robustness's clean validation loop) and when the model
+    is in eval mode (its adversarial validation loop, which runs with gradients enabled).
     robustness passes the clean batch, so the penalty is taken at clean inputs; the per-example
     gradients assume the examples do not interact (no train-mode BatchNorm).
 
@@ -427,7 +428,7 @@ class JacobianLMRegularizer:
     def __call__(self, model: nn.Module, inp: torch.Tensor,
                  target: torch.Tensor) -> torch.Tensor | float:
         """The regularisation term for robustness's loop (a scalar tensor, or 0.0)."""
-        if not torch.is_grad_enabled() or self.weight == 0:
+        if not torch.is_grad_enabled() or self.weight == 0 or not model.training:
             return 0.0
         net = _InputSpace(_attacker_model(model))
         pen = jacobian_penalty(net, inp, variant=self.variant, generator=self.generator,

@@ -354,3 +354,22 @@ def test_margins_command_missing_checkpoint(tmp_path, capsys):
     rc = main(["margins", "--checkpoint", str(tmp_path / "nothing"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "no checkpoint" in err
+
+
+def test_margins_command_reads_a_robustness_checkpoint(trained, tmp_path, capsys):
+    """A robustness file does not record its architecture: the error asks for --arch, which the
+    command must then accept (as `robust-amo eval` does)."""
+    from robust_amo.checkpoint import load_checkpoint, model_state
+
+    sd = model_state(load_checkpoint(trained[0]))
+    state = {"module.normalizer.new_mean": torch.zeros(1, 1, 1),
+             "module.normalizer.new_std": torch.ones(1, 1, 1)}
+    state.update({f"module.model.{k}": v for k, v in sd.items()})
+    src = tmp_path / "checkpoint.pt.latest"
+    torch.save({"model": state, "epoch": 3}, src)
+    base = ["margins", "--checkpoint", str(src), "--n-examples", "4", "--no-adv",
+            "--no-input-margin", "--no-plots", "--no-progress", "--out", str(tmp_path / "m")]
+    assert main(base) == 2
+    assert "--arch" in capsys.readouterr().err
+    assert main([*base, "--arch", "tiny-mlp", "--dataset", "digits"]) == 0
+    assert (tmp_path / "m" / "margins.csv").is_file()

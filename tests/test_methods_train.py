@@ -108,3 +108,34 @@ def test_paper_settings_in_configs():
         assert (r.epochs, r.optim.milestones) == (150, [50, 100, 150])
     assert len(list((configs / "sokolic_table1").glob("*.yaml"))) == 36
     assert len(list((configs / "sokolic_fig2").glob("*.yaml"))) == 12
+
+
+@pytest.mark.parametrize("depth", ["16", "28"])
+def test_robust_amo_configs_match_their_pgd_baselines(depth):
+    """Table 2 compares robust AMO with Madry training under the same protocol (F.2: "for both
+    methods"): same data, split, augmentation, threat model, per-epoch check and schedule."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    amo = resolve(configs / f"cifar10_wrn{depth}-10_robust-amo.yaml")
+    pgd = resolve(configs / f"cifar10_wrn{depth}-10_pgd.yaml")
+    assert (amo.arch, amo.dataset, amo.epochs) == (pgd.arch, pgd.dataset, pgd.epochs)
+    assert amo.data == pgd.data
+    assert amo.attack == pgd.attack
+    assert amo.eval == pgd.eval
+    assert (amo.optim.milestones, amo.optim.gamma, amo.optim.momentum) == (
+        pgd.optim.milestones, pgd.optim.gamma, pgd.optim.momentum)
+
+
+AMO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_amo*.yaml"))
+
+
+@pytest.mark.parametrize("path", AMO_CONFIGS, ids=[p.name for p in AMO_CONFIGS])
+def test_clean_amo_configs_follow_the_authors_schedule(path):
+    """Wei & Ma's code sets lr = 0.1·0.2^[e ≥ 60]·0.2^[e ≥ 120]·0.2^[e ≥ 150] for the epoch
+    e = 1..200 counted from 1 (train_util.lr_wr_default(lr, epoch + 1)), Nesterov SGD."""
+    cfg = resolve(path)
+    assert (cfg.epochs, cfg.batch_size, cfg.optim.nesterov) == (200, 128, True)
+    f = lr_lambda(cfg, steps_per_epoch=4)
+    for epoch in range(cfg.epochs):  # 0-based, as the trainer counts
+        e = epoch + 1
+        authors = 0.1 * 0.2 ** (e >= 60) * 0.2 ** (e >= 120) * 0.2 ** (e >= 150)
+        assert cfg.optim.lr * f(epoch * 4) == pytest.approx(authors), epoch

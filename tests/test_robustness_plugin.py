@@ -306,6 +306,16 @@ def test_regularizer_equals_native_jacobian_penalty(variant):
         assert reg(am, x, y) == 0
 
 
+def test_regularizer_is_zero_in_adversarial_validation():
+    """robustness's adversarial validation loop runs with gradients enabled, model in eval mode:
+    the penalty is a training term and must not be added (nor its double backward built)."""
+    ds = rp.robustness_dataset("digits", device="cpu")
+    am = nn.DataParallel(rp.RobustAMOAttackerModel(_net(3), ds)).eval()
+    x = torch.rand(4, *INFO.input_shape)
+    assert torch.is_grad_enabled()
+    assert rp.JacobianLMRegularizer(0.7)(am, x, torch.zeros(4, dtype=torch.long)) == 0
+
+
 def test_robustness_checkpoint_to_robust_amo_and_back(robust_amo_run, tmp_path, capsys):
     src = robust_amo_run["out"] / "checkpoint.pt.latest"
     model = robust_amo_run["model"].eval()
