@@ -90,8 +90,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (model(x).argmax(1) == y).sum()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
 
 
 def evaluate(
@@ -118,9 +118,12 @@ def evaluate(
     try:
         for x, y in loader:
             with amp():
-                counts[0] += _count_correct(model, x, y)
+                clean = _correct(model, x, y)
+                counts[0] += clean.sum()
                 if attack is not None:
-                    counts[1] += _count_correct(model, attack(x, y), y)
+                    # robust means correct on x and at the attack's point (ALGORITHMS.md,
+                    # Evaluation): the attack starts from a random point, never from x itself
+                    counts[1] += (clean & _correct(model, attack(x, y), y)).sum()
             counts[2] += len(y)
     finally:
         model.train(was_training)

@@ -109,3 +109,30 @@ def test_schedules():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
     assert f(100) == pytest.approx(0)
+
+
+class _WrongOnlyAtClean(torch.nn.Module):
+    """Misclassifies the all-zero image (class 1 wins) and is right (class 0) on any image with
+    a non-zero pixel, with zero input gradient: PGD never moves off its random start."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # evaluate() reads the device here
+
+    def forward(self, x):
+        nonzero = (x.detach() != 0).flatten(1).float().sum(1)
+        z0 = nonzero + 0 * x.flatten(1).sum(1)
+        return torch.stack([z0, torch.full_like(z0, 0.5)], 1)
+
+
+def test_evaluate_counts_robust_only_where_clean_is_correct():
+    from attacks import PGD
+    from robust_amo.train import evaluate
+
+    model = _WrongOnlyAtClean()
+    x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    attack = PGD(model, 0.1, 0.02, 3, early_stop=True)
+    m = evaluate(model, [(x, y)], attack)
+    # the random start is classified correctly, the clean point is not: not robust
+    assert m["clean_acc"] == 0.0
+    assert m["robust_acc"] == 0.0
