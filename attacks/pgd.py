@@ -202,10 +202,10 @@ class PGD:
                 (grad,) = torch.autograd.grad(loss.sum(), x_adv)
             x_adv = x_adv.detach()
             if track:
+                # no `if hit.any()`: it would make the host wait for the device at every step
                 hit = (logits.detach().argmax(1) != y) & ~fooled
-                if hit.any():
-                    fooled |= hit
-                    loss_out = torch.where(hit, loss.detach().float(), loss_out)
+                fooled = fooled | hit
+                loss_out = torch.where(hit, loss.detach().float(), loss_out)
                 # frozen examples keep the misclassified iterate
                 grad = grad.masked_fill(fooled.view(-1, *([1] * (x.dim() - 1))), 0)
                 stepped = pgd_step(x_adv, grad, x, self.eps, self.step_size, self.norm)
