@@ -28,7 +28,7 @@ from . import distributed
 from .compiled import CompiledModel, probe
 from .config import TrainConfig, save_yaml
 from .data import Loader, dataset_info, hold_out, load_dataset, take_subset
-from .errors import CheckpointError, RobustAmoError
+from .errors import CheckpointError, ConfigError, RobustAmoError
 from .models import create_model
 from .objectives import build_objective, method_options
 
@@ -280,8 +280,11 @@ def _train(
     eval_loader = Loader(eval_split.subset(eval_shard), cfg.eval.batch_size, device)
 
     # model and optimisation (on the plain model, whose weights checkpoints hold)
-    net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape, mean=info.mean,
-                       std=info.std, **cfg.model_kwargs).to(device)
+    try:
+        net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape,
+                           mean=info.mean, std=info.std, **cfg.model_kwargs).to(device)
+    except TypeError as e:  # an option the architecture's constructor does not take
+        raise ConfigError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.arch}: {e}") from None
     channels_last = cfg.channels_last and device.type == "cuda"
     if device.type == "cuda" and cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tuned kernels pay off
