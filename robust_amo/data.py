@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +127,8 @@ def _load_npz(path: Path) -> tuple[Split, Split]:
             Split(_to_nchw(xtr), torch.from_numpy(d["y_train"].astype(np.int64))),
             Split(_to_nchw(xte), torch.from_numpy(d["y_test"].astype(np.int64))),
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"could not read {path}: {e}") from e
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"could not read {path}: {e}; is the file complete?") from e
 
 
 def _load_digits() -> tuple[Split, Split]:
