@@ -185,12 +185,15 @@ def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, inf
     }
 
 
-def _resume(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler) -> tuple[int, float]:
-    """Load the run's last checkpoint into the live objects; returns (start_epoch, best)."""
+def _resume(
+    run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler
+) -> tuple[int, float, dict[str, Any]]:
+    """Load the run's last checkpoint into the live objects; returns (start_epoch, best,
+    metrics of that epoch)."""
     path = run_dir / ckpt_io.LAST
     if not path.exists():
         log.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
-        return 0, -1.0
+        return 0, -1.0, {}
     ck = ckpt_io.load_checkpoint(path)
     for key in ("arch", "dataset", "method"):
         if ck.get(key) != getattr(cfg, key):
@@ -203,7 +206,7 @@ def _resume(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler) -> tup
     scheduler.load_state_dict(ck["scheduler"])
     ckpt_io.set_rng_state(ck["rng"])
     log.info("resumed from %s after epoch %d", path, ck["epoch"])
-    return ck["epoch"], ck["best_robust_acc"]
+    return ck["epoch"], ck["best_robust_acc"], dict(ck.get("metrics") or {})
 
 
 def _truncate_metrics(path: Path, after_epoch: int) -> None:
@@ -295,9 +298,10 @@ def _train(
     amp = lambda: autocast(device, cfg.bf16)  # noqa: E731
 
     start_epoch, best = (0, -1.0)
+    metrics: dict[str, Any] = {}  # a finished run that is resumed returns its last epoch's
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        start_epoch, best = _resume(run_dir, cfg, net, optimizer, scheduler)
+        start_epoch, best, metrics = _resume(run_dir, cfg, net, optimizer, scheduler)
         found = distributed.gather_objects(start_epoch)
         if len(set(found)) > 1:
             raise CheckpointError(
@@ -330,7 +334,6 @@ def _train(
         probe(fwd, objective, _memory_format(x0, channels_last), y0, amp)
     model = distributed.wrap_ddp(fwd, ctx, device)
 
-    metrics: dict[str, Any] = {}
     if ctx.is_main:
         log.info("training %s on %s with %s for %d epochs on %s x %d (%d train, %d eval "
                  "examples, global batch %d)", cfg.arch, cfg.dataset, cfg.method, cfg.epochs,
