@@ -138,3 +138,27 @@ def test_evaluate_counts_robust_only_where_clean_is_correct():
     # the random start is classified correctly, the clean point is not: not robust
     assert m["clean_acc"] == 0.0
     assert m["robust_acc"] == 0.0
+
+
+def test_rng_state_touches_only_this_process_gpu(monkeypatch):
+    """Under torchrun each rank drives one GPU: saving or restoring the CUDA RNG must not create
+    contexts on every GPU of the node, and a checkpoint written on a node with more GPUs must
+    resume on one with fewer."""
+    calls = []
+
+    def every_gpu(*args):
+        raise AssertionError("touches every GPU of the node")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda *a: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a: calls.append(s.tolist()))
+    state = ckpt_io.rng_state()
+    ckpt_io.set_rng_state(state)
+    # a version-2 checkpoint written on an 8-GPU node holds 8 states: this process's is restored
+    ckpt_io.set_rng_state({**state, "cuda": [torch.tensor([i], dtype=torch.uint8)
+                                             for i in range(8)]})
+    assert calls == [[7], [0]]
