@@ -373,3 +373,16 @@ def test_autoattack_adapter_restores_the_training_mode():
     model.eval()
     autoattack_robust(model, x, y, s, state=done)
     assert not model.training
+
+
+def test_model_digest_of_a_batchnorm_model():
+    """BatchNorm's 0-dim ``num_batches_tracked`` buffer must not break the state-file digest
+    (it made `robust-amo eval` fail on every WideResNet)."""
+    from evaluation.runner import model_digest
+
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8))
+    before = model_digest(model)
+    assert before == model_digest(model)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.num_batches_tracked += 1
+    assert model_digest(model) != before
