@@ -317,7 +317,10 @@ def _train(
     # eager under perturbation hooks), and DDP-wrapped for the gradient all-reduce
     fwd: nn.Module = net
     if cfg.compile:
-        fwd = CompiledModel(net, cfg.compile_backend, cfg.compile_mode)
+        try:
+            fwd = CompiledModel(net, cfg.compile_backend, cfg.compile_mode)
+        except RuntimeError as e:  # torch._dynamo's InvalidBackend for an unknown backend
+            raise ConfigError(f"compile_backend {cfg.compile_backend!r}: {e}") from None
 
     # the method: training attack (own generator, reseeded per epoch and rank) and objective;
     # attacks need no gradient sync, so they run on the unwrapped forward
