@@ -213,8 +213,15 @@ def _truncate_metrics(path: Path, after_epoch: int) -> None:
     """Drop metric lines of epochs past the checkpoint (a run killed after logging them)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("epoch", 0) <= after_epoch]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            epoch = json.loads(ln).get("epoch", 0) if ln.strip() else None
+        except json.JSONDecodeError:  # a line cut short by the kill (or a full disk)
+            log.warning("--resume: dropping an unreadable line of %s: %.80s", path, ln)
+            continue
+        if epoch is not None and epoch <= after_epoch:
+            keep.append(ln)
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
