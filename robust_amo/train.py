@@ -109,7 +109,8 @@ def evaluate(
             counts are summed over ranks (every rank must call this then).
 
     Returns:
-        ``{"clean_acc", "robust_acc", "n"}``; robust_acc is NaN without an attack.
+        ``{"clean_acc", "robust_acc", "n"}``; robust_acc is NaN without an attack, both are NaN
+        without examples.
     """
     was_training = model.training
     model.eval()
@@ -130,9 +131,9 @@ def evaluate(
     if reduce_ranks:
         distributed.all_reduce_sum(counts)
     clean, robust, n = counts.tolist()
-    n_ = max(n, 1)
-    return {"clean_acc": clean / n_,
-            "robust_acc": robust / n_ if attack is not None else float("nan"), "n": n}
+    nan = float("nan")  # nothing measured (no examples, or no attack): never a best checkpoint
+    return {"clean_acc": clean / n if n else nan,
+            "robust_acc": robust / n if n and attack is not None else nan, "n": n}
 
 
 def train_step(

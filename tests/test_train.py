@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -173,3 +174,10 @@ def test_truncate_metrics_survives_a_half_written_line(tmp_path):
     assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [1, 2]
     _truncate_metrics(path, 1)
     assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [1]
+
+
+def test_no_evaluation_examples_means_no_best_checkpoint(tmp_path):
+    """eval.examples: 0 measures nothing: NaN accuracies, so best.pt is never chosen by a 0."""
+    metrics = train(_cfg(tmp_path, epochs=1, eval={"examples": 0}))
+    assert metrics["n"] == 0 and math.isnan(metrics["robust_acc"])
+    assert not (tmp_path / "best.pt").exists()
