@@ -62,8 +62,10 @@ def random_start(
         r = torch.rand(shape[0], generator=generator, device=gdev) ** (1.0 / d)
         noise = direction * (eps * r).view(-1, *([1] * (x.dim() - 1)))
     noise = noise.to(x.dtype)
-    # a pinned, non-blocking copy: a pageable one would make the host wait for the GPU
-    noise = noise.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else noise
+    # a pinned, non-blocking copy: a pageable one would make the host wait for the GPU (a
+    # CUDA generator's noise is on the GPU already and cannot be pinned)
+    if x.is_cuda and not noise.is_cuda:
+        noise = noise.pin_memory().to(x.device, non_blocking=True)
     return (x + noise.to(x.device)).clamp_(0, 1)
 
 
@@ -202,10 +204,10 @@ class PGD:
                 (grad,) = torch.autograd.grad(loss.sum(), x_adv)
             x_adv = x_adv.detach()
             if track:
+                # no `if hit.any()`: it would make the host wait for the device at every step
                 hit = (logits.detach().argmax(1) != y) & ~fooled
-                if hit.any():
-                    fooled |= hit
-                    loss_out = torch.where(hit, loss.detach().float(), loss_out)
+                fooled = fooled | hit
+                loss_out = torch.where(hit, loss.detach().float(), loss_out)
                 # frozen examples keep the misclassified iterate
                 grad = grad.masked_fill(fooled.view(-1, *([1] * (x.dim() - 1))), 0)
                 stepped = pgd_step(x_adv, grad, x, self.eps, self.step_size, self.norm)

@@ -268,9 +268,8 @@ def autoattack_robust(
     """
     x, y = x.detach().float(), y.detach()
     dev = x.device
+    was_training = model.training  # read before .eval() below switches the wrapped model too
     wrapped = LogitsOnly(model).eval()
-    was_training = model.training
-    model.eval()
     try:
         if state is None:
             with torch.no_grad():

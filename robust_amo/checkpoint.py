@@ -168,14 +168,17 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states (torch CPU, CUDA, numpy, random)."""
+    """The global RNG states (torch CPU, this process's current CUDA device, numpy, random)."""
     import random
 
     import numpy as np
 
+    # only the current GPU's generator: under torchrun a rank drives one GPU, and
+    # get_rng_state_all would create a CUDA context on every GPU of the node
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if cuda else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
@@ -188,7 +191,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # files written before: one state per GPU of the node
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # this process's GPU only (see rng_state)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])

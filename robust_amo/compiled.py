@@ -79,7 +79,8 @@ def probe(
     """
     saved = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if x.is_cuda else None
+    # x's GPU only: get_rng_state_all would create a context on every GPU of the node
+    cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
     try:
         with amp():
             loss, _ = objective(model, x, y)
@@ -97,7 +98,7 @@ def probe(
             p.grad = None
         torch.set_rng_state(rng)
         if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+            torch.cuda.set_rng_state(cuda_rng, x.device)
     if ok:
         log.info("torch.compile: the compiled training step works")
     return ok

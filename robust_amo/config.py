@@ -8,6 +8,7 @@ Command-line flags override the file, and the resolved config is saved beside th
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -275,10 +276,16 @@ def validate(cfg: TrainConfig) -> None:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
-    for key, v in {"attack.eps": cfg.attack.eps, "attack.step_size": cfg.attack.step_size,
-                   "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay}.items():
-        if v < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v}")
+    non_negative = {"attack.eps": cfg.attack.eps, "attack.step_size": cfg.attack.step_size,
+                    "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+                    "optim.momentum": cfg.optim.momentum,
+                    "optim.warmup_epochs": cfg.optim.warmup_epochs,
+                    "eval.examples": cfg.eval.examples, "data.val_size": cfg.data.val_size}
+    if cfg.eval.step_size is not None:
+        non_negative["eval.step_size"] = cfg.eval.step_size
+    for key, v in non_negative.items():
+        if not 0 <= v < math.inf:  # also rejects nan (and .inf written in YAML)
+            raise ConfigError(f"{key} must be a finite number >= 0, got {v}")
     if cfg.attack.steps < 0 or cfg.eval.steps < 0 or cfg.eval.restarts < 1:
         raise ConfigError("attack.steps and eval.steps must be >= 0 and eval.restarts >= 1")
     if isinstance(cfg.optim.gamma, list) and len(cfg.optim.gamma) != len(cfg.optim.milestones):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,12 +123,18 @@ def _load_npz(path: Path) -> tuple[Split, Split]:
                     "y_train, x_test, y_test (uint8 images HWC or HW, integer labels)"
                 )
             xtr, xte = d["x_train"], d["x_test"]
+        for part, xs in (("train", xtr), ("test", xte)):
+            if len(xs) != len(d[f"y_{part}"]):
+                raise DataError(f"{path}: {len(xs)} {part} images but {len(d[f'y_{part}'])} "
+                                f"labels in y_{part}; the file is inconsistent")
         return (
             Split(_to_nchw(xtr), torch.from_numpy(d["y_train"].astype(np.int64))),
             Split(_to_nchw(xte), torch.from_numpy(d["y_test"].astype(np.int64))),
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"could not read {path}: {e}") from e
+    except DataError:
+        raise  # already says what is wrong (DataError is an OSError: keep it unwrapped)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"could not read {path}: {e}; is the file complete?") from e
 
 
 def _load_digits() -> tuple[Split, Split]:

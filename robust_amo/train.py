@@ -28,7 +28,7 @@ from . import distributed
 from .compiled import CompiledModel, probe
 from .config import TrainConfig, save_yaml
 from .data import Loader, dataset_info, hold_out, load_dataset, take_subset
-from .errors import CheckpointError, RobustAmoError
+from .errors import CheckpointError, ConfigError, RobustAmoError
 from .models import create_model
 from .objectives import build_objective, method_options
 
@@ -90,8 +90,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (model(x).argmax(1) == y).sum()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
 
 
 def evaluate(
@@ -109,7 +109,8 @@ def evaluate(
             counts are summed over ranks (every rank must call this then).
 
     Returns:
-        ``{"clean_acc", "robust_acc", "n"}``; robust_acc is NaN without an attack.
+        ``{"clean_acc", "robust_acc", "n"}``; robust_acc is NaN without an attack, both are NaN
+        without examples.
     """
     was_training = model.training
     model.eval()
@@ -118,18 +119,21 @@ def evaluate(
     try:
         for x, y in loader:
             with amp():
-                counts[0] += _count_correct(model, x, y)
+                clean = _correct(model, x, y)
+                counts[0] += clean.sum()
                 if attack is not None:
-                    counts[1] += _count_correct(model, attack(x, y), y)
+                    # robust means correct on x and at the attack's point (ALGORITHMS.md,
+                    # Evaluation): the attack starts from a random point, never from x itself
+                    counts[1] += (clean & _correct(model, attack(x, y), y)).sum()
             counts[2] += len(y)
     finally:
         model.train(was_training)
     if reduce_ranks:
         distributed.all_reduce_sum(counts)
     clean, robust, n = counts.tolist()
-    n_ = max(n, 1)
-    return {"clean_acc": clean / n_,
-            "robust_acc": robust / n_ if attack is not None else float("nan"), "n": n}
+    nan = float("nan")  # nothing measured (no examples, or no attack): never a best checkpoint
+    return {"clean_acc": clean / n if n else nan,
+            "robust_acc": robust / n if n and attack is not None else nan, "n": n}
 
 
 def train_step(
@@ -182,12 +186,15 @@ def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, inf
     }
 
 
-def _resume(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler) -> tuple[int, float]:
-    """Load the run's last checkpoint into the live objects; returns (start_epoch, best)."""
+def _resume(
+    run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler
+) -> tuple[int, float, dict[str, Any]]:
+    """Load the run's last checkpoint into the live objects; returns (start_epoch, best,
+    metrics of that epoch)."""
     path = run_dir / ckpt_io.LAST
     if not path.exists():
         log.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
-        return 0, -1.0
+        return 0, -1.0, {}
     ck = ckpt_io.load_checkpoint(path)
     for key in ("arch", "dataset", "method"):
         if ck.get(key) != getattr(cfg, key):
@@ -200,15 +207,22 @@ def _resume(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler) -> tup
     scheduler.load_state_dict(ck["scheduler"])
     ckpt_io.set_rng_state(ck["rng"])
     log.info("resumed from %s after epoch %d", path, ck["epoch"])
-    return ck["epoch"], ck["best_robust_acc"]
+    return ck["epoch"], ck["best_robust_acc"], dict(ck.get("metrics") or {})
 
 
 def _truncate_metrics(path: Path, after_epoch: int) -> None:
     """Drop metric lines of epochs past the checkpoint (a run killed after logging them)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("epoch", 0) <= after_epoch]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            epoch = json.loads(ln).get("epoch", 0) if ln.strip() else None
+        except json.JSONDecodeError:  # a line cut short by the kill (or a full disk)
+            log.warning("--resume: dropping an unreadable line of %s: %.80s", path, ln)
+            continue
+        if epoch is not None and epoch <= after_epoch:
+            keep.append(ln)
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -277,8 +291,11 @@ def _train(
     eval_loader = Loader(eval_split.subset(eval_shard), cfg.eval.batch_size, device)
 
     # model and optimisation (on the plain model, whose weights checkpoints hold)
-    net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape, mean=info.mean,
-                       std=info.std, **cfg.model_kwargs).to(device)
+    try:
+        net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape,
+                           mean=info.mean, std=info.std, **cfg.model_kwargs).to(device)
+    except TypeError as e:  # an option the architecture's constructor does not take
+        raise ConfigError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.arch}: {e}") from None
     channels_last = cfg.channels_last and device.type == "cuda"
     if device.type == "cuda" and cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tuned kernels pay off
@@ -289,9 +306,10 @@ def _train(
     amp = lambda: autocast(device, cfg.bf16)  # noqa: E731
 
     start_epoch, best = (0, -1.0)
+    metrics: dict[str, Any] = {}  # a finished run that is resumed returns its last epoch's
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        start_epoch, best = _resume(run_dir, cfg, net, optimizer, scheduler)
+        start_epoch, best, metrics = _resume(run_dir, cfg, net, optimizer, scheduler)
         found = distributed.gather_objects(start_epoch)
         if len(set(found)) > 1:
             raise CheckpointError(
@@ -307,7 +325,10 @@ def _train(
     # eager under perturbation hooks), and DDP-wrapped for the gradient all-reduce
     fwd: nn.Module = net
     if cfg.compile:
-        fwd = CompiledModel(net, cfg.compile_backend, cfg.compile_mode)
+        try:
+            fwd = CompiledModel(net, cfg.compile_backend, cfg.compile_mode)
+        except RuntimeError as e:  # torch._dynamo's InvalidBackend for an unknown backend
+            raise ConfigError(f"compile_backend {cfg.compile_backend!r}: {e}") from None
 
     # the method: training attack (own generator, reseeded per epoch and rank) and objective;
     # attacks need no gradient sync, so they run on the unwrapped forward
@@ -324,7 +345,6 @@ def _train(
         probe(fwd, objective, _memory_format(x0, channels_last), y0, amp)
     model = distributed.wrap_ddp(fwd, ctx, device)
 
-    metrics: dict[str, Any] = {}
     if ctx.is_main:
         log.info("training %s on %s with %s for %d epochs on %s x %d (%d train, %d eval "
                  "examples, global batch %d)", cfg.arch, cfg.dataset, cfg.method, cfg.epochs,

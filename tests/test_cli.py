@@ -40,6 +40,8 @@ def test_flags_override_config(tmp_path):
     (["train", "--set", "attack.epz=0.1"], "unknown config key attack.epz"),
     (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["train", "--set", "model_kwargs.widht=2"], "model_kwargs"),
+    (["train", "--set", "compile=true", "--set", "compile_backend=nope"], "compile_backend"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(args, needle, tmp_path, capsys):
     rc = main(args + ["--out", str(tmp_path / "x")])

@@ -25,6 +25,12 @@ def test_fraction_and_defaults():
     ({"batch_size": 0}, "batch_size"),
     ({"attack": "strong"}, "attack"),
     ({"eval": {"split": "val"}}, "val_size"),
+    ({"eval": {"step_size": -0.1}}, "eval.step_size"),
+    ({"eval": {"examples": -1}}, "eval.examples"),
+    ({"optim": {"momentum": -1}}, "optim.momentum"),
+    ({"data": {"val_size": -3}}, "data.val_size"),
+    ({"optim": {"warmup_epochs": -1}}, "optim.warmup_epochs"),
+    ({"attack": {"eps": float("inf")}}, "attack.eps"),
 ])
 def test_bad_keys_and_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):

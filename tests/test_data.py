@@ -27,6 +27,14 @@ def test_npz_file_and_folder(tmp_path):
     np.savez(tmp_path / "bad.npz", x_train=data["x_train"])
     with pytest.raises(DataError, match="x_test"):
         load_dataset("mnist", tmp_path / "bad.npz")
+    np.savez(tmp_path / "short.npz", **{**data, "y_test": data["y_test"][:4]})
+    with pytest.raises(DataError, match="y_test"):
+        load_dataset("mnist", tmp_path / "short.npz")
+    # an interrupted copy or download: a truncated zip archive
+    whole = (tmp_path / "mnist.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="cut.npz"):
+        load_dataset("mnist", tmp_path / "cut.npz")
 
 
 def test_missing_dataset_says_where_and_how(tmp_path):

@@ -358,3 +358,31 @@ def test_cli_train_then_eval_writes_json_and_markdown(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run), "--attack", "clean", "--split", "val",
                  "--no-progress", "--no-sanity", "--out", str(tmp_path / "val.json")]) == 0
     assert json.loads((tmp_path / "val.json").read_text())["n_examples"] == 200
+
+
+def test_autoattack_adapter_restores_the_training_mode():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3))
+    x, y = torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long)
+    s = AutoAttackSettings(0.1, version="custom", attacks=("apgd-ce",))
+    done = {"clean": torch.zeros(6, dtype=torch.bool), "robust": torch.zeros(6, dtype=torch.bool),
+            "after_attack": {"apgd-ce": torch.zeros(6, dtype=torch.bool)}, "warnings": [],
+            "done": ["apgd-ce"]}
+    model.train()
+    autoattack_robust(model, x, y, s, state=done)
+    assert model.training
+    model.eval()
+    autoattack_robust(model, x, y, s, state=done)
+    assert not model.training
+
+
+def test_model_digest_of_a_batchnorm_model():
+    """BatchNorm's 0-dim ``num_batches_tracked`` buffer must not break the state-file digest
+    (it made `robust-amo eval` fail on every WideResNet)."""
+    from evaluation.runner import model_digest
+
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8))
+    before = model_digest(model)
+    assert before == model_digest(model)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.num_batches_tracked += 1
+    assert model_digest(model) != before

@@ -33,3 +33,13 @@ def test_bf16_channels_last_training_runs(tmp_path):
     # digits are 1x8x8: a WRN stem accepts any channel count and size
     m = train(cfg)
     assert m["train_loss"] < 2.3 and m["clean_acc"] > 0.3
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_start_with_a_cuda_generator(norm):
+    from attacks.pgd import random_start
+
+    x = torch.rand(4, 1, 8, 8, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x0 = random_start(x, 0.1, norm, g)
+    assert x0.device == x.device and 0 < (x0 - x).abs().max() <= 0.1 + 1e-6

@@ -157,3 +157,23 @@ def test_bad_arguments():
         PGD(nn.Identity(), loss="hinge")
     with pytest.raises(ValueError, match="restarts"):
         PGD(nn.Identity(), restarts=0)
+
+
+def test_early_stop_steps_never_read_device_values_on_the_host(monkeypatch):
+    """Freezing broken examples must be pure tensor work: a Python ``if`` on a device tensor
+    (``bool(t)``, ``t.item()``) would make the host wait for the GPU at every PGD step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    ref = PGD(model, 0.3, 0.1, 5, early_stop=True).run_once(x, y, final_eval=True, x_init=x)
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor inside the PGD step loop")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    out = PGD(model, 0.3, 0.1, 5, early_stop=True).run_once(x, y, final_eval=True, x_init=x)
+    monkeypatch.undo()
+    assert ref[1].any() and not ref[1].all()  # some examples freeze, others keep ascending
+    for a, b in zip(ref, out, strict=True):
+        assert torch.equal(a, b)

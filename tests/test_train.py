@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -62,7 +63,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
 
 def test_resume_refuses_a_different_run(tmp_path):
-    train(_cfg(tmp_path, epochs=1))
+    first = train(_cfg(tmp_path, epochs=1))
+    # resuming a finished run trains nothing and still returns its last epoch's metrics
+    assert train(_cfg(tmp_path, epochs=1), resume=True) == first
     with pytest.raises(CheckpointError, match="arch"):
         train(_cfg(tmp_path, epochs=2, arch="tiny-mlp"), resume=True)
 
@@ -109,3 +112,72 @@ def test_schedules():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
     assert f(100) == pytest.approx(0)
+
+
+class _WrongOnlyAtClean(torch.nn.Module):
+    """Misclassifies the all-zero image (class 1 wins) and is right (class 0) on any image with
+    a non-zero pixel, with zero input gradient: PGD never moves off its random start."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # evaluate() reads the device here
+
+    def forward(self, x):
+        nonzero = (x.detach() != 0).flatten(1).float().sum(1)
+        z0 = nonzero + 0 * x.flatten(1).sum(1)
+        return torch.stack([z0, torch.full_like(z0, 0.5)], 1)
+
+
+def test_evaluate_counts_robust_only_where_clean_is_correct():
+    from attacks import PGD
+    from robust_amo.train import evaluate
+
+    model = _WrongOnlyAtClean()
+    x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    attack = PGD(model, 0.1, 0.02, 3, early_stop=True)
+    m = evaluate(model, [(x, y)], attack)
+    # the random start is classified correctly, the clean point is not: not robust
+    assert m["clean_acc"] == 0.0
+    assert m["robust_acc"] == 0.0
+
+
+def test_rng_state_touches_only_this_process_gpu(monkeypatch):
+    """Under torchrun each rank drives one GPU: saving or restoring the CUDA RNG must not create
+    contexts on every GPU of the node, and a checkpoint written on a node with more GPUs must
+    resume on one with fewer."""
+    calls = []
+
+    def every_gpu(*args):
+        raise AssertionError("touches every GPU of the node")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda *a: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a: calls.append(s.tolist()))
+    state = ckpt_io.rng_state()
+    ckpt_io.set_rng_state(state)
+    # a version-2 checkpoint written on an 8-GPU node holds 8 states: this process's is restored
+    ckpt_io.set_rng_state({**state, "cuda": [torch.tensor([i], dtype=torch.uint8)
+                                             for i in range(8)]})
+    assert calls == [[7], [0]]
+
+
+def test_truncate_metrics_survives_a_half_written_line(tmp_path):
+    from robust_amo.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "a": 1}\n{"epoch": 2, "a": 2}\n{"epoch": 3, "a"')
+    _truncate_metrics(path, 2)
+    assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [1, 2]
+    _truncate_metrics(path, 1)
+    assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [1]
+
+
+def test_no_evaluation_examples_means_no_best_checkpoint(tmp_path):
+    """eval.examples: 0 measures nothing: NaN accuracies, so best.pt is never chosen by a 0."""
+    metrics = train(_cfg(tmp_path, epochs=1, eval={"examples": 0}))
+    assert metrics["n"] == 0 and math.isnan(metrics["robust_acc"])
+    assert not (tmp_path / "best.pt").exists()
