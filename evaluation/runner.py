@@ -243,8 +243,10 @@ def evaluate_attacks(
                 with torch.no_grad(), amp():
                     was = model.training
                     model.eval()
-                    ok = (model(xb).argmax(1) == yb).cpu()
-                    model.train(was)
+                    try:
+                        ok = (model(xb).argmax(1) == yb).cpu()
+                    finally:
+                        model.train(was)
                 done[c] = {"clean": ok, "robust": ok, "steps": {}, "finished": True}
             elif spec.kind == "pgd":
                 idx = torch.arange(sl.start, sl.stop)

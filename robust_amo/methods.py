@@ -31,6 +31,7 @@ from torch import nn
 from attacks.pgd import PGD, attack_loss, margin_loss, pgd_step, random_start
 
 from .config import TrainConfig
+from .data import to_device
 from .distributed import global_batch
 from .errors import ConfigError
 from .objectives import Objective, register_objective
@@ -327,7 +328,7 @@ def _penalty_from_logits(
         return (_class_gradient_norms(logits, x, create_graph, vjp) / v_norm).sum(1)
     gdev = generator.device if generator is not None else torch.device("cpu")
     cls = torch.randint(logits.shape[1], (logits.shape[0],), generator=generator, device=gdev)
-    cls = cls.to(logits.device)
+    cls = to_device(cls, logits.device)  # no host wait per training step on CUDA
     picked = logits.gather(1, cls[:, None]).sum()
     (g,) = torch.autograd.grad(picked, x, create_graph=create_graph)
     return torch.linalg.vector_norm(_wide(g.flatten(1)), dim=1) / v_norm[cls]
