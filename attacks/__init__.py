@@ -1,5 +1,38 @@
-"""Attacks: PGD (L∞, L2) with restarts and the pieces it is made of."""
+"""Input-space attacks (``robust_amo.attacks``): PGD, robust AMO's joint attack, their pieces.
 
-from .pgd import PGD, attack_loss, margin_loss, pgd_step, random_start
+Every attack is an object whose constructor holds the hyperparameters and whose call
+``attack(x, y)`` returns the adversarial input (:class:`Attack`), and every one of them steps with
+the same :func:`pgd_iteration`. docs/algorithms.md, "PGD" and "Robust AMO".
+"""
 
-__all__ = ["PGD", "attack_loss", "margin_loss", "pgd_step", "random_start"]
+from .base import Attack, InputAttack
+from .core import (
+    Iterate,
+    attack_loss,
+    margin_loss,
+    model_loss,
+    pgd_iteration,
+    pgd_step,
+    projected_step,
+    random_start,
+)
+from .joint import RobustAMOAttack
+from .pgd import PGD, AttackFn
+from .radius import l2_attack_at_radius
+
+__all__ = [
+    "PGD",
+    "Attack",
+    "AttackFn",
+    "InputAttack",
+    "Iterate",
+    "RobustAMOAttack",
+    "attack_loss",
+    "l2_attack_at_radius",
+    "margin_loss",
+    "model_loss",
+    "pgd_iteration",
+    "pgd_step",
+    "projected_step",
+    "random_start",
+]

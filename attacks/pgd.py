@@ -1,90 +1,54 @@
 """Projected gradient descent (Madry et al. 2018), L∞ and L2, with restarts.
 
-As specified in ALGORITHMS.md: random start x_0 = clip(x + U(-eps, eps)) (L∞) or a uniform point
-of the L2 ball, then x_{t+1} = Π(x_t + α·step(∇ℓ)) with Π the projection onto the eps-ball
-intersected with [0, 1]^d. The model runs in eval mode during the attack and its mode is restored
-afterwards; gradients are taken with respect to the input only, so nothing accumulates in the
-weights' ``.grad``.
+docs/algorithms.md, "PGD". Each step is :func:`robust_amo.attacks.core.pgd_iteration`; the model
+runs in eval mode during the attack and its mode is restored afterwards (:class:`Attack`);
+gradients are taken with respect to the input only, so nothing accumulates in the weights'
+``.grad``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("linf", "l2")
-LOSSES = ("ce", "cw")
+from robust_amo.config import AttackLoss, Norm
+from robust_amo.errors import ConfigError
+from robust_amo.runtime import eval_mode
+
+from .base import InputAttack
+from .core import (
+    attack_loss,
+    model_loss,
+    per_example,
+    pgd_iteration,
+    projected_step,
+)
+
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StartFn = Callable[[torch.Tensor, int], torch.Tensor]
+"""``start(active, r) -> x_0`` of restart r for the examples ``active`` (indices)."""
 
 
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example CW margin max_{j≠y} z_j − z_y (B,); positive iff misclassified."""
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, y[:, None], float("-inf"))
-    return other.amax(1) - z_y
+@dataclass
+class WorstCase:
+    """The per-example worst case over a PGD's restarts (:meth:`PGD.worst_case`).
 
-
-def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-example loss the attack ascends, in float32 even under bf16 autocast (B,)."""
-    logits = logits.float()
-    if loss == "ce":
-        return F.cross_entropy(logits, y, reduction="none")
-    if loss == "cw":
-        return margin_loss(logits, y)
-    raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
-
-
-def _flat_norm(t: torch.Tensor) -> torch.Tensor:
-    """Per-example L2 norm broadcastable to t's shape."""
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
-
-
-def random_start(
-    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    """A uniform point of the eps-ball around x, clipped to [0, 1].
-
-    The noise is drawn on the generator's device (CPU by default) and moved to x's device, so the
-    same seed gives the same start on every device.
+    Attributes:
+        x_adv: (B, ...) the first misclassified iterate of broken examples, else the final
+            iterate of highest loss (x for examples not attacked).
+        fooled: (B,) bool, broken by some iterate of some restart.
+        after_restart: (R, B) bool, broken by restarts 1..r (non-decreasing in r).
     """
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    shape = x.shape
-    if norm == "linf":
-        u = torch.rand(shape, generator=generator, device=gdev, dtype=torch.float32)
-        noise = (2 * u - 1) * eps
-    else:
-        d = x[0].numel()
-        direction = torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32)
-        direction = direction / _flat_norm(direction).clamp_min(1e-12)
-        r = torch.rand(shape[0], generator=generator, device=gdev) ** (1.0 / d)
-        noise = direction * (eps * r).view(-1, *([1] * (x.dim() - 1)))
-    noise = noise.to(x.dtype)
-    # a pinned, non-blocking copy: a pageable one would make the host wait for the GPU (a
-    # CUDA generator's noise is on the GPU already and cannot be pinned)
-    if x.is_cuda and not noise.is_cuda:
-        noise = noise.pin_memory().to(x.device, non_blocking=True)
-    return (x + noise.to(x.device)).clamp_(0, 1)
+
+    x_adv: torch.Tensor
+    fooled: torch.Tensor
+    after_restart: torch.Tensor
 
 
-def pgd_step(
-    x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float, alpha: float, norm: str
-) -> torch.Tensor:
-    """One ascent step followed by the projection Π onto the eps-ball ∩ [0, 1]^d."""
-    if norm == "linf":
-        x_adv = x_adv + alpha * grad.sign()
-        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
-    else:
-        g = grad / _flat_norm(grad).clamp_min(1e-12)
-        delta = x_adv + alpha * g - x
-        delta = delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-        x_adv = x + delta
-    return x_adv.clamp(0, 1)
-
-
-class PGD:
+class PGD(InputAttack):
     """PGD attack object (torchattacks style): ``x_adv = PGD(model, ...)(x, y)``.
 
     Args:
@@ -112,24 +76,17 @@ class PGD:
         eps: float = 8 / 255,
         step_size: float = 2 / 255,
         steps: int = 10,
-        norm: str = "linf",
+        norm: Norm = "linf",
         random_start: bool = True,
         restarts: int = 1,
-        loss: str = "ce",
+        loss: AttackLoss = "ce",
         generator: torch.Generator | None = None,
         early_stop: bool = False,
     ) -> None:
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
-        if eps < 0 or step_size < 0 or steps < 0 or restarts < 1:
-            raise ValueError("PGD needs eps >= 0, step_size >= 0, steps >= 0, restarts >= 1")
-        self.model = model
-        self.eps, self.step_size, self.steps = float(eps), float(step_size), int(steps)
-        self.norm, self.random_start, self.restarts, self.loss = norm, random_start, restarts, loss
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.early_stop = early_stop
+        if restarts < 1:
+            raise ConfigError(f"PGD needs restarts >= 1, got {restarts}")
+        super().__init__(model, eps, step_size, steps, norm, random_start, loss, generator)
+        self.restarts, self.early_stop = restarts, early_stop
 
     def __repr__(self) -> str:
         return (
@@ -137,33 +94,60 @@ class PGD:
             f"steps={self.steps}, restarts={self.restarts}, loss={self.loss})"
         )
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for (x, y): x (B, C, H, W) in [0, 1], y (B,) -> (B, C, H, W)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self._attack(x.detach(), y)
-        finally:
-            self.model.train(was_training)
-
-    def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.restarts == 1:
             return self.run_once(x, y)[0]
+        return self.worst_case(x, y).x_adv
+
+    def worst_case(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        start: StartFn | None = None,
+        attacked: torch.Tensor | None = None,
+        early_exit: bool = True,
+    ) -> WorstCase:
+        """Every restart; the per-example worst case (docs/algorithms.md, "Evaluation").
+
+        An example is broken once any iterate of any restart is misclassified; restart r runs
+        on the examples not broken by restarts 1..r−1 (``early_exit``, default) or on all of
+        ``attacked`` (same masks, more work: for checks). The kept point of an example is its
+        first misclassified iterate, else the final iterate of highest loss.
+
+        Args:
+            x: clean inputs (B, ...); y: labels (B,).
+            start: ``start(active, r)`` gives x_0 of restart r for the examples ``active``
+                (indices into x); default: :meth:`start` from the attack's generator.
+            attacked: (B,) bool, the examples to attack (default all); the others stay
+                unbroken and keep x.
+            early_exit: see above.
+
+        Returns:
+            :class:`WorstCase`.
+        """
+        todo = attacked if attacked is not None else torch.ones(len(y), dtype=torch.bool,
+                                                                 device=x.device)
         best = x.clone()
         best_loss = torch.full((len(y),), float("-inf"), device=x.device)
         fooled = torch.zeros(len(y), dtype=torch.bool, device=x.device)
-        for _ in range(self.restarts):
-            active = (~fooled).nonzero().squeeze(1)
-            if active.numel() == 0:
-                break
-            xa, fa, la = self.run_once(x[active], y[active], final_eval=True)
-            # a fooling point beats any loss; among non-fooling finals the highest loss wins
-            better = fa | (la > best_loss[active])
-            idx = active[better]
-            best[idx] = xa[better]
-            best_loss[idx] = la[better]
-            fooled[active] = fa
-        return best
+        curve = []
+        for r in range(self.restarts):
+            active = (todo & ~fooled if early_exit else todo).nonzero().squeeze(1)
+            if active.numel() > 0:
+                init = {"x_init": start(active, r)} if start is not None else {}
+                xa, fa, la = self.run_once(x[active], y[active], final_eval=True, **init)
+                # a fooling point beats any loss and, once found, is kept; among non-fooling
+                # finals the highest loss wins
+                new = ~fooled[active]
+                better = new & (fa | (la > best_loss[active]))
+                idx = active[better]
+                best[idx] = xa[better].to(best.dtype)
+                best_loss[idx] = la[better]
+                fooled[active] |= fa
+            curve.append(fooled.clone())
+        return WorstCase(best, fooled, torch.stack(curve))
 
     def run_once(
         self,
@@ -172,7 +156,7 @@ class PGD:
         final_eval: bool = False,
         x_init: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One restart.
+        """One restart (the caller puts the model in the mode it wants; ``__call__``: eval).
 
         Args:
             x: clean inputs (B, ...); y: labels (B,).
@@ -180,40 +164,30 @@ class PGD:
                 whether it is misclassified.
             x_init: the starting point x_0 (B, ...), a point of the eps-ball around x in
                 [0, 1]; replaces the attack's own start (evaluation draws it per example so
-                that it does not depend on the batch, see evaluation/pgd_eval.py).
+                that it does not depend on the batch).
 
         Returns:
             ``(x_adv, fooled, loss)``: the point kept per example, whether a misclassified
             iterate was found (``early_stop`` or ``final_eval`` only, else all False), and its
             loss (−inf where not evaluated).
         """
-        if x_init is not None:
-            x_adv = x_init.detach().clone()
-        elif self.random_start:
-            x_adv = random_start(x, self.eps, self.norm, self.generator)
-        else:
-            x_adv = x.clone()
+        x_adv = x_init.detach().clone() if x_init is not None else self.start(x)
         fooled = torch.zeros(len(y), dtype=torch.bool, device=x.device)
         loss_out = torch.full((len(y),), float("-inf"), device=x.device)
         track = self.early_stop or final_eval
+        loss_fn = model_loss(self.model, y, self.loss)
+        step = projected_step(x, self.eps, self.step_size, self.norm)
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                logits = self.model(x_adv)
-                loss = attack_loss(logits, y, self.loss)
-                (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-            x_adv = x_adv.detach()
+            it = pgd_iteration(loss_fn, x_adv, step)
             if track:
                 # no `if hit.any()`: it would make the host wait for the device at every step
-                hit = (logits.detach().argmax(1) != y) & ~fooled
+                hit = (it.logits.argmax(1) != y) & ~fooled
                 fooled = fooled | hit
-                loss_out = torch.where(hit, loss.detach().float(), loss_out)
+                loss_out = torch.where(hit, it.loss.float(), loss_out)
                 # frozen examples keep the misclassified iterate
-                grad = grad.masked_fill(fooled.view(-1, *([1] * (x.dim() - 1))), 0)
-                stepped = pgd_step(x_adv, grad, x, self.eps, self.step_size, self.norm)
-                x_adv = torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), x_adv, stepped)
+                x_adv = torch.where(per_example(fooled, x), x_adv, it.x)
             else:
-                x_adv = pgd_step(x_adv, grad, x, self.eps, self.step_size, self.norm)
+                x_adv = it.x
         if final_eval:
             with torch.no_grad():
                 logits = self.model(x_adv)
@@ -223,5 +197,22 @@ class PGD:
             loss_out = torch.where(fooled & ~hit, loss_out, loss.float())
         return x_adv, fooled, loss_out
 
+    def iterates(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Every iterate of every restart, the random starts included: B_adv(x) of the margins.
 
-AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        No early stop (a misclassified iterate is a candidate too). Each gradient is taken in
+        eval mode; between iterates the caller may run the model as it likes.
+
+        Yields:
+            (B, ...) tensors in the eps-ball around x, ``restarts·(steps + 1)`` of them.
+        """
+        x = x.detach()
+        loss_fn = model_loss(self.model, y, self.loss)
+        step = projected_step(x, self.eps, self.step_size, self.norm)
+        for _ in range(self.restarts):
+            x_adv = self.start(x)
+            yield x_adv
+            for _ in range(self.steps):
+                with eval_mode(self.model):
+                    x_adv = pgd_iteration(loss_fn, x_adv, step).x
+                yield x_adv

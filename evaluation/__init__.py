@@ -1,30 +1,62 @@
-"""Robustness evaluation: PGD-K × R with per-example worst case, AutoAttack, reports.
+"""Robustness evaluation (``robust_amo.evaluation``): PGD-K × R, AutoAttack, reports.
 
-The per-example evaluators take tensors and return boolean masks
-(:func:`pgd_robust`, :func:`autoattack_robust`); :func:`evaluate_attacks` runs a list of attacks
-chunk by chunk with a resumable state; :mod:`evaluation.report` reduces the masks to accuracies,
-runs the sanity checks and writes the report. ``robust-amo eval`` lives in
-:mod:`evaluation.commands`. Protocol: docs/evaluation.md.
+The per-example evaluators take tensors and return boolean masks (:func:`pgd_robust`,
+:func:`autoattack_robust`); the registry of evaluation attacks (:mod:`.attacks`) names what
+``--attack`` can run; :func:`evaluate_attacks` runs a list of them chunk by chunk with a
+resumable state; :mod:`.report` reduces the masks to accuracies, runs the sanity checks and
+writes the report; :func:`load_for_analysis` turns any checkpoint into model + examples + threat
+model. ``robust-amo eval`` is :mod:`robust_amo.cli.eval`. Protocol: docs/evaluation.md.
 """
 
+from .attacks import (
+    EVAL_ATTACKS,
+    AutoAttackEval,
+    CleanAccuracy,
+    EvalAttack,
+    EvalOptions,
+    PGDAttack,
+    parse_attack,
+    register_eval_attack,
+)
 from .autoattack_adapter import AutoAttackResult, AutoAttackSettings, autoattack_robust
-from .loading import EvalData, load_eval_data, load_model
+from .loading import (
+    Analysis,
+    EvalData,
+    ThreatModel,
+    load_eval_data,
+    load_for_analysis,
+    load_model,
+    threat_model,
+)
+from .outcome import AttackOutcome, summarize
 from .pgd_eval import PGDResult, PGDSettings, pgd_robust
-from .runner import AttackOutcome, AttackSpec, evaluate_attacks, parse_attack, summarize
+from .runner import evaluate_attacks, large_eps_accuracy, model_digest
 
 __all__ = [
+    "EVAL_ATTACKS",
+    "Analysis",
     "AttackOutcome",
-    "AttackSpec",
+    "AutoAttackEval",
     "AutoAttackResult",
     "AutoAttackSettings",
+    "CleanAccuracy",
+    "EvalAttack",
     "EvalData",
+    "EvalOptions",
+    "PGDAttack",
     "PGDResult",
     "PGDSettings",
+    "ThreatModel",
     "autoattack_robust",
     "evaluate_attacks",
+    "large_eps_accuracy",
     "load_eval_data",
+    "load_for_analysis",
     "load_model",
+    "model_digest",
     "parse_attack",
     "pgd_robust",
+    "register_eval_attack",
     "summarize",
+    "threat_model",
 ]

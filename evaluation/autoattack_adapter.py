@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata as metadata
 import inspect
 import io
 import logging
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from robust_amo.errors import RobustAmoError
+from robust_amo.runtime import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,6 @@ def autoattack_backend(preferred: str | None = None) -> tuple[str, Any]:
 
 def backend_version(name: str, module: Any) -> str:
     """``name version`` for reports."""
-    from importlib import metadata
-
     try:
         return f"{name} {metadata.version(name)}"
     except metadata.PackageNotFoundError:
@@ -268,9 +268,8 @@ def autoattack_robust(
     """
     x, y = x.detach().float(), y.detach()
     dev = x.device
-    was_training = model.training  # read before .eval() below switches the wrapped model too
-    wrapped = LogitsOnly(model).eval()
-    try:
+    with eval_mode(model):
+        wrapped = LogitsOnly(model).eval()
         if state is None:
             with torch.no_grad():
                 clean = wrapped(x).argmax(1) == y
@@ -302,8 +301,6 @@ def autoattack_robust(
             if on_step is not None:
                 on_step(res)
         return res
-    finally:
-        model.train(was_training)
 
 
 def _cuda_devices(dev: torch.device) -> list[int]:

@@ -1,26 +1,36 @@
-"""Loading what an evaluation needs: the model of a checkpoint and the examples to attack.
+"""Loading what an analysis of a checkpoint needs: the model, the examples, the threat model.
 
-:func:`load_model` is the one place that turns a checkpoint path into a model: robust-amo's own
-checkpoints and robustness-library checkpoints of our architectures.
+:func:`load_for_analysis` is the one path from a checkpoint (robust-amo's own, or a
+robustness-library checkpoint of our architectures) to model + examples + threat model, shared by
+``robust-amo eval`` and ``robust-amo margins`` with the same option names (``which``:
+last|best, ``split``: test|val|train, ``eps``/``norm``/``step_size`` defaulting to the training
+attack's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint, resolve_path
+from robust_amo.checkpoint import Which, load_checkpoint, model_from_checkpoint, resolve_path
+from robust_amo.config import AttackLoss, Norm, check_choice, parse_float
+from robust_amo.data import dataset_info, hold_out, load_dataset, take_subset
 from robust_amo.errors import CheckpointError, ConfigError, DataError
+
+Split = Literal["test", "val", "train"]
+"""The examples to analyse: the test split, the run's held-out split, or the training split."""
+# the held-out split of runs written before 0.2.0 was drawn with another seed rule
+FIRST_VERSION_WITH_VAL = (0, 2, 0)
 
 
 def load_model(
     path_or_run_dir: str | Path,
     device: torch.device | str = "cpu",
-    which: str = "checkpoint.pt",
+    which: Which | str = "last",
     *,
     arch: str | None = None,
     dataset: str | None = None,
@@ -34,7 +44,7 @@ def load_model(
     Args:
         path_or_run_dir: a ``.pt`` file or a run folder written by ``robust-amo train``.
         device: where the model goes.
-        which: file inside a run folder: ``checkpoint.pt`` (last epoch) or ``best.pt``.
+        which: checkpoint of a run folder: ``"last"`` (checkpoint.pt) or ``"best"`` (best.pt).
         arch: architecture of a robustness checkpoint (registry name).
         dataset: dataset of a robustness checkpoint.
 
@@ -59,6 +69,7 @@ def load_model(
         "num_classes": ckpt.get("num_classes"),
         "input_shape": ckpt.get("input_shape"),
         "config": ckpt.get("config") or {},
+        "robust_amo_version": ckpt.get("robust_amo_version"),
     }
     return model, meta
 
@@ -77,7 +88,7 @@ class EvalData:
 def load_eval_data(
     meta: dict[str, Any],
     *,
-    split: str = "test",
+    split: Split = "test",
     n_examples: int | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -86,14 +97,13 @@ def load_eval_data(
 
     ``split="val"`` rebuilds the held-out examples of training (same ``train_subset``,
     ``val_size`` and seed as the saved config), so it exists only for runs with
-    ``data.val_size > 0``.
+    ``data.val_size > 0``; ``split="train"`` is the whole training split.
 
     Raises:
         DataError: the dataset cannot be found, or the split is empty.
         CheckpointError: the images do not fit the model (other dataset).
     """
-    from robust_amo.data import dataset_info, hold_out, load_dataset, take_subset
-
+    check_choice("split", split, Split)
     cfg = meta.get("config") or {}
     data_cfg = cfg.get("data") or {}
     name = dataset or meta.get("dataset") or cfg.get("dataset")
@@ -101,30 +111,130 @@ def load_eval_data(
         raise DataError("the checkpoint does not say which dataset it was trained on; pass "
                         "--dataset (and --data-dir)")
     root = data_dir if data_dir is not None else data_cfg.get("data_dir")
+    _check_fits(meta, name)  # before reading any file: the dataset's static facts suffice
     train, test = load_dataset(name, root)
     if split == "test":
         part = test
-    elif split == "val":
+    elif split == "train":
+        part = train
+    else:
         if dataset is not None or int(data_cfg.get("val_size", 0)) <= 0:
             raise DataError("--split val needs the checkpoint's own dataset with a held-out "
                             "part (data.val_size > 0 in training); use --split test")
+        if _version(meta.get("robust_amo_version")) < FIRST_VERSION_WITH_VAL:
+            raise DataError("--split val cannot rebuild the held-out part of a run written by "
+                            f"robust-amo {meta.get('robust_amo_version')} (before 0.2.0 it was "
+                            "drawn differently); use --split test")
         train = take_subset(train, data_cfg.get("train_subset"), int(data_cfg.get("subset_seed",
                                                                                   0)))
         _, part = hold_out(train, int(data_cfg["val_size"]), int(cfg.get("seed", 0)))
-    else:
-        raise ConfigError(f"--split {split!r} is not one of test, val")
     n = len(part) if n_examples is None else min(n_examples, len(part))
     if n <= 0:
         raise DataError(f"no examples to evaluate (split {split} has {len(part)}, asked for "
                         f"{n_examples})")
-    shape = meta.get("input_shape")
-    if shape is not None and tuple(part.x.shape[1:]) != tuple(shape):
-        raise CheckpointError(
-            f"the model expects inputs of shape {tuple(shape)} but {name} images have shape "
-            f"{tuple(part.x.shape[1:])}; evaluate on the dataset the model was trained on")
-    info = dataset_info(name)
-    if meta.get("num_classes") not in (None, info.num_classes):
-        raise CheckpointError(f"the model has {meta['num_classes']} classes but {name} has "
-                              f"{info.num_classes}; evaluate on the dataset it was trained on")
     return EvalData(name, split, None if root is None else str(root),
                     part.x[:n].float().div_(255), part.y[:n].clone())
+
+
+def _check_fits(meta: dict[str, Any], name: str) -> None:
+    """CheckpointError unless dataset ``name``'s images and classes fit the model."""
+    info = dataset_info(name)
+    shape = meta.get("input_shape")
+    if shape is not None and tuple(info.input_shape) != tuple(shape):
+        raise CheckpointError(
+            f"the model expects inputs of shape {tuple(shape)} but {name} images have shape "
+            f"{tuple(info.input_shape)}; pass the --dataset it was trained on")
+    if meta.get("num_classes") not in (None, info.num_classes):
+        raise CheckpointError(f"the model has {meta['num_classes']} classes but {name} has "
+                              f"{info.num_classes}; pass the --dataset it was trained on")
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    """``"0.2.0"`` -> (0, 2, 0); unknown or unreadable -> (0,)."""
+    try:
+        return tuple(int(p) for p in str(text).split(".")[:3])
+    except ValueError:
+        return (0,)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The attack settings an analysis uses, from the options and the training attack.
+
+    Attributes:
+        eps: radius in [0, 1] pixel units. norm: ``"linf"`` or ``"l2"``.
+        step_size: the step given, else the training attack's, else eps / 4.
+        loss: the training attack's loss (``"ce"`` unless it used ``"cw"``).
+    """
+
+    eps: float
+    norm: Norm
+    step_size: float
+    loss: AttackLoss
+
+
+def threat_model(
+    meta: dict[str, Any],
+    *,
+    eps: str | float | None = None,
+    norm: Norm | None = None,
+    step_size: str | float | None = None,
+) -> ThreatModel:
+    """Resolve the threat model: each value given wins, else the checkpoint's training attack.
+
+    Raises:
+        ConfigError: a bad number, or a norm other than the training norm without an eps.
+    """
+    train_attack = (meta.get("config") or {}).get("attack") or {}
+    train_norm = train_attack.get("norm", "linf")
+    e = parse_float(eps if eps is not None else train_attack.get("eps", 8 / 255), "--eps")
+    n = norm or train_norm
+    if eps is None and n != train_norm:
+        raise ConfigError(f"--norm {n} differs from the training norm {train_norm}: give --eps "
+                          "for it too")
+    if step_size is not None:
+        step = parse_float(step_size, "--step-size")
+    else:
+        step = float(train_attack.get("step_size", e / 4))
+    if not (0 <= e < float("inf")) or not (step > 0 if step_size is not None else step >= 0):
+        raise ConfigError(f"--eps must be a finite number >= 0 and --step-size > 0, got {e} "
+                          f"and {step}")
+    return ThreatModel(e, n, step, train_attack.get("loss", "ce"))
+
+
+@dataclass
+class Analysis:
+    """A checkpoint ready to analyse: the model (eval mode), its metadata, the examples, the
+    threat model."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    data: EvalData
+    threat: ThreatModel
+
+
+def load_for_analysis(
+    checkpoint: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    which: Which = "last",
+    arch: str | None = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    split: Split = "test",
+    n_examples: int | None = None,
+    eps: str | float | None = None,
+    norm: Norm | None = None,
+    step_size: str | float | None = None,
+) -> Analysis:
+    """Model, examples and threat model of a checkpoint: what ``eval`` and ``margins`` start
+    from (:func:`load_model`, :func:`load_eval_data`, :func:`threat_model`).
+
+    Raises:
+        CheckpointError, DataError, ConfigError: with the fix in the message.
+    """
+    model, meta = load_model(checkpoint, device, which=which, arch=arch, dataset=dataset)
+    threat = threat_model(meta, eps=eps, norm=norm, step_size=step_size)
+    data = load_eval_data(meta, split=split, n_examples=n_examples, dataset=dataset,
+                          data_dir=data_dir)
+    return Analysis(model, meta, data, threat)

@@ -1,12 +1,16 @@
-"""PGD-K × R evaluation with the per-example worst case over restarts (paper F.2, ALGORITHMS.md).
+"""PGD-K × R evaluation with the per-example worst case over restarts (paper F.2;
+docs/algorithms.md, "Evaluation").
 
 An example is robust only if it is classified correctly and no iterate of any restart (the random
 start, every intermediate point, the final point) is misclassified. Restart r runs only on the
 examples still robust after restart r − 1, so the cost falls as examples break; within a restart,
-``attacks.PGD`` with ``early_stop=True`` freezes an example at its first misclassified iterate.
+``PGD`` with ``early_stop=True`` freezes an example at its first misclassified iterate; the
+worst case over restarts is :meth:`robust_amo.attacks.PGD.worst_case`, the same code as PGD's own
+restarts.
 
 Randomness: the random start of example ``i`` in restart ``r`` is drawn from a CPU generator
-seeded with ``(seed, i, r)``, where ``i`` is the example's global index in the evaluation set.
+seeded with ``derive_seed(seed, "pgd-eval", i, r)``, where ``i`` is the example's global index
+in the evaluation set.
 The result of an example therefore does not depend on the batch it lands in, on the batch size
 or on how examples are sharded across processes (up to floating-point differences of batched
 kernels).
@@ -15,17 +19,16 @@ kernels).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from robust_amo.attacks import PGD, random_start
+from robust_amo.attacks.core import check_threat_model
 from torch import nn
 
-from attacks import PGD
-from attacks.pgd import LOSSES, NORMS, random_start
-
-_MASK63 = (1 << 63) - 1
+from robust_amo.config import AttackLoss, Norm
+from robust_amo.runtime import Amp, derive_seed, eval_mode
 
 
 @dataclass(frozen=True)
@@ -49,20 +52,16 @@ class PGDSettings:
     step_size: float
     steps: int
     restarts: int = 1
-    norm: str = "linf"
-    loss: str = "ce"
+    norm: Norm = "linf"
+    loss: AttackLoss = "ce"
     random_start: bool = True
     seed: int = 0
     early_exit: bool = True
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown attack loss {self.loss!r}; choose one of {LOSSES}")
-        if self.eps < 0 or self.step_size < 0 or self.steps < 0 or self.restarts < 1:
-            raise ValueError("PGD evaluation needs eps >= 0, step_size >= 0, steps >= 0 and "
-                             "restarts >= 1")
+        check_threat_model(self.eps, self.step_size, self.steps, self.norm, self.loss)
+        if self.restarts < 1:
+            raise ValueError(f"PGD evaluation needs restarts >= 1, got {self.restarts}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for reports and state files."""
@@ -77,8 +76,8 @@ class PGDResult:
         clean: (B,) bool, classified correctly without attack.
         robust: (B,) bool, correct at every iterate of every restart.
         after_restart: (R, B) bool, ``robust`` after restarts 1..r (non-increasing in r).
-        x_adv: (B, ...) the misclassified iterate for broken examples, else the final iterate of
-            the last restart run (the clean input for examples misclassified clean).
+        x_adv: (B, ...) the first misclassified iterate for broken examples, else the final
+            iterate of highest loss (the clean input for examples misclassified clean).
     """
 
     clean: torch.Tensor
@@ -88,10 +87,8 @@ class PGDResult:
 
 
 def example_seed(seed: int, index: int, restart: int) -> int:
-    """The generator seed of example ``index`` in restart ``restart`` (a 63-bit mix)."""
-    h = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + restart * 0x94D049BB133111EB)
-    h ^= h >> 31
-    return (h * 0xD6E8FEB86659FD93) & _MASK63
+    """The generator seed of example ``index`` in restart ``restart``."""
+    return derive_seed(seed, "pgd-eval", index, restart)
 
 
 def restart_starts(
@@ -119,7 +116,7 @@ def pgd_robust(
     y: torch.Tensor,
     index: torch.Tensor,
     settings: PGDSettings,
-    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    amp: Amp = contextlib.nullcontext,
 ) -> PGDResult:
     """PGD-``steps`` × ``restarts`` on one batch; the per-example worst case over restarts.
 
@@ -138,29 +135,17 @@ def pgd_robust(
     """
     x, y = x.detach(), y.detach()
     index = index.to("cpu")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad(), amp():
             clean = model(x).argmax(1) == y
         attack = PGD(model, settings.eps, settings.step_size, settings.steps, settings.norm,
-                     random_start=False, restarts=1, loss=settings.loss, early_stop=True)
-        robust = clean.clone()
-        x_adv = x.clone()
-        curve = []
-        for r in range(settings.restarts):
-            todo = robust if settings.early_exit else clean
-            active = todo.nonzero().squeeze(1)
-            if active.numel() > 0:
-                start = restart_starts(x[active], index[active.cpu()], settings, r)
-                with amp():
-                    xa, fooled, _ = attack.run_once(x[active], y[active], final_eval=True,
-                                                    x_init=start)
-                # once broken, an example stays broken and keeps its first fooling point
-                take = robust[active]
-                x_adv[active[take]] = xa[take].to(x_adv.dtype)
-                robust[active] &= ~fooled
-            curve.append(robust.clone())
-        return PGDResult(clean, robust, torch.stack(curve), x_adv)
-    finally:
-        model.train(was_training)
+                     random_start=False, restarts=settings.restarts, loss=settings.loss,
+                     early_stop=True)
+
+        def start(active: torch.Tensor, r: int) -> torch.Tensor:
+            return restart_starts(x[active], index[active.cpu()], settings, r)
+
+        with amp():
+            wc = attack.worst_case(x, y, start=start, attacked=clean,
+                                   early_exit=settings.early_exit)
+        return PGDResult(clean, clean & ~wc.fooled, clean & ~wc.after_restart, wc.x_adv)

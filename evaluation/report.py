@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .runner import AttackOutcome, summarize
+from .outcome import AttackOutcome, summarize
 
 SCHEMA = "robust-amo-eval/1"
 REQUIRED_KEYS = (

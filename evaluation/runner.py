@@ -1,123 +1,45 @@
 """Running a list of attacks over an evaluation set in chunks, with a resumable state file.
 
 The evaluation set (n examples) is cut into chunks of ``batch_size`` consecutive examples; chunk c
-holds global indices ``[c·B, (c+1)·B)``. Each attack computes per-example boolean masks chunk by
-chunk (:func:`evaluation.pgd_eval.pgd_robust`, :func:`evaluation.autoattack_adapter.
-autoattack_robust`); the reduction to accuracies is separate (:func:`summarize`), so chunks could
+holds global indices ``[c·B, (c+1)·B)``. Each attack (an :class:`~robust_amo.evaluation.attacks.
+EvalAttack` of the registry) computes per-example boolean masks chunk by chunk; the reduction to
+accuracies is separate (:func:`~robust_amo.evaluation.outcome.summarize`), so chunks could
 as well be spread over processes and their masks gathered. After every chunk (and, for
 AutoAttack, after every attack of a chunk) the masks are written atomically to the state file; a
 killed run started again with ``resume=True`` skips what is there and ends with the masks an
 uninterrupted run gives.
 
 Under torchrun each rank attacks its share of the chunks and the masks are gathered, so every
-rank ends with the single-process result (evaluation/sharding.py).
+rank ends with the single-process result (:mod:`robust_amo.evaluation.sharding`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from robust_amo.checkpoint import atomic_save
-from robust_amo.errors import CheckpointError, ConfigError, RobustAmoError
+from robust_amo.checkpoint import atomic_save, read_file
+from robust_amo.config import Norm
+from robust_amo.errors import CheckpointError, RobustAmoError
+from robust_amo.runtime import amp_factory
 
 from . import sharding
-from .autoattack_adapter import AutoAttackSettings, autoattack_robust
+from .attacks import EvalAttack
+from .outcome import AttackOutcome
 from .pgd_eval import PGDSettings, pgd_robust
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "robust-amo-eval-state"
-PGD_DEFAULT_RESTARTS = {50: 10}
-AA_VERSIONS = {"autoattack": "standard", "autoattack-plus": "plus", "autoattack-rand": "rand",
-               "autoattack-custom": "custom"}
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """One entry of ``--attack``: its name, kind and settings."""
-
-    name: str
-    kind: str  # "clean" | "pgd" | "autoattack"
-    pgd: PGDSettings | None = None
-    aa: AutoAttackSettings | None = None
-
-    def settings(self) -> dict[str, Any]:
-        """The settings as a plain dict (report and state)."""
-        if self.pgd is not None:
-            return self.pgd.to_dict()
-        if self.aa is not None:
-            return self.aa.to_dict()
-        return {}
-
-
-def parse_attack(
-    name: str,
-    *,
-    eps: float,
-    norm: str = "linf",
-    step_size: float | None = None,
-    restarts: int | None = None,
-    loss: str = "ce",
-    seed: int = 0,
-    aa_attacks: tuple[str, ...] = (),
-    aa_backend: str | None = None,
-) -> AttackSpec:
-    """An :class:`AttackSpec` from a name such as ``clean``, ``pgd20``, ``pgd50``, ``autoattack``.
-
-    ``pgdK`` is K steps of size ``step_size`` (default eps / 4, i.e. 2/255 at 8/255) with
-    ``restarts`` random restarts (default 10 for pgd50 as in paper F.2, else 1).
-    ``autoattack``/``autoattack-plus``/``autoattack-rand`` are AutoAttack's versions and
-    ``autoattack-custom`` runs ``aa_attacks``.
-
-    Raises:
-        ConfigError: an unknown name or bad values.
-    """
-    key = name.strip().lower()
-    if key == "clean":
-        return AttackSpec("clean", "clean")
-    m = re.fullmatch(r"pgd(\d+)", key)
-    try:
-        if m:
-            steps = int(m.group(1))
-            r = restarts if restarts is not None else PGD_DEFAULT_RESTARTS.get(steps, 1)
-            alpha = step_size if step_size is not None else eps / 4
-            return AttackSpec(key, "pgd", pgd=PGDSettings(eps, alpha, steps, r, norm, loss,
-                                                          seed=seed))
-        if key in AA_VERSIONS:
-            version = AA_VERSIONS[key]
-            attacks = tuple(aa_attacks) if version == "custom" else ()
-            return AttackSpec(key, "autoattack", aa=AutoAttackSettings(
-                eps, norm, version, attacks, seed, aa_backend))
-    except ValueError as e:
-        raise ConfigError(f"--attack {name}: {e}") from None
-    raise ConfigError(f"unknown attack {name!r}; use clean, pgdK (e.g. pgd20, pgd50), "
-                      f"{', '.join(AA_VERSIONS)}")
-
-
-@dataclass
-class AttackOutcome:
-    """Masks and figures of one attack over the whole evaluation set (n examples)."""
-
-    spec: AttackSpec
-    clean: torch.Tensor  # (n,) bool
-    robust: torch.Tensor  # (n,) bool
-    steps: dict[str, torch.Tensor] = field(default_factory=dict)  # curve points -> (n,) masks
-    warnings: list[str] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    resumed_chunks: int = 0
-    backend: str | None = None
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -149,8 +71,8 @@ class EvalState:
             log.info("ignoring the earlier evaluation state %s (no --resume)", path)
             return
         try:
-            old = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            old = read_file(path)
+        except CheckpointError as e:
             raise CheckpointError(f"evaluation state {path} is unreadable ({e}); delete it and "
                                   "run again without --resume") from None
         if not isinstance(old, dict) or old.get("format") != STATE_FORMAT:
@@ -163,7 +85,7 @@ class EvalState:
         self.data = old
         log.info("resuming the evaluation from %s", path)
 
-    def attack(self, spec: AttackSpec) -> dict[int, Any]:
+    def attack(self, spec: EvalAttack) -> dict[int, Any]:
         """The chunk entries of ``spec`` (dropped if its settings changed)."""
         entry = self.data["attacks"].get(spec.name)
         if entry is None or entry["settings"] != spec.settings():
@@ -181,17 +103,11 @@ def chunks(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def _amp(device: torch.device, bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
-    from robust_amo.train import autocast
-
-    return lambda: autocast(device, bf16)
-
-
 def evaluate_attacks(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    specs: list[AttackSpec],
+    specs: list[EvalAttack],
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
@@ -217,14 +133,12 @@ def evaluate_attacks(
         fingerprint: extra identity of the run stored in (and checked against) the state.
         interrupt: test hook called as ``interrupt(attack, chunk)`` after each saved step.
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     n = len(y)
     fp = {"model": model_digest(model), "data": tensor_digest(x, y), "n": n,
           "batch_size": batch_size, **(fingerprint or {})}
     state = EvalState(sharding.state_file(state_path), fp, resume)
-    amp = _amp(device, bf16)
+    amp = amp_factory(device, bf16)
     outcomes = []
     for spec in specs:
         done = state.attack(spec)
@@ -236,40 +150,21 @@ def evaluate_attacks(
             entry = done.get(c)
             if entry is not None and entry.get("finished"):
                 continue
-            xb, yb = x[sl].to(device), y[sl].to(device)
             spent = entry.get("time", 0.0) if entry is not None else 0.0
             t0 = time.perf_counter()
-            if spec.kind == "clean":
-                with torch.no_grad(), amp():
-                    was = model.training
-                    model.eval()
-                    try:
-                        ok = (model(xb).argmax(1) == yb).cpu()
-                    finally:
-                        model.train(was)
-                done[c] = {"clean": ok, "robust": ok, "steps": {}, "finished": True}
-            elif spec.kind == "pgd":
-                idx = torch.arange(sl.start, sl.stop)
-                r = pgd_robust(model, xb, yb, idx, spec.pgd, amp)
-                done[c] = {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
-                           "steps": {f"restart {i + 1}": m.cpu()
-                                     for i, m in enumerate(r.after_restart)},
-                           "finished": True}
-            else:
-                prev = entry.get("aa") if entry is not None else None
 
-                def save_step(res, c=c, spent=spent, t0=t0, name=spec.name, done=done):
-                    done[c] = {"aa": res.state(), "time": spent + time.perf_counter() - t0,
-                               "finished": False}
-                    state.save()
-                    if interrupt is not None:
-                        interrupt(name, c)
+            def save_partial(part: dict[str, Any], c: int = c, spent: float = spent,
+                             t0: float = t0, name: str = spec.name,
+                             done: dict[int, Any] = done) -> None:
+                done[c] = {**part, "time": spent + time.perf_counter() - t0, "finished": False}
+                state.save()
+                if interrupt is not None:
+                    interrupt(name, c)
 
-                r = autoattack_robust(model, xb, yb, spec.aa, state=prev, on_step=save_step)
-                done[c] = {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
-                           "steps": {k: v.cpu() for k, v in r.after_attack.items()},
-                           "warnings": r.warnings, "finished": True}
-            done[c]["time"] = spent + time.perf_counter() - t0
+            done[c] = spec.run_chunk(model, x[sl].to(device), y[sl].to(device),
+                                     torch.arange(sl.start, sl.stop), amp=amp, partial=entry,
+                                     save_partial=save_partial)
+            done[c].update(finished=True, time=spent + time.perf_counter() - t0)
             state.save()
             if interrupt is not None:
                 interrupt(spec.name, c)
@@ -278,7 +173,7 @@ def evaluate_attacks(
     return outcomes
 
 
-def _collect(spec: AttackSpec, entries: list[dict[str, Any]], resumed: int) -> AttackOutcome:
+def _collect(spec: EvalAttack, entries: list[dict[str, Any]], resumed: int) -> AttackOutcome:
     none = [torch.zeros(0, dtype=torch.bool)]  # a rank may get no chunk
     clean = torch.cat([e["clean"] for e in entries] or none)
     robust = torch.cat([e["robust"] for e in entries] or none)
@@ -289,31 +184,15 @@ def _collect(spec: AttackSpec, entries: list[dict[str, Any]], resumed: int) -> A
         for w in e.get("warnings", []):
             if w not in warns:
                 warns.append(w)
-    backend = None
-    if spec.kind == "autoattack":
-        from .autoattack_adapter import autoattack_backend, backend_version
-
-        backend = backend_version(*autoattack_backend(spec.aa.backend))
     return AttackOutcome(spec, clean, robust, steps, warns,
-                         sum(e.get("time", 0.0) for e in entries), resumed, backend)
-
-
-def summarize(outcome: AttackOutcome) -> dict[str, Any]:
-    """Accuracies of one attack from its masks (the reduction step)."""
-    n = max(len(outcome.robust), 1)
-    return {
-        "clean_accuracy": outcome.clean.float().sum().item() / n,
-        "robust_accuracy": outcome.robust.float().sum().item() / n,
-        "n_robust": int(outcome.robust.sum()),
-        "curve": {k: m.float().sum().item() / n for k, m in outcome.steps.items()},
-    }
+                         sum(e.get("time", 0.0) for e in entries), resumed, spec.backend())
 
 
 def large_eps_accuracy(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    norm: str,
+    norm: Norm,
     *,
     n_max: int = 200,
     batch_size: int = 256,

@@ -1,24 +1,23 @@
 """``robust-amo eval`` across the ranks of a torchrun job: whole chunks per rank, masks gathered.
 
 The runner cuts the evaluation set into chunks of ``batch_size`` consecutive examples; under
-torchrun chunk c is attacked by rank ``c % world_size`` (``robust_amo.distributed
-.shard_batches``). Every attack keys its randomness by the example's global index and sees the
-same chunk as in a single-process run, so each rank computes exactly the masks one process would
-for its chunks; :func:`gather_outcome` puts the per-example masks of all ranks together (a sum of
-disjoint scatters: exact), so every rank ends with the full, single-process result.
+torchrun chunk c is attacked by rank ``c % world_size``
+(``robust_amo.distributed.shard_batches``). Every attack keys its randomness by the example's
+global index and sees the same chunk as in a single-process run, so each rank computes exactly
+the masks one process would for its chunks; :func:`gather_outcome` puts the per-example masks
+of all ranks together (a sum of disjoint scatters: exact), so every rank ends with the full,
+single-process result.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from robust_amo import distributed
 
-if TYPE_CHECKING:
-    from .runner import AttackOutcome
+from .outcome import AttackOutcome
 
 
 def state_file(path: str | Path | None) -> Path | None:

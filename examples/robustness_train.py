@@ -1,7 +1,7 @@
 """Robust AMO (and optionally Jacobian-LM) training inside MadryLab's robustness.train.train_model.
 
 A complete script in robustness's own workflow: a robustness dataset, ``make_and_restore_model``
-(here robust-amo's :func:`~robust_amo.robustness_plugin.make_model`, which builds the
+(here robust-amo's :func:`~robust_amo.integrations.robustness.make_model`, which builds the
 ``RobustAMOAttackerModel``), a ``cox.utils.Parameters`` argument object filled with robustness's
 defaults, and ``train_model``. robustness's loop calls ``.cuda()``, so this needs a CUDA device.
 
@@ -32,7 +32,7 @@ import torch
 # isort: off
 # the plugin must come before any robustness.datasets/robustness.train import (it installs the
 # torchvision.models.utils alias robustness 1.2.1 needs)
-from robust_amo import robustness_plugin as rp
+from robust_amo.integrations import robustness as rp
 from cox.utils import Parameters
 from robustness import defaults
 from robustness.datasets import CIFAR

@@ -1,13 +1,13 @@
 """robust-amo: all-layer margin optimisation and Jacobian large-margin training for PyTorch.
 
 Importing this package is cheap: it never imports MadryLab's ``robustness`` (only
-:mod:`robust_amo.robustness_plugin` does).
+:mod:`robust_amo.integrations.robustness` does). The layers and where each algorithm lives:
+docs/architecture.md.
 """
 
 from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, UnknownModelError
 from .models import RobustModel, create_model, list_models, register_model
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CheckpointError",

@@ -2,7 +2,13 @@
 
 Unknown keys and values of the wrong type are :class:`ConfigError`\\ s naming the key. Floats may
 be written as fractions (``eps: 8/255``), parsed with :class:`fractions.Fraction`, never ``eval``.
-Command-line flags override the file, and the resolved config is saved beside the run.
+Options with a closed set of values are ``Literal`` types, checked here and only here
+(:func:`check_choice`, also for the attacks' and methods' constructors). Command-line flags
+override the file, and the resolved config is saved beside the run.
+
+This module knows the schema, not the registries: whether ``arch``, ``dataset`` and the method's
+options exist is checked by :func:`robust_amo.train.resolve`, which builds on
+:func:`load_config`.
 """
 
 from __future__ import annotations
@@ -14,11 +20,44 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError
+
+Norm = Literal["linf", "l2"]
+"""Threat model of an input attack: L∞ or L2 ball."""
+AttackLoss = Literal["ce", "cw"]
+"""Loss an attack ascends: cross-entropy or the CW margin max_{j≠y} z_j − z_y."""
+DeltaGrad = Literal["mean", "sum"]
+"""(Robust) AMO δ step from ∇δ of the batch-mean loss or of the batch-sum loss."""
+Schedule = Literal["multistep", "cosine", "constant"]
+EvalSplit = Literal["auto", "val", "test"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def choices(tp: Any) -> tuple[Any, ...]:
+    """The values of a ``Literal`` type (``None`` included for ``Literal[...] | None``)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(v for a in typing.get_args(tp) for v in
+                     (choices(a) if a is not type(None) else (None,)))
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{tp!r} is not a Literal type")
+    return typing.get_args(tp)
+
+
+def check_choice(key: str, value: Any, tp: Any) -> Any:
+    """``value`` if it is one of the ``Literal`` type ``tp``'s values, else a ConfigError.
+
+    The one check of closed option sets: the config loader, the attacks' and the methods'
+    constructors all call it, so the message is the same everywhere.
+    """
+    allowed = choices(tp)
+    if not isinstance(value, (str, type(None))) or value not in allowed:
+        shown = ", ".join(str(a) for a in allowed if a is not None)
+        raise ConfigError(f"{key}: {value!r} is not one of {shown}")
+    return value
 
 
 def parse_float(value: Any, key: str = "value") -> float:
@@ -60,7 +99,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "multistep"
+    schedule: Schedule = "multistep"
     milestones: list[int] = field(default_factory=list)
     gamma: float | list[float] = 0.1
     warmup_epochs: int = 0
@@ -69,14 +108,14 @@ class OptimConfig:
 
 @dataclass
 class AttackConfig:
-    """The PGD threat model used for adversarial training (ALGORITHMS.md defaults: CIFAR F.2)."""
+    """The PGD threat model of adversarial training (defaults: CIFAR-10, Wei & Ma F.2)."""
 
-    norm: str = "linf"
+    norm: Norm = "linf"
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
     random_start: bool = True
-    loss: str = "ce"
+    loss: AttackLoss = "ce"
 
 
 @dataclass
@@ -89,7 +128,7 @@ class EvalConfig:
 
     every: int = 1
     examples: int = 1000
-    split: str = "auto"
+    split: EvalSplit = "auto"
     steps: int = 10
     restarts: int = 1
     step_size: float | None = None
@@ -112,7 +151,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     compile: bool = False
     compile_backend: str = "inductor"
-    compile_mode: str | None = None
+    compile_mode: CompileMode | None = None
     out: str = "runs/default"
     log_every: int = 50
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +169,8 @@ class TrainConfig:
 def _check(value: Any, tp: Any, key: str) -> Any:
     """Validate (and lightly coerce) ``value`` against the annotation ``tp``."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return check_choice(key, value, tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -234,10 +275,14 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
-def resolve(
+def load_config(
     config_file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None
 ) -> TrainConfig:
-    """Defaults, then the YAML file, then each override mapping in order."""
+    """Defaults, then the YAML file, then each override mapping in order; schema-checked.
+
+    Use :func:`robust_amo.train.resolve` to also check the architecture, dataset and method
+    options against their registries (what the CLI does).
+    """
     data: dict[str, Any] = load_yaml(config_file) if config_file else {}
     for o in overrides or []:
         data = merge(data, o)
@@ -247,30 +292,14 @@ def resolve(
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks with messages naming the key and the allowed values."""
-    from .data import normalize_dataset_name
-    from .errors import DataError, UnknownModelError
-    from .models import is_registered, list_models
+    """Cross-field and range checks with messages naming the key and the allowed values.
 
-    if not is_registered(cfg.arch):
-        raise UnknownModelError(
-            f"arch: unknown architecture {cfg.arch!r}; known architectures: "
-            f"{', '.join(list_models())} (see `robust-amo archs`)"
-        )
-    try:
-        normalize_dataset_name(cfg.dataset)
-    except DataError as e:
-        raise ConfigError(f"dataset: {e}") from None
-    choices = {
-        "attack.norm": (cfg.attack.norm, ("linf", "l2")),
-        "attack.loss": (cfg.attack.loss, ("ce", "cw")),
-        "optim.schedule": (cfg.optim.schedule, ("multistep", "cosine", "constant")),
-        "device": (cfg.device.split(":")[0], ("auto", "cpu", "cuda")),
-        "eval.split": (cfg.eval.split, ("auto", "val", "test")),
-    }
-    for key, (v, allowed) in choices.items():
-        if v not in allowed:
-            raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
+    Closed sets of values are checked while the dataclasses are built (``Literal`` fields);
+    the names that registries hold (``arch``, ``dataset``, ``method``) are checked by
+    :func:`robust_amo.train.resolve`.
+    """
+    if cfg.device.split(":")[0] not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "log_every": cfg.log_every,
                 "eval.batch_size": cfg.eval.batch_size, "eval.every": cfg.eval.every}
     for key, v in positive.items():
@@ -293,10 +322,6 @@ def validate(cfg: TrainConfig) -> None:
             f"optim.gamma: a list needs one factor per milestone, got {len(cfg.optim.gamma)} "
             f"factors for {len(cfg.optim.milestones)} milestones"
         )
-    modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    if cfg.compile_mode not in modes:
-        raise ConfigError(f"compile_mode: {cfg.compile_mode!r} is not one of "
-                          f"{', '.join(m for m in modes if m)} (or leave it unset)")
     if cfg.eval.split == "val" and cfg.data.val_size <= 0:
         raise ConfigError("eval.split: val needs data.val_size > 0")
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .runtime import derive_seed, to_device
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _to_nchw(x: np.ndarray) -> torch.Tensor:
 
 
 def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # only the JPEG copy of CIFAR-10 needs it
 
     b = buf.tobytes()
     return np.stack(
@@ -138,7 +139,7 @@ def _load_npz(path: Path) -> tuple[Split, Split]:
 
 
 def _load_digits() -> tuple[Split, Split]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # slow to import; only `digits` needs it
 
     d = load_digits()
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
@@ -152,7 +153,7 @@ def _load_digits() -> tuple[Split, Split]:
 
 
 def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # slow to import; only its folder layout needs it
 
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST,
            "fashion-mnist": tvd.FashionMNIST}[name]
@@ -225,7 +226,7 @@ def take_subset(split: Split, size: int | None, seed: int) -> Split:
         return split
     if size <= 0:
         raise DataError(f"train_subset must be positive, got {size}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(derive_seed(seed, "subset"))
     return split.subset(torch.randperm(len(split), generator=g)[:size])
 
 
@@ -235,7 +236,7 @@ def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split]:
         return split, Split(split.x[:0], split.y[:0])
     if size >= len(split):
         raise DataError(f"val_size {size} leaves no training data ({len(split)} examples)")
-    g = torch.Generator().manual_seed(seed + 7919)
+    g = torch.Generator().manual_seed(derive_seed(seed, "hold-out"))
     perm = torch.randperm(len(split), generator=g)
     return split.subset(perm[size:]), split.subset(perm[:size])
 
@@ -268,17 +269,6 @@ def augment(
     bi = torch.arange(b, device=x.device).view(b, 1, 1)
     out = xp.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small CPU tensor to ``device`` without making the host wait for the GPU.
-
-    A plain ``.to("cuda")`` from pageable memory synchronises the stream, which would stall the
-    training loop once per batch; a pinned staging copy with ``non_blocking=True`` does not.
-    """
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Loader:
@@ -337,7 +327,7 @@ class Loader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "loader", self.epoch))
         idx = self._indices(g).to(self.x.device)
         for i in range(len(self)):
             j = idx[i * self.batch_size : (i + 1) * self.batch_size]

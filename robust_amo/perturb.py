@@ -2,19 +2,23 @@
 
 Inside ``with perturb(model) as p:`` every perturbation point j declared by the model computes
 h_j ← h_j + ‖h_j‖₂ · δ_j, where ‖h_j‖₂ is the L2 norm of each example's whole activation
-(flattened) and stays in the autograd graph (ALGORITHMS.md, "Perturbation points"). The
+(flattened) and stays in the autograd graph (docs/algorithms.md, "Perturbation points"). The
 architectures stay plain: nothing changes once the context exits, also on error.
 
 δ_j has the shape of h_j (channels_last preserved), is kept in float32 even when the forward runs
 under bf16 autocast (float64 for a float64 model), and is created zero-filled and requiring grad at
 the first forward unless given. With every δ_j = 0 the perturbed forward equals the plain forward
 exactly.
+
+:func:`delta_step` is the one update of δ that robust AMO, clean AMO, the margin estimates and
+the robustness integration share: δ_j ← shrink·δ_j + step·∇δ_j.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +32,44 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def example_norm(h: torch.Tensor) -> torch.Tensor:
     """‖h‖₂ per example over all non-batch dimensions, in float32 or wider: (B,)."""
     return torch.linalg.vector_norm(h.to(_work_dtype(h.dtype)), dim=tuple(range(1, h.dim())))
+
+
+def concat_norm(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖(t_1, …, t_P)‖₂ per example over all tensors concatenated, float32 or wider: (B,)."""
+    return torch.stack([example_norm(t) ** 2 for t in ts]).sum(0).sqrt()
+
+
+def delta_step(
+    deltas: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    step: float | torch.Tensor,
+    shrink: float = 1.0,
+    *,
+    requires_grad: bool = True,
+) -> list[torch.Tensor]:
+    """The δ ascent step δ_j ← shrink·δ_j + step·∇δ_j at every perturbation point j.
+
+    Robust AMO: shrink ρ, step η_δ (docs/algorithms.md, "Robust AMO"); clean AMO: shrink
+    1 − η_p·λ, step η_p ("Clean AMO"); the all-layer margin search: shrink 1 and a per-example
+    normalised step before its projection ("All-layer margin").
+
+    Args:
+        deltas: the current δ_j (any of them may require grad; they are detached).
+        grads: ∇δ_j of the loss, one per point.
+        step: a number, or a per-example (B,) tensor broadcast over each δ_j.
+        shrink: the factor applied to δ first (default 1).
+        requires_grad: the new δ's are leaves that require grad (default), ready for the next
+            forward of the perturbed model.
+
+    Returns:
+        the new δ's, computed without building a graph.
+    """
+    out = []
+    with torch.no_grad():
+        for d, g in zip(deltas, grads, strict=True):
+            s: Any = step.view(-1, *([1] * (g.dim() - 1))) if torch.is_tensor(step) else step
+            out.append((shrink * d.detach() + s * g).requires_grad_(requires_grad))
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -77,8 +119,7 @@ class Perturbation:
 
     def norm(self) -> torch.Tensor:
         """‖δ‖₂ per example over all points concatenated: (B,)."""
-        sq = [example_norm(d) ** 2 for d in self.deltas if d is not None]
-        return torch.stack(sq).sum(0).sqrt()
+        return concat_norm([d for d in self.deltas if d is not None])
 
     def _hook(self, j: int):
         def hook(module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,12 @@
 epoch: one pass over the shuffled (and augmented) training set, a clean and PGD accuracy check on
 held-out examples, one JSON line of metrics, and an atomic checkpoint. A killed run restarts with
 ``resume=True`` from its last checkpoint and ends with the weights an uninterrupted run would have:
-every epoch's batch order, augmentation and attack starts depend only on ``(seed, epoch)``.
+every epoch's batch order, augmentation and attack starts depend only on ``(seed, epoch)``
+(each stream seeded through :func:`robust_amo.runtime.derive_seed`).
+
+:func:`resolve` turns a YAML file and overrides into a checked :class:`TrainConfig`: the schema
+(:func:`robust_amo.config.load_config`) and the names its registries hold (architecture,
+dataset, method options).
 """
 
 from __future__ import annotations
@@ -20,39 +25,58 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from attacks import PGD
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
 from . import distributed
+from .attacks import PGD, AttackFn
 from .compiled import CompiledModel, probe
-from .config import TrainConfig, save_yaml
-from .data import Loader, dataset_info, hold_out, load_dataset, take_subset
-from .errors import CheckpointError, ConfigError, RobustAmoError
-from .models import create_model
-from .objectives import build_objective, method_options
+from .config import TrainConfig, load_config, save_yaml
+from .data import Loader, dataset_info, hold_out, load_dataset, normalize_dataset_name, take_subset
+from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, UnknownModelError
+from .methods import build_objective, method_options, method_spec
+from .models import create_model, is_registered, list_models
+from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RobustAmoError("--device cuda was asked for but no CUDA device is available; "
-                             "use --device cpu")
-    return dev
+def resolve(
+    config_file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file, then each override mapping in order; fully checked.
+
+    Args:
+        config_file: a YAML file (``configs/*.yaml``) or None for the defaults.
+        overrides: mappings merged on top in order (the CLI's flags and ``--set``).
+
+    Raises:
+        ConfigError, UnknownModelError: naming the key and the allowed values.
+    """
+    cfg = load_config(config_file, overrides)
+    check_names(cfg)
+    return cfg
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def check_names(cfg: TrainConfig) -> None:
+    """The config's architecture, dataset and method (with its options) exist.
+
+    Raises:
+        UnknownModelError: an unknown ``arch`` (the message lists the known ones).
+        ConfigError: an unknown ``dataset`` or ``method``, or bad ``method_args``.
+    """
+    if not is_registered(cfg.arch):
+        raise UnknownModelError(
+            f"arch: unknown architecture {cfg.arch!r}; known architectures: "
+            f"{', '.join(list_models())} (see `robust-amo archs`)"
+        )
+    try:
+        normalize_dataset_name(cfg.dataset)
+    except DataError as e:
+        raise ConfigError(f"dataset: {e}") from None
+    method_options(cfg)
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -78,7 +102,8 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
+                   ) -> torch.optim.SGD:
     """SGD with momentum/Nesterov; weight decay on every parameter (as in the papers' code)."""
     o = cfg.optim
     kw: dict[str, Any] = {}
@@ -97,8 +122,8 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-    amp: Any = contextlib.nullcontext,
+    attack: AttackFn | None,
+    amp: Amp = contextlib.nullcontext,
     *,
     reduce_ranks: bool = False,
 ) -> dict[str, float]:
@@ -112,22 +137,18 @@ def evaluate(
         ``{"clean_acc", "robust_acc", "n"}``; robust_acc is NaN without an attack, both are NaN
         without examples.
     """
-    was_training = model.training
-    model.eval()
     # counted on the device, read once at the end: no host sync per batch
     counts = torch.zeros(3, dtype=torch.long, device=next(model.parameters()).device)
-    try:
+    with eval_mode(model):
         for x, y in loader:
             with amp():
                 clean = _correct(model, x, y)
                 counts[0] += clean.sum()
                 if attack is not None:
-                    # robust means correct on x and at the attack's point (ALGORITHMS.md,
+                    # robust means correct on x and at the attack's point (docs/algorithms.md,
                     # Evaluation): the attack starts from a random point, never from x itself
                     counts[1] += (clean & _correct(model, attack(x, y), y)).sum()
             counts[2] += len(y)
-    finally:
-        model.train(was_training)
     if reduce_ranks:
         distributed.all_reduce_sum(counts)
     clean, robust, n = counts.tolist()
@@ -142,7 +163,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    amp: Callable[[], Any] = contextlib.nullcontext,
+    amp: Amp = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: the method's objective (its attack included), backward, update.
 
@@ -162,28 +183,12 @@ def train_step(
 
 
 def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, info) -> dict:
-    return {
-        "format": ckpt_io.FORMAT,
-        "version": ckpt_io.VERSION,
-        "arch": cfg.arch,
-        "num_classes": info.num_classes,
-        "input_shape": list(info.input_shape),
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "model_kwargs": dict(cfg.model_kwargs),
-        "dataset": cfg.dataset,
-        "method": cfg.method,
-        "model": ckpt_io.pack_state({k: v.detach().cpu() for k, v in model.state_dict().items()}),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "best_robust_acc": best,
-        "metrics": metrics,
-        "config": cfg.to_dict(),
-        "rng": ckpt_io.rng_state(),
-        "robust_amo_version": __import__("robust_amo").__version__,
-        "torch_version": torch.__version__,
-    }
+    return ckpt_io.build_checkpoint(
+        arch=cfg.arch, num_classes=info.num_classes, input_shape=info.input_shape,
+        mean=info.mean, std=info.std, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
+        method=cfg.method, model=model, epoch=epoch, optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), best_robust_acc=best, metrics=metrics,
+        config=cfg.to_dict(), rng=ckpt_io.rng_state())
 
 
 def _resume(
@@ -195,7 +200,7 @@ def _resume(
     if not path.exists():
         log.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
         return 0, -1.0, {}
-    ck = ckpt_io.load_checkpoint(path)
+    ck = ckpt_io.load_native(path)
     for key in ("arch", "dataset", "method"):
         if ck.get(key) != getattr(cfg, key):
             raise CheckpointError(
@@ -241,7 +246,7 @@ def train(
     (``robust_amo.distributed``).
 
     Args:
-        cfg: the resolved configuration (``robust_amo.config.resolve``).
+        cfg: the resolved configuration (:func:`resolve`).
         resume: continue from ``cfg.out/checkpoint.pt`` when it exists (also with another
             number of processes than the run that wrote it).
         progress: show tqdm progress bars (the CLI turns them on; rank 0 only).
@@ -264,15 +269,14 @@ def _train(
     progress: bool,
     callbacks: list[EpochCallback],
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    method_options(cfg)  # reject bad method options before any work
+    check_names(cfg)  # a config built by hand: reject unknown names before any work
     local_batch = distributed.per_rank_batch(cfg.batch_size, ctx)
     run_dir = Path(cfg.out)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)  # weight init and dropout only; attacks use their own generator
+    # weight init and dropout only; attacks and methods use their own generators
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
 
     # data: subset, held-out split, loaders that keep the uint8 set on the device; each rank
     # takes its share of every global batch and whole batches of the evaluation examples
@@ -303,7 +307,7 @@ def _train(
         net = net.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
-    amp = lambda: autocast(device, cfg.bf16)  # noqa: E731
+    amp = amp_factory(device, cfg.bf16)
 
     start_epoch, best = (0, -1.0)
     metrics: dict[str, Any] = {}  # a finished run that is resumed returns its last epoch's
@@ -330,12 +334,16 @@ def _train(
         except RuntimeError as e:  # torch._dynamo's InvalidBackend for an unknown backend
             raise ConfigError(f"compile_backend {cfg.compile_backend!r}: {e}") from None
 
-    # the method: training attack (own generator, reseeded per epoch and rank) and objective;
-    # attacks need no gradient sync, so they run on the unwrapped forward
+    # the method: training attack if it needs one and its own randomness (one generator,
+    # reseeded per epoch and rank) and objective; attacks need no gradient sync, so they run
+    # on the unwrapped forward
     a = cfg.attack
-    attack_gen = torch.Generator()
-    attack = PGD(fwd, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss, attack_gen)
-    objective = build_objective(cfg, attack)
+    method_gen = torch.Generator()
+    attack = None
+    if method_spec(cfg.method).needs_attack:
+        attack = PGD(fwd, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss,
+                     method_gen)
+    objective = build_objective(cfg, attack, method_gen)
     eval_gen = torch.Generator()
     eval_attack = PGD(fwd, a.eps, cfg.eval.step_size or a.step_size, cfg.eval.steps, a.norm,
                       a.random_start, cfg.eval.restarts, a.loss, eval_gen, early_stop=True)
@@ -352,7 +360,7 @@ def _train(
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         loader.set_epoch(epoch)
-        attack_gen.manual_seed(cfg.seed * 1_000_003 + epoch + 17 + 7919 * ctx.rank)
+        method_gen.manual_seed(derive_seed(cfg.seed, "method", epoch, ctx.rank))
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
@@ -385,7 +393,8 @@ def _train(
                    "lr": optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
                    "images_per_s": round(seen_all / train_time, 1)}
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
-            eval_gen.manual_seed(cfg.seed + 12345 + 7919 * ctx.rank)  # same starts every epoch
+            # the same starts every epoch
+            eval_gen.manual_seed(derive_seed(cfg.seed, "eval-attack", ctx.rank))
             metrics.update(evaluate(fwd, eval_loader, eval_attack, amp,
                                     reduce_ranks=ctx.enabled))
 

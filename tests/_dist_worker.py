@@ -59,8 +59,8 @@ def eval_masks(checkpoint: str, chunks: list | None = None) -> dict[str, torch.T
     45 examples in chunks of 8: 6 chunks, the last one partial, so the two ranks get 3 each.
     ``chunks`` collects the (attack, chunk) pairs this process computed.
     """
-    from evaluation.loading import load_eval_data, load_model
-    from evaluation.runner import evaluate_attacks, parse_attack
+    from robust_amo.evaluation import evaluate_attacks, parse_attack
+    from robust_amo.evaluation.loading import load_eval_data, load_model
 
     model, meta = load_model(checkpoint, torch.device("cpu"))
     data = load_eval_data(meta, split="test", n_examples=45)

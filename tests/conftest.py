@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import ROOT
+
 SHARED_DATA = Path(os.environ.get("ROBUST_AMO_SHARED_DATA",
-                                  Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+                                  ROOT / ".." / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -61,8 +63,7 @@ def digits():
 def trained_tiny(digits, tmp_path_factory):
     """A tiny-cnn trained with standard training on digits for a few seconds (eval mode)."""
     from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint
-    from robust_amo.config import resolve
-    from robust_amo.train import train
+    from robust_amo.train import resolve, train
 
     out = tmp_path_factory.mktemp("trained_tiny")
     cfg = resolve(None, [{

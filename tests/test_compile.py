@@ -15,10 +15,9 @@ import torch.nn.functional as F
 
 from robust_amo.checkpoint import model_state
 from robust_amo.compiled import CompiledModel, has_hooks, probe
-from robust_amo.config import resolve
 from robust_amo.models import create_model
 from robust_amo.perturb import perturb
-from robust_amo.train import train
+from robust_amo.train import resolve, train
 
 BACKEND = "aot_eager"
 

@@ -1,7 +1,9 @@
 import pytest
 
 from robust_amo import ConfigError, UnknownModelError
-from robust_amo.config import load_yaml, parse_float, parse_override, resolve
+from robust_amo.config import load_yaml, parse_float, parse_override
+from robust_amo.train import resolve
+from tests.helpers import ROOT
 
 
 def test_fraction_and_defaults():
@@ -64,9 +66,8 @@ def test_bad_files(tmp_path):
 
 
 def test_shipped_configs_resolve():
-    from pathlib import Path
 
-    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    files = sorted((ROOT / "configs").glob("*.yaml"))
     assert any(f.name == "quickstart.yaml" for f in files)
     for f in files:
         resolve(f)

@@ -45,7 +45,7 @@ DELTA_METHODS = {"robust-amo": {}, "amo": {"steps": 2, "eta_p": 0.5}}
 
 
 def _delta_methods() -> dict:
-    from robust_amo.objectives import OBJECTIVES
+    from robust_amo.methods import METHODS as OBJECTIVES
 
     return {m: a for m, a in DELTA_METHODS.items() if m in OBJECTIVES}
 

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from robust_amo.attacks import PGD
 
-from attacks import PGD
 from robust_amo import create_model
-from robust_amo.config import resolve
-from robust_amo.train import train
+from robust_amo.train import resolve, train
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +36,7 @@ def test_bf16_channels_last_training_runs(tmp_path):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_random_start_with_a_cuda_generator(norm):
-    from attacks.pgd import random_start
+    from robust_amo.attacks import random_start
 
     x = torch.rand(4, 1, 8, 8, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)

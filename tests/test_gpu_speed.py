@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from robust_amo.attacks import PGD
 
-from attacks import PGD
 from robust_amo.config import TrainConfig
 from robust_amo.data import Loader, Split
+from robust_amo.methods import build_objective
 from robust_amo.models import create_model
-from robust_amo.objectives import build_objective
-from robust_amo.train import autocast, make_optimizer, train_step
+from robust_amo.runtime import autocast
+from robust_amo.train import make_optimizer, train_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

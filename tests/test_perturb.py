@@ -1,4 +1,4 @@
-"""All-layer perturbation hooks (ALGORITHMS.md, "Perturbation points and FORWARDPERTURB")."""
+"""All-layer perturbation hooks (docs/algorithms.md, "Perturbation points")."""
 
 from __future__ import annotations
 

@@ -6,8 +6,7 @@ import torch
 
 from robust_amo import CheckpointError
 from robust_amo import checkpoint as ckpt_io
-from robust_amo.config import resolve
-from robust_amo.train import lr_lambda, train
+from robust_amo.train import lr_lambda, resolve, train
 
 
 def _cfg(out, **kw):
@@ -129,7 +128,8 @@ class _WrongOnlyAtClean(torch.nn.Module):
 
 
 def test_evaluate_counts_robust_only_where_clean_is_correct():
-    from attacks import PGD
+    from robust_amo.attacks import PGD
+
     from robust_amo.train import evaluate
 
     model = _WrongOnlyAtClean()

@@ -2,7 +2,7 @@
 
 A :class:`RobustModel` takes inputs in [0, 1] and normalises them itself (per-dataset mean/std
 buffers), declares its perturbation points (Wei & Ma 2020, Algorithm 1; see
-``ALGORITHMS.md``) and its final linear layer, and accepts the keywords that MadryLab's
+docs/algorithms.md) and its final linear layer, and accepts the keywords that MadryLab's
 ``robustness`` passes to architectures (``with_latent``, ``fake_relu``, ``no_relu``).
 """
 
@@ -80,7 +80,7 @@ class RobustModel(nn.Module):
         """The modules whose outputs carry an all-layer perturbation δ, in forward order.
 
         Returns:
-            list of ``(qualified_name, module)``; see ALGORITHMS.md, "Perturbation points".
+            list of ``(qualified_name, module)``; see docs/algorithms.md, "Perturbation points".
         """
         names = self._point_names()
         modules = dict(self.named_modules())
@@ -89,7 +89,8 @@ class RobustModel(nn.Module):
     def _point_names(self) -> list[str]:
         raise NotImplementedError
 
-    def features(self, x: torch.Tensor, fake_relu: bool = False):
+    def features(self, x: torch.Tensor, fake_relu: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate features for a normalised input.
 
         Returns:

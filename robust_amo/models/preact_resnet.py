@@ -42,7 +42,8 @@ class PreActResNet(RobustModel):
     def _point_names(self) -> list[str]:
         return [f"blocks.{i}.conv{j}" for i in range(len(self.blocks)) for j in (1, 2)]
 
-    def features(self, x: torch.Tensor, fake_relu: bool = False):  # noqa: D102
+    def features(self, x: torch.Tensor, fake_relu: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         pre = self.bn(self.blocks(self.stem(x)))
         post = final_relu(pre, fake_relu)
         return F.adaptive_avg_pool2d(post, 1).flatten(1), F.adaptive_avg_pool2d(pre, 1).flatten(1)

@@ -29,7 +29,9 @@ def normalize_name(name: str) -> str:
     return n
 
 
-def register_model(name: str | None = None, *, pattern: str | None = None, example: str = ""):
+def register_model(
+    name: str | None = None, *, pattern: str | None = None, example: str = ""
+) -> Callable[[Builder], Builder]:
     """Decorator that registers a builder under ``name`` (default: the function name).
 
     Args:

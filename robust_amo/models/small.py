@@ -54,7 +54,8 @@ class ConvNet(RobustModel):
     def _point_names(self) -> list[str]:
         return [f"convs.{i}" for i in range(len(self.convs))]
 
-    def features(self, x: torch.Tensor, fake_relu: bool = False):  # noqa: D102
+    def features(self, x: torch.Tensor, fake_relu: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         last = len(self.convs) - 1
         pre = x
         for i, (conv, pool) in enumerate(zip(self.convs, self.pools, strict=True)):
@@ -93,7 +94,8 @@ class MLP(RobustModel):
         # a linear model's only layer input is x itself: perturb the flattened input
         return [f"hidden.{i}" for i in range(len(self.hidden))] or ["flat"]
 
-    def features(self, x: torch.Tensor, fake_relu: bool = False):  # noqa: D102
+    def features(self, x: torch.Tensor, fake_relu: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         x = self.flat(x)
         pre = x
         last = len(self.hidden) - 1

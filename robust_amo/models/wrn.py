@@ -1,7 +1,7 @@
 """Wide residual networks (Zagoruyko & Komodakis 2016), pre-activation basic blocks.
 
 WRN-D-K has (D - 4) / 6 blocks in each of three groups of widths 16K, 32K, 64K after a 16-channel
-stem. The perturbation points (Wei & Ma 2020; ALGORITHMS.md) are the outputs of ``conv1`` and
+stem. The perturbation points (Wei & Ma 2020; docs/algorithms.md) are the outputs of ``conv1`` and
 ``conv2`` in every block, before the residual addition: 12 for WRN-16-10, 24 for WRN-28-10,
 30 for WRN-34-10.
 """
@@ -86,7 +86,8 @@ class WideResNet(RobustModel):
     def _point_names(self) -> list[str]:
         return [f"blocks.{i}.conv{j}" for i in range(len(self.blocks)) for j in (1, 2)]
 
-    def features(self, x: torch.Tensor, fake_relu: bool = False):  # noqa: D102
+    def features(self, x: torch.Tensor, fake_relu: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
         pre = self.bn(self.blocks(self.stem(x)))
         post = final_relu(pre, fake_relu)
         return F.adaptive_avg_pool2d(post, 1).flatten(1), F.adaptive_avg_pool2d(pre, 1).flatten(1)

@@ -1,0 +1,70 @@
+"""The base of every attack object: hyperparameters in the constructor, ``attack(x, y)`` to run.
+
+In the style of torchattacks: ``x_adv = PGD(model, eps=8/255)(x, y)``. The base holds the model
+and a ``torch.Generator`` for the attack's randomness (never the global RNG), runs the attack in
+eval mode and gives the model's mode back once, also on error, and takes the device from the
+input (no ``.cuda()`` anywhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust_amo.config import AttackLoss, Norm
+from robust_amo.runtime import eval_mode
+
+from .core import check_threat_model, random_start
+
+
+class Attack:
+    """Base class: subclasses implement :meth:`attack` on detached inputs.
+
+    Args:
+        model: classifier returning logits for inputs in [0, 1].
+        generator: source of the attack's randomness (default: a fresh CPU generator seeded 0,
+            so an attack never touches the global RNG and two runs give the same result).
+    """
+
+    def __init__(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
+        self.model = model
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        """Run :meth:`attack` on (x, y) with the model in eval mode (mode restored afterwards)."""
+        with eval_mode(self.model):
+            return self.attack(x.detach(), y)
+
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        """The attack proper: x (B, ...) in [0, 1] on the model's device, y (B,) labels."""
+        raise NotImplementedError
+
+
+class InputAttack(Attack):
+    """An attack inside the eps-ball around the input: its threat model and its random start.
+
+    Args:
+        model, generator: see :class:`Attack`.
+        eps: radius in pixel units. step_size: α. steps: iterations.
+        norm: ``"linf"`` or ``"l2"``. random_start: start from a uniform point of the ball.
+        loss: ``"ce"`` or ``"cw"``, the per-example loss ascended.
+
+    Raises:
+        ConfigError: a value outside its closed set or range (a ValueError).
+    """
+
+    def __init__(self, model: nn.Module, eps: float, step_size: float, steps: int, norm: Norm,
+                 random_start: bool, loss: AttackLoss,
+                 generator: torch.Generator | None = None) -> None:
+        check_threat_model(eps, step_size, steps, norm, loss)
+        super().__init__(model, generator)
+        self.eps, self.step_size, self.steps = float(eps), float(step_size), int(steps)
+        self.norm, self.random_start, self.loss = norm, random_start, loss
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """x_0: a random point of the eps-ball from the attack's generator, or a copy of x."""
+        if self.random_start:
+            return random_start(x, self.eps, self.norm, self.generator)
+        return x.clone()

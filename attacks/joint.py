@@ -1,0 +1,120 @@
+"""Robust AMO's joint attack: PGD on the input x' and ascent on the all-layer perturbations δ.
+
+Wei & Ma 2020, Sections 4–5 and Appendix F.2 (docs/algorithms.md, "Robust AMO"). Per step one
+:func:`robust_amo.attacks.core.pgd_iteration` of the perturbed model F(x', δ) gives ∇_{x'} and
+∇_δ from the same backward; x' takes PGD's step and δ takes
+:func:`robust_amo.perturb.delta_step` with shrink ρ and step η_δ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robust_amo.config import AttackLoss, DeltaGrad, Norm, check_choice
+from robust_amo.distributed import global_batch
+from robust_amo.errors import ConfigError
+from robust_amo.perturb import delta_step, perturb
+
+from .base import InputAttack
+from .core import model_loss, pgd_iteration, projected_step
+from .pgd import PGD
+
+
+class RobustAMOAttack(InputAttack):
+    """Joint PGD-on-x' and ascent-on-δ attack of robust AMO: ``x_adv, deltas = attack(x, y)``.
+
+    Per step s = 1..K, one forward of F(x', δ) and one backward of the summed per-example attack
+    loss give ∇_{x'} and ∇_δ together; then x' ← Π(x' + α·sign(∇_{x'})) and δ ← ρ·δ + η_δ·∇_δ.
+
+    Args:
+        model: a registered model (declares ``perturbation_points()``), inputs in [0, 1].
+        eps: input radius in pixel units (default 8/255).
+        step_size: α (default 2/255).
+        steps: K, the number of joint steps (default 10).
+        norm: ``"linf"`` (default) or ``"l2"``.
+        random_start: start x' from a uniform point of the eps-ball (default True); the noise
+            comes from ``generator`` exactly as in :class:`PGD`.
+        loss: ``"ce"`` (default) or ``"cw"``, the per-example loss both variables ascend.
+        generator: source of the random start (default: a CPU generator seeded 0).
+        rho: ρ, the shrink factor of δ per step (default 0.92).
+        eta_delta: η_δ, the δ step size (default 6.4e-3).
+        delta_grad: ``"mean"`` (default): ∇_δ of the batch-mean loss, as the robustness library
+            that the authors built on averages the loss; ``"sum"``: of the summed loss, so each
+            example's step does not depend on the batch size.
+
+    δ and its update are float32 even under bf16 autocast. With ``eta_delta = 0`` every x'
+    iterate is bit-identical to :class:`PGD` with the same generator state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        step_size: float = 2 / 255,
+        steps: int = 10,
+        norm: Norm = "linf",
+        random_start: bool = True,
+        loss: AttackLoss = "ce",
+        generator: torch.Generator | None = None,
+        rho: float = 0.92,
+        eta_delta: float = 6.4e-3,
+        delta_grad: DeltaGrad = "mean",
+    ) -> None:
+        check_choice("delta_grad", delta_grad, DeltaGrad)
+        if not (rho >= 0 and eta_delta >= 0):
+            raise ConfigError(f"robust AMO needs rho, eta_delta >= 0, got {rho}, {eta_delta}")
+        super().__init__(model, eps, step_size, steps, norm, random_start, loss, generator)
+        self.rho, self.eta_delta, self.delta_grad = float(rho), float(eta_delta), delta_grad
+
+    @classmethod
+    def from_pgd(
+        cls, pgd: PGD, rho: float = 0.92, eta_delta: float = 6.4e-3,
+        delta_grad: DeltaGrad = "mean",
+    ) -> RobustAMOAttack:
+        """The robust AMO attack with a :class:`PGD`'s model, threat model and generator.
+
+        The generator is shared, not copied: reseeding the PGD object's generator (as the trainer
+        does every epoch) reseeds this attack too.
+
+        Raises:
+            ConfigError: for ``restarts > 1`` or ``early_stop`` (training attacks have neither).
+        """
+        if pgd.restarts != 1 or pgd.early_stop:
+            raise ConfigError("robust AMO trains on one PGD run: restarts=1, early_stop=False")
+        return cls(pgd.model, pgd.eps, pgd.step_size, pgd.steps, pgd.norm, pgd.random_start,
+                   pgd.loss, pgd.generator, rho, eta_delta, delta_grad)
+
+    def __repr__(self) -> str:
+        return (f"RobustAMOAttack(norm={self.norm}, eps={self.eps:.5g}, steps={self.steps}, "
+                f"rho={self.rho:g}, eta_delta={self.eta_delta:g}, delta_grad={self.delta_grad})")
+
+    def attack(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """x' and δ for a batch.
+
+        Args:
+            x: clean inputs (B, C, H, W) in [0, 1]; y: labels (B,).
+
+        Returns:
+            ``(x_adv, deltas)``, both detached: x' (B, C, H, W) and one δ_j per perturbation
+            point with its activation's shape (``None`` entries when ``steps == 0``).
+        """
+        x_adv = self.start(x)
+        # "mean" is the gradient of the global batch-mean loss: divide by the global batch, so
+        # N data-parallel ranks take the δ step of one process with the same global batch
+        scale = self.eta_delta
+        if self.delta_grad == "mean":
+            scale = scale / global_batch(len(y))
+        loss_fn = model_loss(self.model, y, self.loss)
+        step = projected_step(x, self.eps, self.step_size, self.norm)
+        with perturb(self.model) as p:
+            for _ in range(self.steps):
+                # summed as in PGD (same x' bit for bit); δ's scale is set above. The δ's are
+                # read after the forward, whose hooks create them (zeros) on the first step
+                it = pgd_iteration(loss_fn, x_adv, step, extra=lambda: p.deltas)
+                x_adv = it.x
+                p.deltas = delta_step(p.deltas, it.extra_grads, scale, self.rho)
+            deltas = p.detached()
+        return x_adv.detach(), deltas

@@ -1,0 +1,254 @@
+"""The registry of evaluation attacks: what ``robust-amo eval --attack NAME`` can run.
+
+Each entry is one function registered with :func:`register_eval_attack`: it turns a name (``clean``,
+``pgd20``, ``autoattack``...) and the command's :class:`EvalOptions` into an :class:`EvalAttack`,
+or returns None for a name it does not know. An :class:`EvalAttack` runs on one chunk of the
+evaluation set and returns per-example masks; the runner, the state file, the report and the
+CLI help know nothing more of it. Adding an attack is one registered function (and, if it is a
+new kind of attack, one :class:`EvalAttack` subclass); docs/architecture.md shows how.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from robust_amo.config import AttackLoss, Norm
+from robust_amo.errors import ConfigError
+from robust_amo.runtime import Amp, eval_mode
+
+from .autoattack_adapter import (
+    AutoAttackSettings,
+    autoattack_backend,
+    autoattack_robust,
+    backend_version,
+)
+from .pgd_eval import PGDSettings, pgd_robust
+
+SavePartial = Callable[[dict[str, Any]], None]
+"""Called with a chunk's partial entry after each finished sub-step (AutoAttack's attacks)."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """The ``robust-amo eval`` options every attack may read.
+
+    Attributes:
+        eps: radius of the threat model in [0, 1] pixel units.
+        norm: ``"linf"`` or ``"l2"``.
+        step_size: PGD step (None: eps / 4, i.e. 2/255 at 8/255).
+        restarts: PGD restarts (None: the attack's default, 10 for pgd50, else 1).
+        loss: PGD loss, ``"ce"`` or ``"cw"``.
+        seed: seed of the random starts (PGD) and of AutoAttack.
+        aa_attacks: the attacks of ``autoattack-custom``.
+        aa_backend: ``"autoattack"``, ``"pyautoattack"`` or None (the first installed).
+    """
+
+    eps: float
+    norm: Norm = "linf"
+    step_size: float | None = None
+    restarts: int | None = None
+    loss: AttackLoss = "ce"
+    seed: int = 0
+    aa_attacks: tuple[str, ...] = ()
+    aa_backend: str | None = None
+
+
+class EvalAttack:
+    """One entry of ``--attack``: its name, its settings, and how it runs on a chunk.
+
+    Attributes:
+        name: as given on the command line (lower case), the key in the report and state.
+        kind: the family (``clean``, ``pgd``, ``autoattack``) the report's checks look at.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as a plain dict (report and state file; a change restarts the attack)."""
+        return {}
+
+    def backend(self) -> str | None:
+        """The package and version that ran the attack, for the report (None: ours)."""
+        return None
+
+    def run_chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  index: torch.Tensor, *, amp: Amp, partial: dict[str, Any] | None,
+                  save_partial: SavePartial) -> dict[str, Any]:
+        """Attack one chunk; the chunk entry ``{"clean", "robust", "steps", ...}`` (CPU masks).
+
+        Args:
+            model: the classifier (the attack runs it in eval mode and restores its mode).
+            x, y: the chunk (B, ...) and its labels on the evaluation device.
+            index: the examples' global indices (B,), which key per-example randomness.
+            amp: the forward passes' context (bf16 autocast when asked for).
+            partial: what :func:`save_partial` saved for this chunk before an interruption.
+            save_partial: persist a partial result after a sub-step (resumable attacks).
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.settings()})"
+
+
+class CleanAccuracy(EvalAttack):
+    """No attack: correct classification of the clean input."""
+
+    kind = "clean"
+
+    def run_chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # noqa: D102
+                  index: torch.Tensor, *, amp: Amp, partial: dict[str, Any] | None,
+                  save_partial: SavePartial) -> dict[str, Any]:
+        with torch.no_grad(), amp(), eval_mode(model):
+            ok = (model(x).argmax(1) == y).cpu()
+        return {"clean": ok, "robust": ok, "steps": {}}
+
+
+class PGDAttack(EvalAttack):
+    """PGD-K × R with the per-example worst case (:func:`robust_amo.evaluation.pgd_robust`)."""
+
+    kind = "pgd"
+
+    def __init__(self, name: str, pgd: PGDSettings) -> None:
+        super().__init__(name)
+        self.pgd = pgd
+
+    def settings(self) -> dict[str, Any]:  # noqa: D102
+        return self.pgd.to_dict()
+
+    def run_chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # noqa: D102
+                  index: torch.Tensor, *, amp: Amp, partial: dict[str, Any] | None,
+                  save_partial: SavePartial) -> dict[str, Any]:
+        r = pgd_robust(model, x, y, index, self.pgd, amp)
+        return {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
+                "steps": {f"restart {i + 1}": m.cpu() for i, m in enumerate(r.after_restart)}}
+
+
+class AutoAttackEval(EvalAttack):
+    """AutoAttack through its official code (:func:`robust_amo.evaluation.autoattack_robust`),
+    resumable after each of its attacks."""
+
+    kind = "autoattack"
+
+    def __init__(self, name: str, aa: AutoAttackSettings) -> None:
+        super().__init__(name)
+        self.aa = aa
+
+    def settings(self) -> dict[str, Any]:  # noqa: D102
+        return self.aa.to_dict()
+
+    def backend(self) -> str | None:  # noqa: D102
+        return backend_version(*autoattack_backend(self.aa.backend))
+
+    def run_chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # noqa: D102
+                  index: torch.Tensor, *, amp: Amp, partial: dict[str, Any] | None,
+                  save_partial: SavePartial) -> dict[str, Any]:
+        prev = partial.get("aa") if partial is not None else None
+        r = autoattack_robust(model, x, y, self.aa, state=prev,
+                              on_step=lambda res: save_partial({"aa": res.state()}))
+        return {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
+                "steps": {k: v.cpu() for k, v in r.after_attack.items()},
+                "warnings": r.warnings}
+
+
+Parser = Callable[[str, EvalOptions], EvalAttack | None]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered parser with how the CLI help shows its names."""
+
+    parse: Parser
+    usage: str
+    help: str
+
+
+EVAL_ATTACKS: dict[str, Registered] = {}
+
+
+def register_eval_attack(usage: str, help: str) -> Callable[[Parser], Parser]:
+    """Register ``parse(name, options) -> EvalAttack | None`` (None: not my name).
+
+    Args:
+        usage: how the names look in the help (``pgdK``, ``autoattack``).
+        help: one line for ``robust-amo eval --help`` and the error of an unknown name.
+    """
+
+    def deco(fn: Parser) -> Parser:
+        EVAL_ATTACKS[usage] = Registered(fn, usage, help)
+        return fn
+
+    return deco
+
+
+def attack_usage() -> str:
+    """The registered names, comma-separated, for help texts and errors."""
+    return ", ".join(EVAL_ATTACKS)
+
+
+def attack_help() -> str:
+    """One ``usage: help`` clause per registered attack, for ``--attack``'s help."""
+    return "; ".join(f"{r.usage}: {r.help}" for r in EVAL_ATTACKS.values())
+
+
+def parse_attack(name: str, *, eps: float, norm: Norm = "linf", step_size: float | None = None,
+                 restarts: int | None = None, loss: AttackLoss = "ce", seed: int = 0,
+                 aa_attacks: tuple[str, ...] = (), aa_backend: str | None = None) -> EvalAttack:
+    """The :class:`EvalAttack` of a name such as ``clean``, ``pgd20``, ``pgd50``, ``autoattack``.
+
+    Raises:
+        ConfigError: an unknown name or bad values.
+    """
+    key = name.strip().lower()
+    opts = EvalOptions(eps, norm, step_size, restarts, loss, seed, tuple(aa_attacks), aa_backend)
+    for entry in EVAL_ATTACKS.values():
+        try:
+            attack = entry.parse(key, opts)
+        except ValueError as e:  # the settings' own checks (ConfigError is one too)
+            raise ConfigError(f"--attack {name}: {e}") from None
+        if attack is not None:
+            return attack
+    raise ConfigError(f"unknown attack {name!r}; use {attack_usage()}")
+
+
+@register_eval_attack("clean", "accuracy without attack (always reported)")
+def _clean(name: str, opts: EvalOptions) -> EvalAttack | None:
+    return CleanAccuracy("clean") if name == "clean" else None
+
+
+PGD_DEFAULT_RESTARTS = {50: 10}
+
+
+@register_eval_attack("pgdK", "K PGD steps of eps/4 (pgd20; pgd50 = 50 steps x 10 restarts)")
+def _pgd(name: str, opts: EvalOptions) -> EvalAttack | None:
+    m = re.fullmatch(r"pgd(\d+)", name)
+    if not m:
+        return None
+    steps = int(m.group(1))
+    restarts = opts.restarts if opts.restarts is not None else PGD_DEFAULT_RESTARTS.get(steps, 1)
+    alpha = opts.step_size if opts.step_size is not None else opts.eps / 4
+    return PGDAttack(name, PGDSettings(opts.eps, alpha, steps, restarts, opts.norm, opts.loss,
+                                       seed=opts.seed))
+
+
+AA_VERSIONS = {"autoattack": "standard", "autoattack-plus": "plus", "autoattack-rand": "rand",
+               "autoattack-custom": "custom"}
+
+
+@register_eval_attack("autoattack[-plus|-rand|-custom]",
+                      "AutoAttack's versions; -custom runs --aa-attacks")
+def _autoattack(name: str, opts: EvalOptions) -> EvalAttack | None:
+    version = AA_VERSIONS.get(name)
+    if version is None:
+        return None
+    attacks = opts.aa_attacks if version == "custom" else ()
+    return AutoAttackEval(name, AutoAttackSettings(opts.eps, opts.norm, version, attacks,
+                                                   opts.seed, opts.aa_backend))

@@ -1,0 +1,56 @@
+"""The ``robust-amo`` command line: ``train``, ``eval``, ``margins``, ``archs``,
+``convert-checkpoint``.
+
+One module per command, each with ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> exit status``, listed in :data:`COMMANDS` (no registration by import side effect).
+Every option has a type; errors the user can fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from robust_amo.errors import RobustAmoError
+from robust_amo.version import __version__
+
+from . import archs, convert, margins, train
+from . import eval as evaluate
+
+COMMANDS = (train, evaluate, margins, archs, convert)
+
+log = logging.getLogger("robust_amo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"robust-amo {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
+        command.add_arguments(p)
+        p.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``robust-amo`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("robust_amo").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.handler(args)
+    except RobustAmoError as e:
+        print(f"robust-amo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robust-amo: interrupted; resume with the same command and --resume",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,59 @@
+"""Option types and checks shared by the commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from robust_amo.errors import ConfigError
+
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+def at_least(name: str, value: int | None, minimum: int = 1) -> None:
+    """ConfigError naming the option unless ``value`` (when given) is >= ``minimum``."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def input_shape(text: str) -> list[int]:
+    """argparse type for ``C,H,W`` such as ``3,32,32``."""
+    try:
+        shape = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers C,H,W, got {text!r}")
+    return shape
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None,
+                           batch_size: int) -> None:
+    """The options of commands that analyse a checkpoint (``eval``, ``margins``), spelt alike.
+
+    They feed :func:`robust_amo.evaluation.load_for_analysis`.
+    """
+    p.add_argument("--checkpoint", type=str, required=True,
+                   help="run folder of `robust-amo train` or of robustness's train_model, or a "
+                        ".pt file")
+    p.add_argument("--which", type=str, choices=["last", "best"], default="last",
+                   help="checkpoint of a run folder: last (checkpoint.pt) or best (best.pt)")
+    p.add_argument("--arch", type=str,
+                   help="architecture of a robustness-library checkpoint (robust-amo archs)")
+    p.add_argument("--dataset", type=str, help="dataset (default: the checkpoint's)")
+    p.add_argument("--data-dir", type=str, help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--split", type=str, choices=["test", "val", "train"], default="test",
+                   help="test split, the run's held-out val split, or the training split "
+                        "(default: test)")
+    shown = "all" if n_examples is None else str(n_examples)
+    p.add_argument("--n-examples", type=int, default=n_examples,
+                   help=f"use the first N examples of the split (default: {shown})")
+    p.add_argument("--eps", type=str,
+                   help="radius, e.g. 8/255 (default: the checkpoint's training attack)")
+    p.add_argument("--norm", type=str, choices=["linf", "l2"],
+                   help="threat model (default: the checkpoint's training norm)")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"examples per batch (default {batch_size})")
+    p.add_argument("--device", type=str, choices=DEVICES, default="auto",
+                   help="device (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,0 +1,32 @@
+"""``robust-amo convert-checkpoint SRC DST``: between robust-amo and robustness, either way."""
+
+from __future__ import annotations
+
+import argparse
+
+from robust_amo.checkpoint.robustness_layout import ROBUST_AMO, ROBUSTNESS, convert_checkpoint
+
+from .common import input_shape
+
+NAME = "convert-checkpoint"
+HELP = "convert a checkpoint between robust-amo and MadryLab's robustness"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """SRC, DST, the target format and what a robustness checkpoint does not record."""
+    p.add_argument("src", type=str, help="checkpoint file (or robust-amo run folder)")
+    p.add_argument("dst", type=str, help="where to write the converted checkpoint")
+    p.add_argument("--to", type=str, choices=[ROBUSTNESS, ROBUST_AMO],
+                   help="target format (default: the other one)")
+    p.add_argument("--arch", type=str,
+                   help="architecture of a robustness checkpoint (robust-amo archs)")
+    p.add_argument("--dataset", type=str, help="dataset of a robustness checkpoint, e.g. cifar10")
+    p.add_argument("--input-shape", type=input_shape, help="C,H,W when --dataset is not known")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Auto-detect the direction, convert, write atomically."""
+    target = convert_checkpoint(args.src, args.dst, to=args.to, arch=args.arch,
+                                dataset=args.dataset, input_shape=args.input_shape)
+    print(f"wrote {target} checkpoint {args.dst}")
+    return 0

@@ -1,0 +1,72 @@
+"""``robust-amo train``: resolve the config (file, flags, ``--set``), train, say where the run is.
+
+Flags override the config file; ``--set KEY=VALUE`` reaches every key
+(``--set attack.eps=8/255``). docs/config.md lists the keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from robust_amo.config import parse_override
+from robust_amo.train import resolve, train
+
+from .common import DEVICES
+
+NAME = "train"
+HELP = "train a model (standard, PGD, robust AMO, clean AMO, Jacobian-LM)"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The common config keys as flags, plus ``--set`` for every other key."""
+    p.add_argument("--config", type=str, help="YAML config file (see configs/)")
+    p.add_argument("--arch", type=str, help="architecture, e.g. wrn28-10 (robust-amo archs)")
+    p.add_argument("--dataset", type=str,
+                   help="cifar10, cifar100, mnist, fashion-mnist or digits")
+    p.add_argument("--data-dir", type=str, help="folder with the dataset (.npz or torchvision)")
+    p.add_argument("--method", type=str, help="standard, pgd, ... (docs/methods.md)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--lr", type=str, help="initial learning rate (e.g. 0.1)")
+    p.add_argument("--eps", type=str, help="training attack radius, e.g. 8/255")
+    p.add_argument("--out", type=str, help="run folder for checkpoints, config and metrics")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download the dataset into --data-dir")
+    p.add_argument("--device", type=str, choices=DEVICES, help="device")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 on CUDA")
+    p.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.milestones=[50,100]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The flags as config mappings, in the order they apply (flags, then each ``--set``)."""
+    flat = {"arch": args.arch, "dataset": args.dataset, "method": args.method,
+            "epochs": args.epochs, "batch_size": args.batch_size, "out": args.out,
+            "device": args.device, "seed": args.seed}
+    o: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
+    if args.data_dir is not None:
+        o.setdefault("data", {})["data_dir"] = args.data_dir
+    if args.download:
+        o.setdefault("data", {})["download"] = True
+    if args.lr is not None:
+        o.setdefault("optim", {})["lr"] = args.lr
+    if args.eps is not None:
+        o.setdefault("attack", {})["eps"] = args.eps
+    if args.no_bf16:
+        o["bf16"] = False
+    return [o] + [parse_override(s) for s in args.set]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve, train, report where the run is."""
+    cfg = resolve(args.config, overrides(args))
+    metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
+    log.info("done: run folder %s; last epoch %s", cfg.out, metrics)
+    return 0

@@ -1,0 +1,54 @@
+"""Training methods: one file each, with its options dataclass, its loss and its builder.
+
+- ``standard`` (:mod:`.standard`): cross-entropy on clean inputs.
+- ``pgd`` (:mod:`.pgd`): Madry et al. 2018, cross-entropy at PGD adversarial examples.
+- ``robust-amo`` (:mod:`.robust_amo`): Wei & Ma 2020, the joint x'/δ adversary.
+- ``amo`` (:mod:`.amo`): Wei & Ma 2020 Algorithm 1, clean AMO.
+- ``jacobian-lm`` (:mod:`.jacobian_lm`): Sokolić et al. 2017, the Jacobian large-margin term.
+
+Each registers itself with :func:`register_method` (:mod:`.registry`) when imported here; the
+trainer only calls :func:`build_objective`. docs/architecture.md says how to add one.
+"""
+
+from . import amo, jacobian_lm, pgd, robust_amo, standard
+from .amo import AMOOptions, amo_loss
+from .jacobian_lm import JacobianLMOptions, jacobian_lm_loss, jacobian_penalty, multiclass_hinge
+from .pgd import pgd_loss
+from .registry import (
+    METHODS,
+    MethodContext,
+    MethodSpec,
+    Objective,
+    build_objective,
+    method_options,
+    method_spec,
+    register_method,
+)
+from .robust_amo import RobustAMOOptions, robust_amo_loss
+from .standard import standard_loss
+
+__all__ = [
+    "METHODS",
+    "AMOOptions",
+    "JacobianLMOptions",
+    "MethodContext",
+    "MethodSpec",
+    "Objective",
+    "RobustAMOOptions",
+    "amo",
+    "amo_loss",
+    "build_objective",
+    "jacobian_lm",
+    "jacobian_lm_loss",
+    "jacobian_penalty",
+    "method_options",
+    "method_spec",
+    "multiclass_hinge",
+    "pgd",
+    "pgd_loss",
+    "register_method",
+    "robust_amo",
+    "robust_amo_loss",
+    "standard",
+    "standard_loss",
+]

@@ -1,0 +1,68 @@
+"""Robust AMO (Wei & Ma 2020, Sections 4–5 and F.2): train at the joint x'/δ adversary.
+
+docs/algorithms.md, "Robust AMO": :class:`robust_amo.attacks.RobustAMOAttack` moves the input x'
+by PGD and the all-layer perturbations δ by δ ← ρ·δ + η_δ·∇_δ ℓ, both from ONE forward and ONE
+backward per step; the weights are trained on ℓ(F(x', δ), y) with x' and δ detached. With
+η_δ = 0 it is exactly Madry PGD training.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_amo.attacks import RobustAMOAttack
+from robust_amo.config import DeltaGrad
+from robust_amo.perturb import perturb
+from robust_amo.runtime import wide
+
+from .registry import MethodContext, Objective, register_method
+from .validation import non_negative
+
+
+@dataclass
+class RobustAMOOptions:
+    """``method_args`` of ``robust-amo`` (docs/algorithms.md "Robust AMO"; PGD is ``attack:``).
+
+    Attributes:
+        rho: ρ, δ's shrink factor per step (default 0.92, F.2).
+        eta_delta: η_δ, δ's step size (default 6.4e-3, F.2).
+        delta_grad: ∇δ of the batch-mean (default, the authors' code) or batch-sum loss.
+    """
+
+    rho: float = 0.92
+    eta_delta: float = 6.4e-3
+    delta_grad: DeltaGrad = "mean"
+
+    def __post_init__(self) -> None:
+        non_negative("method_args.rho", self.rho)
+        non_negative("method_args.eta_delta", self.eta_delta)
+
+
+def robust_amo_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: RobustAMOAttack
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Robust AMO training loss: mean cross-entropy of F(x', δ) from ``attack(x, y)``.
+
+    The forward runs in the model's current mode (train, in the trainer) with x' and δ detached,
+    so the backward reaches the weights only.
+
+    Returns:
+        (scalar loss, logits (B, C) of the perturbed adversarial batch).
+    """
+    x_adv, deltas = attack(x, y)
+    with perturb(model, deltas, requires_grad=False):
+        logits = model(x_adv)
+    return F.cross_entropy(wide(logits), y), logits
+
+
+@register_method("robust-amo", options=RobustAMOOptions, needs_attack=True)
+def build(options: RobustAMOOptions, ctx: MethodContext) -> Objective:
+    """``robust-amo``: the joint attack built on the training PGD's threat model and generator."""
+    joint = RobustAMOAttack.from_pgd(ctx.attack, options.rho, options.eta_delta,
+                                     options.delta_grad)
+    return functools.partial(robust_amo_loss, attack=joint)

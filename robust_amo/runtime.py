@@ -1,0 +1,108 @@
+"""Where and how computations run: device choice, bf16 autocast, eval mode, seeds, copies.
+
+The bottom layer beside :mod:`robust_amo.errors` and :mod:`robust_amo.config`: everything above
+(models, attacks, methods, the trainer, the evaluator) asks these helpers instead of writing its
+own, so a rule such as "attacks run in eval mode and give the mode back" or "every seed comes
+from the run's seed through :func:`derive_seed`" is written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import RobustAmoError
+
+_MASK63 = (1 << 63) - 1
+
+Amp = Callable[[], contextlib.AbstractContextManager]
+"""A factory of the context that forward passes run in (bf16 autocast or nothing)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error.
+
+    Raises:
+        RobustAmoError: CUDA was asked for and none is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RobustAmoError("--device cuda was asked for but no CUDA device is available; "
+                             "use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def amp_factory(device: torch.device, enabled: bool) -> Amp:
+    """``lambda: autocast(device, enabled)``: what the trainer and the evaluator pass around."""
+    return lambda: autocast(device, enabled)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and give its previous mode back, also on error.
+
+    Attacks, evaluators and margin estimates all run the model this way (BatchNorm running
+    statistics, no dropout), whatever mode the caller left it in.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """The seed of one stream of randomness of a run: a 63-bit hash of ``(seed, *keys)``.
+
+    Every generator of the project is seeded through this, with a name for its purpose first,
+    e.g. ``derive_seed(cfg.seed, "train-attack", epoch, rank)`` or ``derive_seed(seed,
+    "pgd-eval", index, restart)``. Distinct keys give unrelated streams (an arithmetic mix such
+    as ``seed * 1_000_003 + epoch`` makes different streams collide), and the value is the same
+    in every process and on every platform (no ``hash()`` randomisation).
+
+    Args:
+        seed: the user's seed (any int, also negative or beyond 64 bits).
+        *keys: the purpose (a string) and the indices that tell streams apart (ints).
+
+    Returns:
+        an int in [0, 2**63), accepted by ``torch.Generator.manual_seed``.
+    """
+    text = repr((int(seed), *keys)).encode()
+    digest = hashlib.blake2b(text, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK63
+
+
+def generator(seed: int, *keys: int | str) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``(seed, *keys)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` from pageable memory synchronises the stream, which would stall the
+    training loop once per batch; a pinned staging copy with ``non_blocking=True`` does not.
+    A tensor already on a CUDA device is moved as it is (it cannot be pinned).
+    """
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for bf16/fp16 tensors (losses under autocast), unchanged for float32/float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

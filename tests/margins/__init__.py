@@ -1,0 +1,1 @@
+"""Tests of robust_amo.margins."""

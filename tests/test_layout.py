@@ -1,0 +1,188 @@
+"""The package's shape (docs/architecture.md): one import root, no import circle, layers that
+only point down, no project import hidden in a function body."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+# where each subpackage's source lives (pyproject.toml's package-dir)
+SOURCES = {"robust_amo": ROOT / "robust_amo", "robust_amo.attacks": ROOT / "attacks",
+           "robust_amo.evaluation": ROOT / "evaluation"}
+
+# the layers, bottom first: a module may import modules of its own unit, or of a unit of a
+# LOWER rank, never of the same or a higher one
+RANKS = {
+    "robust_amo.errors": 0, "robust_amo.version": 0,
+    "robust_amo.config": 1,
+    "robust_amo.runtime": 2,
+    "robust_amo.distributed": 3, "robust_amo.compiled": 3,
+    "robust_amo.models": 4, "robust_amo.data": 4, "robust_amo.perturb": 4,
+    "robust_amo.attacks": 5, "robust_amo.checkpoint": 5,
+    "robust_amo.methods": 6, "robust_amo.margins": 6,
+    "robust_amo.train": 7, "robust_amo.evaluation": 7,
+    "robust_amo.integrations": 8,
+    "robust_amo.cli": 9,
+    "robust_amo": 10,  # the facade: `import robust_amo` re-exports the registry and errors
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the package: dotted name -> file."""
+    out: dict[str, Path] = {}
+    for root_name, folder in SOURCES.items():
+        for f in sorted(folder.rglob("*.py")):
+            parts = list(f.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            name = ".".join([root_name, *parts])
+            if root_name == "robust_amo" and len(parts) > 0 and parts[0] in ("attacks",
+                                                                             "evaluation"):
+                raise AssertionError(f"{f}: robust_amo/{parts[0]} shadows the mapped folder")
+            out[name] = f
+    return out
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(name: str, tree: ast.Module):
+    """(imported project module, line, inside a function?) for every import of the module,
+    at module level or in a function body; ``if TYPE_CHECKING:`` blocks are skipped."""
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+
+    def resolve(target: str) -> str | None:
+        while target and target not in MODULES:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    def visit(node: ast.AST, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for c in child.orelse:
+                    yield from visit(c, in_function)
+                continue
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                      ast.Lambda))
+            if isinstance(child, ast.Import):
+                for a in child.names:
+                    if a.name.split(".")[0] == "robust_amo":
+                        yield resolve(a.name), child.lineno, in_function
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")
+                    base = base[: len(base) - child.level + 1]
+                    mod = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    mod = child.module or ""
+                if mod.split(".")[0] != "robust_amo":
+                    continue
+                for a in child.names:  # `from pkg import submodule` imports the submodule
+                    sub = f"{mod}.{a.name}"
+                    yield (sub if sub in MODULES else resolve(mod)), child.lineno, in_function
+            yield from visit(child, inner)
+
+    yield from visit(tree, False)
+
+
+GRAPH: dict[str, set[str]] = {}
+FUNCTION_IMPORTS: list[str] = []
+for _name, _file in MODULES.items():
+    GRAPH[_name] = set()
+    for _target, _line, _in_function in _imports(_name, ast.parse(_file.read_text())):
+        if _target is None or _target == _name:
+            continue
+        GRAPH[_name].add(_target)
+        if _in_function:
+            FUNCTION_IMPORTS.append(f"{_file.relative_to(ROOT)}:{_line} imports {_target}")
+
+
+def _unit(name: str) -> str:
+    """The ranked unit a module belongs to ("" if none)."""
+    while name and name not in RANKS:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def test_the_module_walk_sees_the_package():
+    assert {"robust_amo.attacks.pgd", "robust_amo.evaluation.runner", "robust_amo.cli.train",
+            "robust_amo.integrations.robustness.attacker"} <= set(MODULES)
+    assert "robust_amo.attacks.core" in GRAPH["robust_amo.attacks.pgd"]
+    assert "robust_amo.methods.registry" in GRAPH["robust_amo.methods.pgd"]
+
+
+def test_no_import_circle():
+    """Every import counts, lazy ones too: a lazy import dodges a circle at run time only."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def dfs(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(GRAPH[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (cycle := dfs(m)):
+                return cycle
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(GRAPH):
+        if n not in state and (cycle := dfs(n)):
+            pytest.fail("import circle: " + " -> ".join(cycle))
+
+
+def test_layers_only_point_down():
+    unranked = sorted(n for n in MODULES if not _unit(n))
+    assert not unranked
+    upward = sorted(f"{a} -> {b}" for a, targets in GRAPH.items() for b in targets
+                    if _unit(a) != _unit(b) and RANKS[_unit(b)] >= RANKS[_unit(a)])
+    assert upward == []
+
+
+def test_no_project_import_inside_a_function():
+    assert FUNCTION_IMPORTS == []
+
+
+def test_import_robust_amo_loads_no_optional_heavy_package():
+    code = ("import sys, robust_amo, robust_amo.cli, robust_amo.evaluation, robust_amo.margins; "
+            "bad = [m for m in ('robustness', 'autoattack', 'pyautoattack', 'matplotlib') "
+            "if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_only_robust_amo(tmp_path):
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed: cannot build the wheel offline")
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "--no-index", "-q", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("robust_amo-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+        (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+        declared = set(z.read(top_level).decode().split())
+    assert top == {"robust_amo"} and declared == {"robust_amo"}
+    # the mapped folders are inside, under the one root
+    assert "robust_amo/attacks/pgd.py" in names and "robust_amo/evaluation/runner.py" in names
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
