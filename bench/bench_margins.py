@@ -5,19 +5,22 @@ method, and the largest relative disagreement with the dense Jacobian (the refer
 iteration needs a Jacobian-vector and a vector-Jacobian product per iteration and per point;
 the Gram method needs C backward passes in all, for every point at once, and is exact.
 
-    PYTHONPATH=$PWD python bench/bench_margins.py [--arch mnist-cnn2] [--batch 16] [--iters 20]
+    python -m bench.bench_margins [--arch mnist-cnn2] [--batch 16] [--iters 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from robust_amo.margins import dense_jacobian, kappa
+from bench.common import best_time
+from robust_amo.margins import kappa
 from robust_amo.models import create_model
 from robust_amo.perturb import perturb
+from tests.helpers import dense_jacobian
+
+CPU = torch.device("cpu")
 
 
 def power_iteration(model, x, iters: int) -> torch.Tensor:
@@ -50,15 +53,6 @@ def dense(model, x) -> torch.Tensor:
     return res
 
 
-def timed(fn, repeats: int = 3):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=str, default="mnist-cnn2")
@@ -71,9 +65,9 @@ def main() -> None:
     model = create_model(args.arch, 10, input_shape=(1, 28, 28)).eval()
     x = torch.rand(args.batch, 1, 28, 28)
     y = model(x).argmax(1)
-    t_gram, k = timed(lambda: kappa(model, x, y).jac_norms)
-    t_pow, pw = timed(lambda: power_iteration(model, x, args.iters))
-    t_dense, ref = timed(lambda: dense(model, x), repeats=1)
+    t_gram, k = best_time(lambda: kappa(model, x, y).jac_norms, CPU, 3)
+    t_pow, pw = best_time(lambda: power_iteration(model, x, args.iters), CPU, 3)
+    t_dense, ref = best_time(lambda: dense(model, x), CPU, 1)
     err = lambda v: float(((v - ref).abs() / ref).max())  # noqa: E731
     print(f"{args.arch}, batch {args.batch}, {len(k[0])} points, 10 classes, "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")

@@ -2,8 +2,8 @@
 
 Every benchmark times both sides in the same process, on the same device, model and batch, and
 prints the ratio on its last line. Run from the repository root, e.g.
-``python bench/mfu.py --device cuda``; ``--help`` lists the size options (tiny values make a
-CPU smoke run, see tests/test_bench_smoke.py).
+``python -m bench.mfu --device cuda``; ``--help`` lists the size options (tiny values make a
+CPU smoke run, see tests/bench/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -11,33 +11,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
-from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's robust_amo
+from robust_amo.attacks import PGD
+from robust_amo.compiled import CompiledModel
+from robust_amo.config import TrainConfig
+from robust_amo.data import Loader, Split
+from robust_amo.methods import build_objective
+from robust_amo.models import create_model
+from robust_amo.runtime import amp_factory, resolve_device
+from robust_amo.train import make_optimizer, train_step
 
-from attacks import PGD  # noqa: E402
-from robust_amo.compiled import CompiledModel  # noqa: E402
-from robust_amo.config import TrainConfig  # noqa: E402
-from robust_amo.data import Loader, Split  # noqa: E402
-from robust_amo.models import create_model  # noqa: E402
-from robust_amo.objectives import build_objective  # noqa: E402
-from robust_amo.train import autocast, make_optimizer, resolve_device, train_step  # noqa: E402
+T = TypeVar("T")
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
 
 def fraction(s: str) -> float:
-    """argparse type for numbers written as fractions (8/255)."""
-    return float(Fraction(s))
+    """argparse type for numbers written as fractions (8/255) or decimals (0.03, 2e-4)."""
+    try:
+        return float(Fraction(s.strip()))
+    except ZeroDivisionError as e:  # argparse reports ValueErrors as a usage error
+        raise ValueError(s) from e
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -78,6 +82,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` covering ``range(n)`` (the batches of a set)."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def make_model(args: argparse.Namespace, device: torch.device, num_classes: int = 10) -> nn.Module:
     """The benchmark's model, freshly initialised (seed 0), in float32 on ``device``."""
     torch.manual_seed(0)
@@ -99,7 +108,7 @@ class NativeTrainer:
     """robust-amo's PGD training step exactly as ``robust_amo.train`` runs it.
 
     bf16 autocast and channels_last on CUDA, fused SGD, the uint8 set on the device with
-    crop/flip done there, PGD from ``attacks`` (eval mode, random start), ``train_step``.
+    crop/flip done there, PGD from ``robust_amo.attacks`` (eval mode, random start), ``train_step``.
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device, steps: int = 10,
@@ -119,7 +128,7 @@ class NativeTrainer:
         attack = PGD(self.fwd, a.eps, a.step_size, a.steps, a.norm, True, 1, a.loss,
                      torch.Generator().manual_seed(0))
         self.objective = build_objective(cfg, attack)
-        self.amp = lambda: autocast(device, cfg.bf16)
+        self.amp = amp_factory(device, cfg.bf16)
         n = args.batch_size * (args.iters + args.warmup)
         self.loader = Loader(synthetic_split(args, n), args.batch_size, device, shuffle=True,
                              augment=True, drop_last=True)
@@ -166,6 +175,11 @@ def cuda_noop_patch(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.Tensor.cuda, nn.Module.cuda = saved  # type: ignore[method-assign]
+
+
+def patched_note(device: torch.device) -> str:
+    """What a robustness row adds to its line when :func:`cuda_noop_patch` was in effect."""
+    return "  (CPU: .cuda() patched to a no-op for this run)" if device.type != "cuda" else ""
 
 
 class ZeroOneDataset:
@@ -227,3 +241,21 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: in
         fn()
     sync(device)
     return (time.perf_counter() - t0) / max(iters, 1)
+
+
+def best_time(fn: Callable[[], T], device: torch.device, repeats: int,
+              warmup: int = 0) -> tuple[float, T]:
+    """``(seconds, result)``: the fastest of ``repeats`` (at least one) calls of ``fn``.
+
+    ``warmup`` untimed calls come first; the result is that of the last timed call.
+    """
+    for _ in range(warmup):
+        fn()
+    best, out = math.inf, None
+    for _ in range(max(repeats, 1)):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out  # type: ignore[return-value]

@@ -9,7 +9,7 @@ Reference: a torchvision DataLoader with CPU crop/flip, as robustness uses, is t
 
 Target (issue 7): the data pipeline is not the bottleneck (idle fraction near 0) on one GPU:
 
-    python bench/data_pipeline.py --device cuda --arch wrn28-10 --batch-size 128
+    python -m bench.data_pipeline --device cuda --arch wrn28-10 --batch-size 128
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import NativeTrainer, base_parser, device_from, header, sync
+
+from bench.common import (
+    NativeTrainer,
+    base_parser,
+    device_from,
+    header,
+    sync,
+    synthetic_split,
+    timed,
+)
 
 
 def loader_images_per_s(trainer: NativeTrainer) -> float:
@@ -33,7 +42,6 @@ def loader_images_per_s(trainer: NativeTrainer) -> float:
 def torchvision_images_per_s(args, device: torch.device, workers: int) -> float:
     """A CPU DataLoader with RandomCrop(4)+flip, moving batches to the device (the usual way)."""
     import torchvision.transforms.v2 as T
-    from _common import synthetic_split
 
     split = synthetic_split(args, args.batch_size * (args.iters + args.warmup))
     tf = T.Compose([T.RandomCrop(args.image_size, padding=4), T.RandomHorizontalFlip(),
@@ -65,20 +73,13 @@ def main() -> None:
     trainer = NativeTrainer(args, device, steps=args.steps)
     print(f"# {args.arch}, batch {args.batch_size}, PGD-{args.steps}, {args.iters} timed steps")
     x, y = next(iter(trainer.batches()))
-    n = args.iters * args.batch_size
     fed = prefetched = 0.0
     # alternate the two measurements and keep the best of each: the difference is small, and
     # on a shared machine the noise is not
     for _ in range(args.rounds):
         fed = max(fed, trainer.images_per_s(args.warmup))
-        for _ in range(args.warmup):
-            trainer.step(x, y)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            trainer.step(x, y)
-        sync(device)
-        prefetched = max(prefetched, n / (time.perf_counter() - t0))
+        s_per_step = timed(lambda: trainer.step(x, y), device, args.iters, args.warmup)
+        prefetched = max(prefetched, args.batch_size / s_per_step)
     alone = loader_images_per_s(trainer)
     print(f"robust-amo Loader alone: {alone:.1f} images/s")
     print(f"torchvision DataLoader alone ({args.workers} workers): "

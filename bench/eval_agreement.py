@@ -2,7 +2,8 @@
 
 Same model, same examples, same eps / step size / steps / restarts, timed in the same run:
 
-- ours: ``evaluation.pgd_robust`` (robust only if no iterate of any restart is misclassified);
+- ours: ``robust_amo.evaluation.pgd_robust`` (robust only if no iterate of any restart is
+  misclassified);
 - robustness: ``AttackerModel(..., make_adv=True, random_start=True, random_restarts=R,
   use_best=True)`` (per restart the highest-loss iterate is checked). In robustness 1.2.1 its
   restart loop marks misclassified points with ``~corr`` on a uint8 tensor (254/255, never 0),
@@ -13,12 +14,13 @@ Same model, same examples, same eps / step size / steps / restarts, timed in the
   PGD from moving saturated pixels (digits: most of the background); our models normalise
   themselves, so the attacker runs with ``should_normalize=False`` (no clamp, same model);
 - torchattacks: ``torchattacks.PGD`` run R times on the examples still robust (its final iterate
-  is checked; L∞ only, ``PGDL2`` for L2).
+  is checked; L∞ only, ``PGDL2`` for L2). torchattacks is optional: without it its row says
+  "torchattacks: not installed".
 
 Ours checks the most iterates, so its robust accuracy should be the lowest or equal; the three
 should agree within a point or two on a sound model. Usage::
 
-    python bench/eval_agreement.py --checkpoint runs/quickstart --n-examples 200 \\
+    python -m bench.eval_agreement --checkpoint runs/quickstart --n-examples 200 \\
         --steps 20 --restarts 5
 
 Not part of the test suite. Results: docs/benchmarks.md ("Evaluation agreement").
@@ -27,49 +29,24 @@ Not part of the test suite. Results: docs/benchmarks.md ("Evaluation agreement")
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
+import importlib.util
 import json
 import platform
-import sys
-import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation import PGDSettings, load_eval_data, load_model, pgd_robust  # noqa: E402
-from robust_amo.config import parse_float  # noqa: E402
-
-
-@contextlib.contextmanager
-def cuda_calls_are_noops_without_cuda():
-    """BENCH-ONLY MONKEYPATCH: robustness's Attacker calls ``orig_input.cuda()`` unconditionally.
-
-    Without a GPU that raises, so for the duration of the robustness run ``Tensor.cuda`` returns
-    the tensor unchanged. Never used outside this script; a no-op when CUDA is available.
-    """
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
-
-
-def chunked(n: int, bs: int):
-    return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+from bench.common import ZeroOneDataset, best_time, chunks, cuda_noop_patch, fraction
+from robust_amo.config import parse_float
+from robust_amo.evaluation import PGDSettings, load_eval_data, load_model, pgd_robust
+from robust_amo.runtime import resolve_device
 
 
 def run_ours(model, x, y, s: PGDSettings, bs: int) -> torch.Tensor:
     out = []
-    for sl in chunked(len(y), bs):
+    for sl in chunks(len(y), bs):
         r = pgd_robust(model, x[sl], y[sl], torch.arange(sl.start, sl.stop), s)
         out.append(r.robust)
     return torch.cat(out)
@@ -78,10 +55,8 @@ def run_ours(model, x, y, s: PGDSettings, bs: int) -> torch.Tensor:
 def _attacker(model, x, s: PGDSettings, restarts):
     from robustness.attacker import AttackerModel
 
-    c = x.shape[1]
     # identity normaliser: our models normalise their input themselves
-    ds = SimpleNamespace(mean=torch.zeros(c), std=torch.ones(c))
-    am = AttackerModel(model, ds).to(x.device).eval()
+    am = AttackerModel(model, ZeroOneDataset(x.shape[1])).to(x.device).eval()
     kw = dict(constraint="inf" if s.norm == "linf" else "2", eps=s.eps, step_size=s.step_size,
               iterations=s.steps, random_start=True, random_restarts=restarts, use_best=True,
               should_normalize=False)
@@ -92,8 +67,8 @@ def run_robustness(model, x, y, s: PGDSettings, bs: int, clean: torch.Tensor) ->
     am, kw = _attacker(model, x, s, s.restarts)
     out = []
     torch.manual_seed(s.seed)  # robustness draws its starts from the global RNG
-    with cuda_calls_are_noops_without_cuda():
-        for sl in chunked(len(y), bs):
+    with cuda_noop_patch(x.device):
+        for sl in chunks(len(y), bs):
             _, xa = am(x[sl], y[sl], make_adv=True, **kw)
             with torch.no_grad():
                 out.append(model(xa).argmax(1) == y[sl])
@@ -105,7 +80,7 @@ def run_robustness_looped(model, x, y, s: PGDSettings, bs: int,
     am, kw = _attacker(model, x, s, False)
     torch.manual_seed(s.seed)
     robust = clean.clone()
-    with cuda_calls_are_noops_without_cuda():
+    with cuda_noop_patch(x.device):
         for _ in range(s.restarts):
             idx = robust.nonzero().squeeze(1)
             for k in range(0, len(idx), bs):
@@ -141,9 +116,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=str, required=True, help="run folder or .pt file")
     p.add_argument("--n-examples", type=int, default=200, help="first N test examples")
-    p.add_argument("--eps", type=str, help="radius (default: the checkpoint's training eps)")
+    p.add_argument("--eps", type=fraction,
+                   help="radius (default: the checkpoint's training eps)")
     p.add_argument("--norm", type=str, choices=["linf", "l2"], help="default: checkpoint's")
-    p.add_argument("--step-size", type=str, help="default eps/4")
+    p.add_argument("--step-size", type=fraction, help="default eps/4")
     p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
     p.add_argument("--restarts", type=int, default=5, help="random restarts (default 5)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size")
@@ -155,37 +131,36 @@ def main() -> None:
     # robustness indexes with uint8 masks (the restart bug above); keep the table readable
     warnings.filterwarnings("ignore", message="indexing with dtype torch.uint8")
 
-    device = torch.device(a.device)
+    device = resolve_device(a.device)
     model, meta = load_model(a.checkpoint, device)
     data = load_eval_data(meta, n_examples=a.n_examples)
     x, y = data.x.to(device), data.y.to(device)
     att = meta["config"].get("attack", {})
-    eps = parse_float(a.eps if a.eps is not None else att.get("eps", 8 / 255), "--eps")
+    eps = a.eps if a.eps is not None else parse_float(att.get("eps", 8 / 255), "attack.eps")
     norm = a.norm or att.get("norm", "linf")
-    step = parse_float(a.step_size, "--step-size") if a.step_size else eps / 4
+    step = a.step_size if a.step_size is not None else eps / 4
     s = PGDSettings(eps, step, a.steps, a.restarts, norm, seed=a.seed)
     with torch.no_grad():
         clean = model(x).argmax(1) == y
 
+    # name -> (package it needs, run); a peer that is not installed gets a row saying so
     methods = {
-        "robust-amo (ours)": lambda: run_ours(model, x, y, s, a.batch_size),
-        "robustness AttackerModel": lambda: run_robustness(model, x, y, s, a.batch_size, clean),
-        "robustness, restarts looped here": lambda: run_robustness_looped(
-            model, x, y, s, a.batch_size, clean),
-        "torchattacks PGD": lambda: run_torchattacks(model, x, y, s, a.batch_size, clean),
+        "robust-amo (ours)": ("robust_amo", lambda: run_ours(model, x, y, s, a.batch_size)),
+        "robustness AttackerModel": ("robustness", lambda: run_robustness(
+            model, x, y, s, a.batch_size, clean)),
+        "robustness, restarts looped here": ("robustness", lambda: run_robustness_looped(
+            model, x, y, s, a.batch_size, clean)),
+        "torchattacks PGD": ("torchattacks", lambda: run_torchattacks(
+            model, x, y, s, a.batch_size, clean)),
     }
-    results = {}
-    for name, fn in methods.items():
-        fn()  # warm-up
-        times = []
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            mask = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+    results, missing = {}, {}
+    for name, (package, fn) in methods.items():
+        if importlib.util.find_spec(package) is None:
+            missing[name] = package
+            continue
+        t, mask = best_time(fn, device, a.repeats, warmup=1)
         results[name] = {"robust_accuracy": mask.float().mean().item(), "mask": mask,
-                         "time_s": min(times)}
+                         "time_s": t}
     ours = results["robust-amo (ours)"]
     print(f"# {meta['arch']} on {data.dataset} test, {len(y)} examples, clean accuracy "
           f"{clean.float().mean().item():.2%}; {norm} eps {eps:.4g}, step {step:.4g}, "
@@ -195,14 +170,18 @@ def main() -> None:
           f"{datetime.date.today().isoformat()}")
     print("| method | robust accuracy | agrees with ours | time (s) | time / ours |")
     print("|---|---:|---:|---:|---:|")
-    for name, r in results.items():
+    for name in methods:
+        if name in missing:
+            print(f"| {name} | {missing[name]}: not installed | – | – | – |")
+            continue
+        r = results[name]
         agree = (r["mask"] == ours["mask"]).float().mean().item()
         print(f"| {name} | {r['robust_accuracy']:.2%} | {agree:.1%} | {r['time_s']:.2f} | "
               f"{r['time_s'] / ours['time_s']:.2f} |")
     if a.json:
-        Path(a.json).write_text(json.dumps(
-            {k: {kk: vv for kk, vv in v.items() if kk != "mask"} for k, v in results.items()},
-            indent=2))
+        rows = {k: {kk: vv for kk, vv in v.items() if kk != "mask"} for k, v in results.items()}
+        rows.update({k: {"not_installed": v} for k, v in missing.items()})
+        Path(a.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

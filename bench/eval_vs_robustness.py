@@ -3,14 +3,14 @@
 Both attack the same examples of the same model with L-inf PGD, 50 steps of 2/255 in the
 8/255 ball, random start, 10 restarts; each reports robust accuracy (lower = stronger attack)
 and the time taken. robustness keeps the best-loss iterate of every restart (``use_best``) and
-runs all restarts on all examples; robust-amo's evaluation (``evaluation.runner``, what
-``robust-amo eval --attack pgd50`` runs) stops attacking an example at its first misclassified
-iterate and only restarts the examples still standing.
+runs all restarts on all examples; robust-amo's evaluation (``robust_amo.evaluation.runner``,
+what ``robust-amo eval --attack pgd50`` runs) stops attacking an example at its first
+misclassified iterate and only restarts the examples still standing.
 
 Target (issue 7): ratio >= 3 with equal or lower robust accuracy, on one GPU, for a
 PGD-trained model (an untrained one falls at the first step and says little):
 
-    python bench/eval_vs_robustness.py --device cuda --checkpoint runs/cifar10-pgd \\
+    python -m bench.eval_vs_robustness --device cuda --checkpoint runs/cifar10-pgd \\
         --examples 1000 --batch-size 500
 """
 
@@ -21,27 +21,21 @@ import io
 import time
 import warnings
 
-import torch
-from _common import (
+from bench.common import (
     ZeroOneDataset,
     base_parser,
+    chunks,
     cuda_noop_patch,
     device_from,
     header,
     make_model,
+    patched_note,
     sync,
     synthetic_split,
 )
-
-from evaluation.runner import evaluate_attacks, parse_attack
 from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_amo.data import load_dataset
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, size: int):
-    """Consecutive batches of (x, y)."""
-    for i in range(0, len(y), size):
-        yield x[i:i + size], y[i:i + size]
+from robust_amo.evaluation import evaluate_attacks, parse_attack
 
 
 def native(model, x, y, args, device, steps: int, restarts: int) -> tuple[float, float]:
@@ -71,9 +65,9 @@ def robustness(model, x, y, args, device, steps: int, restarts: int) -> tuple[fl
         warnings.simplefilter("ignore")  # its uint8 mask indexing is deprecated
         sync(device)
         t0 = time.perf_counter()
-        for xb, yb in batches(x, y, args.batch_size):
-            logits, _ = attacker(xb, yb, make_adv=True, **kw)
-            correct += (logits.argmax(1) == yb).sum().item()
+        for sl in chunks(len(y), args.batch_size):
+            logits, _ = attacker(x[sl], y[sl], make_adv=True, **kw)
+            correct += (logits.argmax(1) == y[sl]).sum().item()
         sync(device)
     return correct / len(y), time.perf_counter() - t0
 
@@ -116,8 +110,7 @@ def main() -> None:
     acc_n, t_n = native(model, x, y, args, device, args.pgd_steps, args.restarts)
     print(f"robust-amo PGD: robust accuracy {acc_n:.4f} in {t_n:.2f} s")
     acc_r, t_r = robustness(model, x, y, args, device, args.pgd_steps, args.restarts)
-    print(f"robustness attacker: robust accuracy {acc_r:.4f} in {t_r:.2f} s"
-          + ("  (CPU: .cuda() patched to a no-op for this run)" if device.type != "cuda" else ""))
+    print(f"robustness attacker: robust accuracy {acc_r:.4f} in {t_r:.2f} s" + patched_note(device))
     print(f"robust accuracy robust-amo <= robustness: {acc_n <= acc_r}")
     print(f"ratio robustness time / robust-amo time: {t_r / t_n:.2f}")
 

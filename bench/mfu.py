@@ -1,19 +1,27 @@
 """Model FLOP utilisation of the native PGD-10 training step against the device's peak.
 
 FLOPs are counted analytically (convolutions and linear layers, 2 per multiply-add, see
-``_common.pgd_step_flops``) and divided by the measured step time; the ratio to the dense bf16
+``bench.common.pgd_step_flops``) and divided by the measured step time; the ratio to the dense bf16
 peak of the GPU is the MFU. The peak is looked up from the GPU's name or given with
 ``--peak-tflops`` (needed on the CPU, where it depends on the machine).
 
 Target (issue 7): MFU >= 40% for WRN-28-10 on one GPU:
 
-    python bench/mfu.py --device cuda --arch wrn28-10 --batch-size 128
+    python -m bench.mfu --device cuda --arch wrn28-10 --batch-size 128
 """
 
 from __future__ import annotations
 
 import torch
-from _common import NativeTrainer, base_parser, device_from, forward_flops, header, pgd_step_flops
+
+from bench.common import (
+    NativeTrainer,
+    base_parser,
+    device_from,
+    forward_flops,
+    header,
+    pgd_step_flops,
+)
 
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets
 PEAK_BF16_TFLOPS = {

@@ -8,7 +8,7 @@ its throughput is taken between two of its own iteration hooks. The native side 
 
 Target (issue 7): ratio >= 2 for WRN-28-10, batch 128, on one GPU:
 
-    python bench/pgd_train_vs_robustness.py --device cuda --arch wrn28-10 --batch-size 128
+    python -m bench.pgd_train_vs_robustness --device cuda --arch wrn28-10 --batch-size 128
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import types
 import warnings
 
 import torch
-from _common import (
+
+from bench.common import (
     NativeTrainer,
     ZeroOneDataset,
     base_parser,
@@ -29,6 +30,7 @@ from _common import (
     device_from,
     header,
     make_model,
+    patched_note,
     sync,
     synthetic_split,
 )
@@ -82,8 +84,7 @@ def main() -> None:
     native = NativeTrainer(args, device, steps=10).images_per_s(args.warmup)
     print(f"robust-amo train_step: {native:.1f} images/s")
     theirs = robustness_images_per_s(args, device)
-    print(f"robustness train_model: {theirs:.1f} images/s"
-          + ("  (CPU: .cuda() patched to a no-op for this run)" if device.type != "cuda" else ""))
+    print(f"robustness train_model: {theirs:.1f} images/s" + patched_note(device))
     print(f"ratio robust-amo / robustness: {native / theirs:.2f}")
 
 

@@ -1,26 +1,28 @@
 """Cost of a robust AMO training step inside robustness, relative to robustness's PGD step.
 
-Robust AMO takes ∇_δ from the same backward as ∇_{x'} (ALGORITHMS.md), so its step should cost
+Robust AMO takes ∇_δ from the same backward as ∇_{x'} (docs/algorithms.md), so its step should cost
 about what a PGD training step costs. This times one training step (attack + forward + backward +
 SGD step) of the plugin's ``RobustAMOAttackerModel`` with the paper's η_δ and with η_δ = 0 (the
 same x' path, δ ≡ 0: the hooks' cost), and, on CUDA, of robustness's own ``AttackerModel``
 (its ``Attacker`` calls ``.cuda()``, so that row needs a GPU). Ratios are measured in this run.
 
-    python bench/robustness_plugin_step.py --arch tiny-wrn --batch-size 64 --steps 10
+    python -m bench.robustness_plugin_step --arch tiny-wrn --batch-size 64 --steps 10
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-from robust_amo import robustness_plugin as rp
+from bench.common import timed
+from robust_amo.integrations import robustness as rp
+from robust_amo.runtime import resolve_device
 
 
 def _time_step(model, x, y, kwargs, repeats: int) -> float:
+    """Seconds per training step (attack + forward + backward + SGD) after one warm-up step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
 
@@ -31,15 +33,7 @@ def _time_step(model, x, y, kwargs, repeats: int) -> float:
         loss.backward()
         opt.step()
 
-    step()  # warm-up
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+    return timed(step, x.device, repeats, warmup=1)
 
 
 def main() -> None:
@@ -52,8 +46,7 @@ def main() -> None:
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="device")
     a = p.parse_args()
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if a.device == "auto" else a.device))
+    dev = resolve_device(a.device)
     ds = rp.robustness_dataset(a.dataset, device=dev)
     torch.manual_seed(0)
     x = torch.rand(a.batch_size, *ds.input_shape, device=dev)
@@ -67,9 +60,11 @@ def main() -> None:
         rows[name] = _time_step(rp.RobustAMOAttackerModel(net, ds, eta_delta=eta).to(dev), x, y,
                                 kwargs, a.repeats)
     if dev.type == "cuda":
+        from robustness.attacker import AttackerModel  # after rp: its shim comes first
+
         torch.manual_seed(1)
         net = rp.architecture(a.arch, ds).to(dev)
-        rows["robustness AttackerModel PGD"] = _time_step(rp.AttackerModel(net, ds).to(dev), x, y,
+        rows["robustness AttackerModel PGD"] = _time_step(AttackerModel(net, ds).to(dev), x, y,
                                                           kwargs, a.repeats)
     ref_name = "robustness AttackerModel PGD" if dev.type == "cuda" else "plugin, eta_delta=0"
     ref = rows[ref_name]

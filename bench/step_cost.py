@@ -13,9 +13,9 @@ any device), and on CUDA also the real peak, ``torch.cuda.max_memory_allocated``
 
 Examples::
 
-    python bench/step_cost.py                                  # tiny-wrn, CIFAR-shaped, CPU
-    python bench/step_cost.py --arch wrn28-10 --batch 128      # the issue's GPU target (bf16)
-    python bench/step_cost.py --arch mnist-cnn2 --shape 1,28,28 \\
+    python -m bench.step_cost                                  # tiny-wrn, CIFAR-shaped, CPU
+    python -m bench.step_cost --arch wrn28-10 --batch 128      # the issue's GPU target (bf16)
+    python -m bench.step_cost --arch mnist-cnn2 --shape 1,28,28 \\
         --methods standard,jacobian-lm,jacobian-lm-batched,jacobian-lm-random
 """
 
@@ -30,15 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from attacks import PGD  # noqa: E402
-from robust_amo.config import TrainConfig  # noqa: E402
-from robust_amo.models import create_model  # noqa: E402
-from robust_amo.objectives import build_objective  # noqa: E402
-from robust_amo.train import autocast  # noqa: E402
+from bench.common import sync, timed
+from robust_amo.attacks import PGD
+from robust_amo.config import TrainConfig
+from robust_amo.methods import build_objective
+from robust_amo.models import create_model
+from robust_amo.runtime import autocast, resolve_device
 
 # name -> (trainer method, method_args)
 METHODS: dict[str, tuple[str, dict]] = {
@@ -87,9 +86,7 @@ class Counter:
 
 
 def _setup(args: argparse.Namespace, name: str):
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     shape = tuple(int(s) for s in args.shape.split(","))
     torch.manual_seed(0)
     model = create_model(args.arch, args.classes, input_shape=shape).to(device)
@@ -121,11 +118,6 @@ def _make_step(model, x, y, objective, opt, amp):
         opt.step()
 
     return step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class SavedBytes:
@@ -175,18 +167,13 @@ def main() -> None:
         with saved.hooks():
             step()  # warm-up, pass count and graph size of one step
         saved.close()
-        _sync(device)
+        sync(device)
         runs[n] = {"step": step, "device": device, "times": [], "saved": saved.peak,
                    "forward": counter.forward, "backward": counter.backward}
     for _ in range(args.rounds):
         for n in names:
             r = runs[n]
-            _sync(r["device"])
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                r["step"]()
-            _sync(r["device"])
-            r["times"].append((time.perf_counter() - t0) / args.steps)
+            r["times"].append(timed(r["step"], r["device"], args.steps, warmup=0))
 
     device = runs[names[0]]["device"]
     cuda_peak: dict[str, float] = {}
@@ -195,10 +182,10 @@ def main() -> None:
             _, model, x, y, objective, opt, amp = _setup(args, n)
             step = _make_step(model, x, y, objective, opt, amp)
             step()
-            torch.cuda.synchronize()
+            sync(device)
             torch.cuda.reset_peak_memory_stats()
             step()
-            torch.cuda.synchronize()
+            sync(device)
             cuda_peak[n] = float(torch.cuda.max_memory_allocated())
             del model, objective, opt, step
             torch.cuda.empty_cache()

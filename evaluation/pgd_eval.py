@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from robust_amo.attacks import PGD, random_start
-from robust_amo.attacks.core import check_threat_model
 from torch import nn
 
+from robust_amo.attacks import PGD, random_start
+from robust_amo.attacks.core import check_threat_model
 from robust_amo.config import AttackLoss, Norm
 from robust_amo.runtime import Amp, derive_seed, eval_mode
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from robust_amo.attacks import PGD
 
 from robust_amo import create_model
+from robust_amo.attacks import PGD
 from robust_amo.train import resolve, train
 
 pytestmark = pytest.mark.gpu

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from robust_amo.attacks import PGD
 
+from robust_amo.attacks import PGD
 from robust_amo.config import TrainConfig
 from robust_amo.data import Loader, Split
 from robust_amo.methods import build_objective

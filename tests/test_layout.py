@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -172,11 +173,15 @@ def test_import_robust_amo_loads_no_optional_heavy_package():
 def test_the_wheel_installs_only_robust_amo(tmp_path):
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed: cannot build the wheel offline")
+    # from a copy: setuptools leaves build/ and *.egg-info beside the sources it builds
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".*_cache"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                          "--no-index", "-q", "-w", str(tmp_path), str(ROOT)],
+                          "--no-index", "-q", "-w", str(tmp_path / "dist"), str(src)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    (wheel,) = tmp_path.glob("robust_amo-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("robust_amo-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}

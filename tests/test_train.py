@@ -129,7 +129,6 @@ class _WrongOnlyAtClean(torch.nn.Module):
 
 def test_evaluate_counts_robust_only_where_clean_is_correct():
     from robust_amo.attacks import PGD
-
     from robust_amo.train import evaluate
 
     model = _WrongOnlyAtClean()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from robust_amo.attacks import PGD, RobustAMOAttack, attack_loss, random_start
 
+from robust_amo.attacks import PGD, RobustAMOAttack, attack_loss, random_start
 from robust_amo.methods import (
     robust_amo_loss,
 )

@@ -1,8 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from robust_amo.attacks import PGD, margin_loss, pgd_step
 from torch import nn
+
+from robust_amo.attacks import PGD, margin_loss, pgd_step
 
 
 def _batch(digits, n=64):

@@ -6,6 +6,12 @@ import json
 
 import pytest
 import torch
+from torch import nn
+
+from robust_amo.checkpoint import FORMAT
+from robust_amo.cli import main
+from robust_amo.data import dataset_info, load_dataset
+from robust_amo.errors import CheckpointError, RobustAmoError
 from robust_amo.evaluation import (
     AttackOutcome,
     AutoAttackSettings,
@@ -21,12 +27,6 @@ from robust_amo.evaluation import (
 from robust_amo.evaluation.autoattack_adapter import LogitsOnly
 from robust_amo.evaluation.pgd_eval import restart_starts
 from robust_amo.evaluation.report import build_report, markdown, sanity_checks, validate_report
-from torch import nn
-
-from robust_amo.checkpoint import FORMAT
-from robust_amo.cli import main
-from robust_amo.data import dataset_info, load_dataset
-from robust_amo.errors import CheckpointError, RobustAmoError
 from robust_amo.models import create_model
 from tests.helpers import ROOT
 

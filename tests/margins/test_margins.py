@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from robust_amo.attacks import PGD
 
+from robust_amo.attacks import PGD
 from robust_amo.cli import main
 from robust_amo.margins import (
     SearchOptions,

@@ -7,8 +7,8 @@ import functools
 
 import pytest
 import torch
-from robust_amo.attacks import PGD, RobustAMOAttack
 
+from robust_amo.attacks import PGD, RobustAMOAttack
 from robust_amo.methods import (
     pgd_loss,
     robust_amo_loss,
