@@ -20,11 +20,10 @@ from robust_amo.checkpoint import Which, load_checkpoint, model_from_checkpoint,
 from robust_amo.config import AttackLoss, Norm, check_choice, parse_float
 from robust_amo.data import dataset_info, hold_out, load_dataset, take_subset
 from robust_amo.errors import CheckpointError, ConfigError, DataError
+from robust_amo.version import SPLITS_SINCE, version_tuple
 
 Split = Literal["test", "val", "train"]
 """The examples to analyse: the test split, the run's held-out split, or the training split."""
-# the held-out split of runs written before 0.2.0 was drawn with another seed rule
-FIRST_VERSION_WITH_VAL = (0, 2, 0)
 
 
 def load_model(
@@ -121,7 +120,7 @@ def load_eval_data(
         if dataset is not None or int(data_cfg.get("val_size", 0)) <= 0:
             raise DataError("--split val needs the checkpoint's own dataset with a held-out "
                             "part (data.val_size > 0 in training); use --split test")
-        if _version(meta.get("robust_amo_version")) < FIRST_VERSION_WITH_VAL:
+        if version_tuple(meta.get("robust_amo_version")) < SPLITS_SINCE:
             raise DataError("--split val cannot rebuild the held-out part of a run written by "
                             f"robust-amo {meta.get('robust_amo_version')} (before 0.2.0 it was "
                             "drawn differently); use --split test")
@@ -147,14 +146,6 @@ def _check_fits(meta: dict[str, Any], name: str) -> None:
     if meta.get("num_classes") not in (None, info.num_classes):
         raise CheckpointError(f"the model has {meta['num_classes']} classes but {name} has "
                               f"{info.num_classes}; pass the --dataset it was trained on")
-
-
-def _version(text: Any) -> tuple[int, ...]:
-    """``"0.2.0"`` -> (0, 2, 0); unknown or unreadable -> (0,)."""
-    try:
-        return tuple(int(p) for p in str(text).split(".")[:3])
-    except ValueError:
-        return (0,)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, Unk
 from .methods import build_objective, method_options, method_spec
 from .models import create_model, is_registered, list_models
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
+from .version import SPLITS_SINCE, version_tuple
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,13 @@ def _resume(
                 f"cannot resume {path}: it was trained with {key}={ck.get(key)!r}, this run asks "
                 f"for {key}={getattr(cfg, key)!r}; use another --out or the same settings"
             )
+    redrawn = cfg.data.val_size > 0 or cfg.data.train_subset is not None
+    if redrawn and version_tuple(ck.get("robust_amo_version")) < SPLITS_SINCE:
+        raise CheckpointError(
+            f"cannot resume {path}: robust-amo {ck.get('robust_amo_version')} drew "
+            "data.train_subset/data.val_size differently, so the run would go on with other "
+            "training data; start a new run (another --out)"
+        )
     model.load_state_dict(ckpt_io.model_state(ck))
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])

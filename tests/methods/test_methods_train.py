@@ -138,3 +138,33 @@ def test_clean_amo_configs_follow_the_authors_schedule(path):
         e = epoch + 1
         authors = 0.1 * 0.2 ** (e >= 60) * 0.2 ** (e >= 120) * 0.2 ** (e >= 150)
         assert cfg.optim.lr * f(epoch * 4) == pytest.approx(authors), epoch
+
+
+def test_a_method_that_needs_no_attack_gets_none(monkeypatch, tmp_path):
+    from robust_amo.methods import METHODS, MethodContext, register_method
+
+    assert {m for m, s in METHODS.items() if s.needs_attack} == {"pgd", "robust-amo"}
+    seen = []
+    monkeypatch.setattr("robust_amo.methods.registry.METHODS", dict(METHODS))
+
+    @register_method("spy")
+    def _spy(options, ctx: MethodContext):
+        seen.append(ctx)
+        return METHODS["standard"].build(None, ctx)
+
+    from robust_amo.attacks import PGD
+
+    built = []
+
+    def recording_pgd(*args, **kwargs):
+        built.append(kwargs.get("early_stop", False))
+        return PGD(*args, **kwargs)
+
+    monkeypatch.setattr("robust_amo.train.PGD", recording_pgd)
+    cfg = resolve(None, [{"arch": "tiny-mlp", "dataset": "digits", "method": "spy",
+                          "epochs": 1, "out": str(tmp_path), "eval": {"examples": 0}}])
+    train(cfg)
+    assert seen and seen[0].attack is None and seen[0].generator is not None
+    assert built == [True]  # only the per-epoch check's attack (early stop), no training attack
+    with pytest.raises(ConfigError, match="training attack"):
+        build_objective(resolve(None, [{"method": "pgd"}]))
