@@ -208,6 +208,14 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(MODEL_PREFIX):]: v for k, v in sd.items() if k.startswith(MODEL_PREFIX)}
 
 
+def load_error_summary(e: Exception) -> str:
+    """One line of a ``load_state_dict`` error (it lists every mismatched key over many lines):
+    the first specific one, shortened."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the registered architecture of a checkpoint and load its weights (eval mode)."""
     try:
@@ -221,11 +229,9 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
         )
         model.load_state_dict(model_state(ckpt))
     except (KeyError, RuntimeError) as e:
-        # load_state_dict lists every mismatched key over many lines: keep one line
-        detail = " ".join(str(e).split())
-        detail = detail if len(detail) <= 300 else detail[:297] + "..."
         raise CheckpointError(
-            f"checkpoint does not match its architecture {ckpt.get('arch')!r}: {detail}"
+            f"checkpoint does not match its architecture {ckpt.get('arch')!r}: "
+            f"{load_error_summary(e)}"
         ) from None
     return model.eval()
 

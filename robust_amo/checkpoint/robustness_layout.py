@@ -52,13 +52,6 @@ def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_error_summary(e: RuntimeError) -> str:
-    """The first specific line of a ``load_state_dict`` error, shortened."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def is_robustness_checkpoint(obj: Any) -> bool:
     """Whether ``obj`` looks like a checkpoint of ``robustness`` (an AttackerModel state dict)."""
     if not isinstance(obj, dict) or obj.get("format") == ckpt_io.FORMAT:
@@ -221,7 +214,7 @@ def from_robustness(
     except RuntimeError as e:
         raise CheckpointError(
             f"the checkpoint's weights do not fit {arch!r} with input shape {tuple(input_shape)} "
-            f"({load_error_summary(e)}); check --arch/--dataset"
+            f"({ckpt_io.load_error_summary(e)}); check --arch/--dataset"
         ) from None
     n_mean = folded["normalize.mean"].flatten().tolist()
     n_std = folded["normalize.std"].flatten().tolist()

@@ -12,10 +12,11 @@ from robustness.datasets import DataSet
 from torch import nn
 
 from robust_amo.checkpoint import is_native, read_checkpoint, to_robustness
-from robust_amo.checkpoint.robustness_layout import load_error_summary
+from robust_amo.checkpoint.format import load_error_summary
 from robust_amo.config import DeltaGrad
 from robust_amo.errors import CheckpointError
 from robust_amo.models import RobustModel
+from robust_amo.runtime import resolve_device
 
 from .architectures import architecture, check_model, is_identity_normalization
 from .attacker import RobustAMOAttackerModel
@@ -75,9 +76,7 @@ def make_model(
         except RuntimeError as e:
             raise CheckpointError(f"{resume_path} does not fit this architecture "
                                   f"({load_error_summary(e)})") from None
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(dev)
+    model = model.to(torch.device(device) if device is not None else resolve_device("auto"))
     if parallel:
         model = nn.DataParallel(model)
     return model, checkpoint

@@ -7,6 +7,7 @@ from robustness.datasets import DataSet
 
 from robust_amo.data import Loader, dataset_info, load_dataset, normalize_dataset_name
 from robust_amo.models import RobustModel
+from robust_amo.runtime import resolve_device
 
 from .architectures import architecture
 
@@ -27,8 +28,7 @@ class RobustAmoDataSet(DataSet):
                          mean=torch.tensor(info.mean), std=torch.tensor(info.std),
                          transform_train=None, transform_test=None)
         self.input_shape = info.input_shape
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device is not None else resolve_device("auto")
 
     def get_model(self, arch: str, pretrained: bool) -> RobustModel:  # noqa: D102
         if pretrained:
