@@ -43,12 +43,10 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: AttackLoss) -> torch.Tensor:
     """Per-example loss the attack ascends, in float32 even under bf16 autocast (B,)."""
     logits = logits.float()
-    if loss == "ce":
-        return F.cross_entropy(logits, y, reduction="none")
     if loss == "cw":
         return margin_loss(logits, y)
-    check_choice("loss", loss, AttackLoss)
-    raise AssertionError("unreachable")
+    check_choice("loss", loss, AttackLoss)  # raises unless "ce"
+    return F.cross_entropy(logits, y, reduction="none")
 
 
 def model_loss(model: nn.Module, y: torch.Tensor, loss: AttackLoss) -> LossFn:

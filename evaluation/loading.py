@@ -22,7 +22,7 @@ from robust_amo.data import dataset_info, hold_out, load_dataset, take_subset
 from robust_amo.errors import CheckpointError, ConfigError, DataError
 from robust_amo.version import SPLITS_SINCE, version_tuple
 
-Split = Literal["test", "val", "train"]
+SplitName = Literal["test", "val", "train"]
 """The examples to analyse: the test split, the run's held-out split, or the training split."""
 
 
@@ -87,7 +87,7 @@ class EvalData:
 def load_eval_data(
     meta: dict[str, Any],
     *,
-    split: Split = "test",
+    split: SplitName = "test",
     n_examples: int | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -102,7 +102,7 @@ def load_eval_data(
         DataError: the dataset cannot be found, or the split is empty.
         CheckpointError: the images do not fit the model (other dataset).
     """
-    check_choice("split", split, Split)
+    check_choice("split", split, SplitName)
     cfg = meta.get("config") or {}
     data_cfg = cfg.get("data") or {}
     name = dataset or meta.get("dataset") or cfg.get("dataset")
@@ -212,7 +212,7 @@ def load_for_analysis(
     arch: str | None = None,
     dataset: str | None = None,
     data_dir: str | None = None,
-    split: Split = "test",
+    split: SplitName = "test",
     n_examples: int | None = None,
     eps: str | float | None = None,
     norm: Norm | None = None,
