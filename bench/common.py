@@ -109,10 +109,13 @@ class NativeTrainer:
 
     bf16 autocast and channels_last on CUDA, fused SGD, the uint8 set on the device with
     crop/flip done there, PGD from ``robust_amo.attacks`` (eval mode, random start), ``train_step``.
+    ``split``: the training images (default: ``args.iters + args.warmup`` synthetic batches);
+    ``augment``: crop/flip them (default True; not for 8×8 digits, which it destroys).
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device, steps: int = 10,
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None, split: Split | None = None,
+                 augment: bool = True) -> None:
         self.device = device
         cfg = TrainConfig(arch=args.arch, method="pgd", batch_size=args.batch_size,
                           bf16=not args.no_bf16)
@@ -129,9 +132,10 @@ class NativeTrainer:
                      torch.Generator().manual_seed(0))
         self.objective = build_objective(cfg, attack)
         self.amp = amp_factory(device, cfg.bf16)
-        n = args.batch_size * (args.iters + args.warmup)
-        self.loader = Loader(synthetic_split(args, n), args.batch_size, device, shuffle=True,
-                             augment=True, drop_last=True)
+        if split is None:  # synthetic: throughput does not depend on the content
+            split = synthetic_split(args, args.batch_size * (args.iters + args.warmup))
+        self.loader = Loader(split, args.batch_size, device, shuffle=True, augment=augment,
+                             drop_last=True)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches as the trainer sees them (channels_last on CUDA)."""

@@ -60,6 +60,30 @@ def torchvision_images_per_s(args, device: torch.device, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def measure(args, device: torch.device, steps: int = 10, rounds: int = 3) -> dict[str, float]:
+    """The data pipeline's share of PGD-``steps`` training (``args``: base_parser's options).
+
+    Returns:
+        images/s of the ``loader`` alone, of training ``fed`` by it and on one ``prefetched``
+        batch (best of ``rounds`` alternating rounds each); ``idle`` = 1 − fed/prefetched (the
+        time the device waits for data, ≥ 0) and ``loader_share`` = fed/loader (the fraction of
+        the fed run's wall time spent producing batches, a bound that needs no subtraction of
+        two noisy times).
+    """
+    trainer = NativeTrainer(args, device, steps=steps)
+    x, y = next(iter(trainer.batches()))
+    fed = prefetched = 0.0
+    # alternate the two measurements and keep the best of each: the difference is small, and
+    # on a shared machine the noise is not
+    for _ in range(rounds):
+        fed = max(fed, trainer.images_per_s(args.warmup))
+        s_per_step = timed(lambda: trainer.step(x, y), device, args.iters, args.warmup)
+        prefetched = max(prefetched, args.batch_size / s_per_step)
+    alone = loader_images_per_s(trainer)
+    return {"loader": alone, "fed": fed, "prefetched": prefetched,
+            "idle": max(0.0, 1 - fed / prefetched), "loader_share": fed / alone}
+
+
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
@@ -70,25 +94,16 @@ def main() -> None:
     args = p.parse_args()
     device = device_from(args)
     print(header(device))
-    trainer = NativeTrainer(args, device, steps=args.steps)
     print(f"# {args.arch}, batch {args.batch_size}, PGD-{args.steps}, {args.iters} timed steps")
-    x, y = next(iter(trainer.batches()))
-    fed = prefetched = 0.0
-    # alternate the two measurements and keep the best of each: the difference is small, and
-    # on a shared machine the noise is not
-    for _ in range(args.rounds):
-        fed = max(fed, trainer.images_per_s(args.warmup))
-        s_per_step = timed(lambda: trainer.step(x, y), device, args.iters, args.warmup)
-        prefetched = max(prefetched, args.batch_size / s_per_step)
-    alone = loader_images_per_s(trainer)
-    print(f"robust-amo Loader alone: {alone:.1f} images/s")
+    m = measure(args, device, args.steps, args.rounds)
+    print(f"robust-amo Loader alone: {m['loader']:.1f} images/s")
     print(f"torchvision DataLoader alone ({args.workers} workers): "
           f"{torchvision_images_per_s(args, device, args.workers):.1f} images/s")
-    print(f"training fed by the Loader: {fed:.1f} images/s")
-    print(f"training on a prefetched batch: {prefetched:.1f} images/s")
-    print(f"loader time / training time (bound on the data share): {prefetched / alone:.4f}")
-    idle = max(0.0, 1 - fed / prefetched)
-    print(f"idle fraction caused by data (1 - fed / prefetched): {idle:.4f}")
+    print(f"training fed by the Loader: {m['fed']:.1f} images/s")
+    print(f"training on a prefetched batch: {m['prefetched']:.1f} images/s")
+    print(f"loader time / training time (bound on the data share): "
+          f"{m['prefetched'] / m['loader']:.4f}")
+    print(f"idle fraction caused by data (1 - fed / prefetched): {m['idle']:.4f}")
 
 
 if __name__ == "__main__":

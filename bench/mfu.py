@@ -44,6 +44,25 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
+def measure(args, device: torch.device, steps: int = 10,
+            model: torch.nn.Module | None = None) -> dict[str, float]:
+    """FLOPs and throughput of the native PGD-``steps`` training step (``args``: base_parser's).
+
+    Returns:
+        ``forward_gflop`` and ``step_gflop`` per image, ``images_per_s`` (after
+        ``args.warmup`` untimed steps, data loading included) and the achieved ``tflops``.
+    """
+    trainer = NativeTrainer(args, device, steps=steps, model=model)
+    x = torch.zeros(args.batch_size, args.channels, args.image_size, args.image_size,
+                    device=device)
+    fwd, first = forward_flops(trainer.net, x)
+    step_flops = pgd_step_flops(fwd, first, steps)
+    ips = trainer.images_per_s(args.warmup)
+    return {"forward_gflop": fwd / args.batch_size / 1e9,
+            "step_gflop": step_flops / args.batch_size / 1e9,
+            "images_per_s": ips, "tflops": step_flops / args.batch_size * ips / 1e12}
+
+
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
@@ -52,24 +71,18 @@ def main() -> None:
     args = p.parse_args()
     device = device_from(args)
     print(header(device))
-    trainer = NativeTrainer(args, device, steps=args.steps)
-    x = torch.zeros(args.batch_size, args.channels, args.image_size, args.image_size,
-                    device=device)
-    fwd, first = forward_flops(trainer.net, x)
-    step_flops = pgd_step_flops(fwd, first, args.steps)
-    ips = trainer.images_per_s(args.warmup)
-    achieved = step_flops / args.batch_size * ips / 1e12
+    m = measure(args, device, args.steps)
     bf16 = not args.no_bf16 and device.type == "cuda"
     print(f"# {args.arch}, batch {args.batch_size}, PGD-{args.steps}, bf16 autocast={bf16}")
-    print(f"forward GFLOPs per image: {fwd / args.batch_size / 1e9:.4g}")
-    print(f"PGD-{args.steps} step GFLOPs per image: {step_flops / args.batch_size / 1e9:.4g}")
-    print(f"throughput: {ips:.1f} images/s = {achieved:.4g} TFLOP/s")
+    print(f"forward GFLOPs per image: {m['forward_gflop']:.4g}")
+    print(f"PGD-{args.steps} step GFLOPs per image: {m['step_gflop']:.4g}")
+    print(f"throughput: {m['images_per_s']:.1f} images/s = {m['tflops']:.4g} TFLOP/s")
     peak = peak_tflops(device, args.peak_tflops)
     if peak is None:
         print("peak unknown for this device: pass --peak-tflops; MFU: nan")
         return
     print(f"peak (dense bf16, or as given): {peak:.4g} TFLOP/s")
-    print(f"MFU (achieved / peak): {achieved / peak:.4g}")
+    print(f"MFU (achieved / peak): {m['tflops'] / peak:.4g}")
 
 
 if __name__ == "__main__":

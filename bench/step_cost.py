@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,18 +38,42 @@ from robust_amo.attacks import PGD
 from robust_amo.config import TrainConfig
 from robust_amo.methods import build_objective
 from robust_amo.models import create_model
+from robust_amo.perturb import fused_hook
 from robust_amo.runtime import autocast, resolve_device
 
-# name -> (trainer method, method_args)
-METHODS: dict[str, tuple[str, dict]] = {
-    "standard": ("standard", {}),
-    "pgd": ("pgd", {}),
-    "robust-amo": ("robust-amo", {}),
-    "amo": ("amo", {}),
-    "jacobian-lm": ("jacobian-lm", {}),  # variant all, vjp loop (the defaults)
-    "jacobian-lm-batched": ("jacobian-lm", {"vjp": "batched"}),
-    "jacobian-lm-random": ("jacobian-lm", {"variant": "random"}),
+# name -> (trainer method, method_args, perturbation kernel: fused (default) or reference)
+METHODS: dict[str, tuple[str, dict, bool]] = {
+    "standard": ("standard", {}, True),
+    "pgd": ("pgd", {}, True),
+    "robust-amo": ("robust-amo", {}, True),
+    "amo": ("amo", {}, True),
+    "jacobian-lm": ("jacobian-lm", {}, True),  # variant all, vjp loop (the defaults)
+    "jacobian-lm-batched": ("jacobian-lm", {"vjp": "batched"}, True),
+    "jacobian-lm-random": ("jacobian-lm", {"variant": "random"}, True),
 }
+# the same methods with the reference ops at the perturbation points (--hook both)
+REFERENCE_HOOK = {
+    "robust-amo-refhook": ("robust-amo", {}, False),
+    "amo-refhook": ("amo", {}, False),
+}
+ALL_METHODS = {**METHODS, **REFERENCE_HOOK}
+
+
+@dataclass
+class Settings:
+    """One step-cost run (the command-line options; ``bench.device_suite`` builds one too)."""
+
+    arch: str = "tiny-wrn"
+    shape: tuple[int, ...] = (3, 32, 32)
+    classes: int = 10
+    batch: int = 32
+    pgd_steps: int = 10
+    steps: int = 3
+    rounds: int = 3
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    device: str = "auto"
+    bf16: bool = True
+    cpu_bf16: bool = False
 
 
 def _parse() -> argparse.Namespace:
@@ -61,10 +86,15 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (median reported)")
     p.add_argument("--methods", type=str, default=",".join(METHODS),
-                   help="comma-separated subset of " + ", ".join(METHODS))
+                   help="comma-separated subset of " + ", ".join(ALL_METHODS))
+    p.add_argument("--hook", type=str, default="fused", choices=["fused", "both"],
+                   help="both: also time robust-amo and amo with the reference (unfused) "
+                        "perturbation ops, interleaved, and print the fused/reference ratio")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="device")
     p.add_argument("--no-bf16", action="store_true", help="float32 on CUDA")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 autocast on the CPU too (slow; for the graph sizes of bf16)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--json", type=str, default="", help="also write the results here")
     return p.parse_args()
@@ -85,9 +115,9 @@ class Counter:
         self.backward += 1
 
 
-def _setup(args: argparse.Namespace, name: str):
+def _setup(args: Settings, name: str):
     device = resolve_device(args.device)
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = args.shape
     torch.manual_seed(0)
     model = create_model(args.arch, args.classes, input_shape=shape).to(device)
     if device.type == "cuda":
@@ -97,7 +127,7 @@ def _setup(args: argparse.Namespace, name: str):
     y = torch.randint(args.classes, (args.batch,), generator=g).to(device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    method, margs = METHODS[name]
+    method, margs, fused = ALL_METHODS[name]
     cfg = TrainConfig(arch=args.arch, method=method, method_args=dict(margs))
     cfg.attack.steps = args.pgd_steps
     a = cfg.attack
@@ -105,13 +135,16 @@ def _setup(args: argparse.Namespace, name: str):
                  torch.Generator().manual_seed(2))
     objective = build_objective(cfg, attack)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    amp = autocast(device, not args.no_bf16)
-    return device, model, x, y, objective, opt, amp
+    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and args.cpu_bf16
+           else autocast(device, args.bf16))
+    return device, model, x, y, objective, opt, (amp, fused)
 
 
 def _make_step(model, x, y, objective, opt, amp):
+    amp, fused = amp
+
     def step() -> None:
-        with amp:
+        with amp, fused_hook(fused):
             loss, _ = objective(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,14 +183,21 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
 
-def main() -> None:
-    args = _parse()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+def measure(args: Settings) -> dict:
+    """Time, count and size one step of every method in ``args.methods`` (round-robin).
+
+    Returns:
+        ``{"header": str, "results": [one dict per method]}`` with the keys ``method``,
+        ``forward``, ``backward``, ``s_per_step``, ``vs_pgd``, ``vs_standard``, ``graph_mib``,
+        ``graph_vs_pgd``, ``cuda_peak_mib`` (NaN off CUDA), ``cuda_peak_vs_pgd``.
+
+    Raises:
+        ValueError: an unknown method name.
+    """
+    names = list(args.methods)
+    unknown = [n for n in names if n not in ALL_METHODS]
     if unknown:
-        sys.exit(f"step_cost.py: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
 
     runs = {}
     for n in names:
@@ -194,28 +234,62 @@ def main() -> None:
     dev_name = (torch.cuda.get_device_name() if device.type == "cuda"
                 else f"CPU {platform.processor() or platform.machine()}, "
                      f"{torch.get_num_threads()} threads, {os.cpu_count()} cores visible")
-    header = (f"# step_cost: {args.arch} input {args.shape} batch {args.batch}, "
-              f"PGD-{args.pgd_steps}, "
-              f"{'bf16' if device.type == 'cuda' and not args.no_bf16 else 'fp32'}; {dev_name}; "
+    bf16 = args.bf16 if device.type == "cuda" else args.cpu_bf16
+    shape = ",".join(str(s) for s in args.shape)
+    header = (f"# step_cost: {args.arch} input {shape} batch {args.batch}, "
+              f"PGD-{args.pgd_steps}, {'bf16' if bf16 else 'fp32'}; {dev_name}; "
               f"torch {torch.__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}")
-    print(header)
-    print(f"{'method':20s} {'fwd':>4s} {'bwd':>4s} {'s/step':>9s} {'x pgd':>7s} "
-          f"{'x std':>7s} {'graph MiB':>10s} {'x pgd':>7s} {'CUDA peak MiB':>14s}")
+    nan = float("nan")
     results = []
     for n in names:
         r = runs[n]
-        rp = med[n] / med["pgd"] if "pgd" in med else float("nan")
-        rs = med[n] / med["standard"] if "standard" in med else float("nan")
-        gp = r["saved"] / runs["pgd"]["saved"] if "pgd" in runs else float("nan")
-        peak = cuda_peak.get(n, float("nan")) / 2**20
-        print(f"{n:20s} {r['forward']:4d} {r['backward']:4d} {med[n]:9.4f} {rp:7.2f} {rs:7.2f} "
-              f"{r['saved'] / 2**20:10.1f} {gp:7.2f} {peak:14.1f}")
-        results.append({"method": n, "forward": r["forward"], "backward": r["backward"],
-                        "s_per_step": med[n], "vs_pgd": rp, "vs_standard": rs,
-                        "graph_mib": r["saved"] / 2**20, "graph_vs_pgd": gp,
-                        "cuda_peak_mib": peak})
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=1))
+        peak = cuda_peak.get(n, nan) / 2**20
+        results.append({
+            "method": n, "forward": r["forward"], "backward": r["backward"],
+            "s_per_step": med[n], "vs_pgd": med[n] / med["pgd"] if "pgd" in med else nan,
+            "vs_standard": med[n] / med["standard"] if "standard" in med else nan,
+            "graph_mib": r["saved"] / 2**20,
+            "graph_vs_pgd": r["saved"] / runs["pgd"]["saved"] if "pgd" in runs else nan,
+            "cuda_peak_mib": peak,
+            "cuda_peak_vs_pgd": cuda_peak.get(n, nan) / cuda_peak.get("pgd", nan),
+        })
+    return {"header": header, "results": results}
+
+
+def hook_ratios(results: list[dict]) -> dict[str, float]:
+    """``method -> s/step with the fused hook / s/step with the reference ops`` (--hook both)."""
+    by = {r["method"]: r for r in results}
+    return {m: by[m]["s_per_step"] / by[ref]["s_per_step"]
+            for ref in REFERENCE_HOOK if ref in by
+            for m in [ref.removesuffix("-refhook")] if m in by}
+
+
+def main() -> None:
+    a = _parse()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    names = [n.strip() for n in a.methods.split(",") if n.strip()]
+    if a.hook == "both":
+        names += [r for r, (m, _, _) in REFERENCE_HOOK.items() if m in names and r not in names]
+    args = Settings(arch=a.arch, shape=tuple(int(s) for s in a.shape.split(",")),
+                    classes=a.classes, batch=a.batch, pgd_steps=a.pgd_steps, steps=a.steps,
+                    rounds=a.rounds, methods=names, device=a.device, bf16=not a.no_bf16,
+                    cpu_bf16=a.cpu_bf16)
+    try:
+        out = measure(args)
+    except ValueError as e:
+        sys.exit(f"step_cost.py: {e}")
+    print(out["header"])
+    print(f"{'method':20s} {'fwd':>4s} {'bwd':>4s} {'s/step':>9s} {'x pgd':>7s} "
+          f"{'x std':>7s} {'graph MiB':>10s} {'x pgd':>7s} {'CUDA peak MiB':>14s}")
+    for r in out["results"]:
+        print(f"{r['method']:20s} {r['forward']:4d} {r['backward']:4d} {r['s_per_step']:9.4f} "
+              f"{r['vs_pgd']:7.2f} {r['vs_standard']:7.2f} {r['graph_mib']:10.1f} "
+              f"{r['graph_vs_pgd']:7.2f} {r['cuda_peak_mib']:14.1f}")
+    for m, ratio in hook_ratios(out["results"]).items():
+        print(f"{m}: fused hook / reference hook time: {ratio:.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -233,6 +233,9 @@ def _pgd(name: str, opts: EvalOptions) -> EvalAttack | None:
     if not m:
         return None
     steps = int(m.group(1))
+    if steps < 1:
+        raise ConfigError(f"--attack {name}: PGD needs at least one step (pgd1, pgd20, ...); "
+                          "`clean` is the accuracy without an attack")
     restarts = opts.restarts if opts.restarts is not None else PGD_DEFAULT_RESTARTS.get(steps, 1)
     alpha = opts.step_size if opts.step_size is not None else opts.eps / 4
     return PGDAttack(name, PGDSettings(opts.eps, alpha, steps, restarts, opts.norm, opts.loss,

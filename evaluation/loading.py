@@ -20,6 +20,7 @@ from robust_amo.checkpoint import Which, load_checkpoint, model_from_checkpoint,
 from robust_amo.config import AttackLoss, Norm, check_choice, parse_float
 from robust_amo.data import dataset_info, hold_out, load_dataset, take_subset
 from robust_amo.errors import CheckpointError, ConfigError, DataError
+from robust_amo.models import normalize_name
 from robust_amo.version import SPLITS_SINCE, version_tuple
 
 SplitName = Literal["test", "val", "train"]
@@ -33,6 +34,7 @@ def load_model(
     *,
     arch: str | None = None,
     dataset: str | None = None,
+    unsafe_load: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a robust-amo checkpoint, in eval mode on ``device``, and its metadata.
 
@@ -46,6 +48,7 @@ def load_model(
         which: checkpoint of a run folder: ``"last"`` (checkpoint.pt) or ``"best"`` (best.pt).
         arch: architecture of a robustness checkpoint (registry name).
         dataset: dataset of a robustness checkpoint.
+        unsafe_load: unpickle a file that needs it, running code from it (``--unsafe-load``).
 
     Returns:
         ``(model, meta)``; meta holds ``path``, ``arch``, ``dataset``, ``method``, ``epoch``,
@@ -53,9 +56,17 @@ def load_model(
 
     Raises:
         CheckpointError: missing, corrupt, or not matching its architecture.
+        ConfigError: ``arch`` names another architecture than the checkpoint records.
     """
     p = Path(path_or_run_dir).expanduser()
-    ckpt = load_checkpoint(p, map_location="cpu", which=which, arch=arch, dataset=dataset)
+    ckpt = load_checkpoint(p, map_location="cpu", which=which, arch=arch, dataset=dataset,
+                           unsafe_load=unsafe_load)
+    if arch is not None and normalize_name(arch) != normalize_name(str(ckpt.get("arch"))):
+        raise ConfigError(
+            f"--arch {arch} disagrees with the checkpoint, which records arch "
+            f"{ckpt.get('arch')}; drop --arch (it is only needed for robustness checkpoints "
+            "that record none)"
+        )
     model = model_from_checkpoint(ckpt).to(device).eval()
     file = resolve_path(p, which)
     meta = {
@@ -217,6 +228,7 @@ def load_for_analysis(
     eps: str | float | None = None,
     norm: Norm | None = None,
     step_size: str | float | None = None,
+    unsafe_load: bool = False,
 ) -> Analysis:
     """Model, examples and threat model of a checkpoint: what ``eval`` and ``margins`` start
     from (:func:`load_model`, :func:`load_eval_data`, :func:`threat_model`).
@@ -224,8 +236,16 @@ def load_for_analysis(
     Raises:
         CheckpointError, DataError, ConfigError: with the fix in the message.
     """
-    model, meta = load_model(checkpoint, device, which=which, arch=arch, dataset=dataset)
+    model, meta = load_model(checkpoint, device, which=which, arch=arch, dataset=dataset,
+                             unsafe_load=unsafe_load)
     threat = threat_model(meta, eps=eps, norm=norm, step_size=step_size)
     data = load_eval_data(meta, split=split, n_examples=n_examples, dataset=dataset,
                           data_dir=data_dir)
+    recorded = meta.get("input_shape")
+    if recorded is not None and list(recorded) != list(data.x.shape[1:]):
+        raise CheckpointError(
+            f"the checkpoint's model takes inputs of shape {tuple(recorded)}, but "
+            f"{data.dataset} examples have shape {tuple(data.x.shape[1:])}; evaluate it on the "
+            "dataset it was trained on (--dataset)"
+        )
     return Analysis(model, meta, data, threat)

@@ -144,8 +144,11 @@ def evaluate_attacks(
         done = state.attack(spec)
         parts = chunks(n, batch_size)
         mine = sharding.my_chunks(n, batch_size)  # all chunks unless run under torchrun
-        resumed = sum(1 for c in mine if done.get(c, {}).get("finished"))
-        for c in tqdm(mine, desc=spec.name, disable=not progress, leave=False):
+        # a chunk counts as resumed when any of its work was saved: finished, or (AutoAttack)
+        # part of its attacks
+        resumed = sum(1 for c in mine if c in done)
+        bar = tqdm(mine, desc=spec.name, disable=not progress, leave=False)
+        for c in bar:
             sl = parts[c]
             entry = done.get(c)
             if entry is not None and entry.get("finished"):
@@ -155,9 +158,11 @@ def evaluate_attacks(
 
             def save_partial(part: dict[str, Any], c: int = c, spent: float = spent,
                              t0: float = t0, name: str = spec.name,
-                             done: dict[int, Any] = done) -> None:
+                             done: dict[int, Any] = done, bar: Any = bar) -> None:
                 done[c] = {**part, "time": spent + time.perf_counter() - t0, "finished": False}
                 state.save()
+                # AutoAttack saves after each of its attacks: show which have finished
+                bar.set_postfix_str("done: " + ", ".join(map(str, part.get("done", []))))
                 if interrupt is not None:
                     interrupt(name, c)
 

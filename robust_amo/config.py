@@ -1,7 +1,10 @@
 """Training configuration: YAML files loaded with ``yaml.safe_load`` into dataclasses.
 
 Unknown keys and values of the wrong type are :class:`ConfigError`\\ s naming the key. Floats may
-be written as fractions (``eps: 8/255``), parsed with :class:`fractions.Fraction`, never ``eval``.
+be written as fractions (``eps: 8/255``), parsed with :class:`fractions.Fraction`, never ``eval``,
+and must be finite (``1e400``, ``.inf`` and ``.nan`` are errors); integers must fit in 64 bits and
+seeds lie in ``0 <= seed < 2**63`` (what ``torch.Generator.manual_seed`` takes); every mapping key
+is a string.
 Options with a closed set of values are ``Literal`` types, checked here and only here
 (:func:`check_choice`, also for the attacks' and methods' constructors). Command-line flags
 override the file, and the resolved config is saved beside the run.
@@ -61,17 +64,82 @@ def check_choice(key: str, value: Any, tp: Any) -> Any:
 
 
 def parse_float(value: Any, key: str = "value") -> float:
-    """A float from a number or a string such as ``"8/255"`` or ``"2e-4"``."""
+    """A finite float from a number or a string such as ``"8/255"`` or ``"2e-4"``.
+
+    Raises:
+        ConfigError: not a number, or not finite: ``1e400`` (which overflows to infinity),
+            ``inf`` and ``nan``, as numbers or as strings.
+    """
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(Fraction(value.strip()))
-        except (ValueError, ZeroDivisionError):
-            pass
-    raise ConfigError(f"{key}: expected a number such as 0.1, 2e-4 or 8/255, got {value!r}")
+    out: float | None = None
+    try:
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            text = value.strip()
+            try:
+                # a decimal: float() rounds correctly, as Fraction would, and turns an
+                # exponent such as 1e9999999 into inf at once (Fraction would expand 10**9999999)
+                out = float(text)
+            except ValueError:
+                out = float(Fraction(text))  # "8/255": integers only, at most 4300 digits
+    except OverflowError:
+        out = math.inf
+    except (ValueError, ZeroDivisionError):
+        out = None
+    if out is None:
+        raise ConfigError(f"{key}: expected a number such as 0.1, 2e-4 or 8/255, got {value!r}")
+    if not math.isfinite(out):
+        raise ConfigError(f"{key}: {value!r} is not a finite number (floats must be finite, "
+                          "below about 1.8e308); use a value such as 0.1, 2e-4 or 8/255")
+    return out
+
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""Integer options must fit in a signed 64-bit integer (torch and numpy hold them as int64)."""
+SEED_MAX = 2**63 - 1
+"""Seeds lie in ``0 <= seed <= SEED_MAX``: what ``torch.Generator.manual_seed`` takes as given."""
+
+
+def check_int(key: str, value: int) -> int:
+    """``value`` if it fits the range of option ``key``, else a ConfigError saying the range.
+
+    Keys ending in ``seed`` (``seed``, ``data.subset_seed``) take ``0 <= seed < 2**63``:
+    negative seeds are rejected rather than mapped to some other seed, so one number names one
+    run; every other integer must fit in 64 bits.
+    """
+    if key.rsplit(".", 1)[-1].endswith("seed"):
+        if not 0 <= value <= SEED_MAX:
+            raise ConfigError(f"{key}: {value} is out of range; a seed is an integer with "
+                              "0 <= seed < 2**63 (9223372036854775808)")
+    elif not INT_MIN <= value <= INT_MAX:
+        raise ConfigError(f"{key}: {value} does not fit in 64 bits; use an integer with "
+                          f"|{key}| < 2**63")
+    return value
+
+
+def _where(path: str) -> str:
+    return f"under {path}" if path else "at the top level"
+
+
+def check_keys(data: Any, path: str = "", source: str = "config") -> None:
+    """ConfigError unless every mapping key in ``data`` (nested in mappings and lists) is a string.
+
+    YAML reads ``1: 2``, ``true: x`` or ``null: x`` as an int, bool or None key, which no
+    option is named; the message names the key and where it is.
+    """
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if not isinstance(k, str):
+                raise ConfigError(
+                    f"{source}: key {k!r} {_where(path)} is not a name; option keys are "
+                    "strings such as epochs (quote it if you meant the text, e.g. '1':)"
+                )
+            check_keys(v, f"{path}.{k}" if path else k, source)
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            check_keys(v, f"{path}[{i}]", source)
 
 
 @dataclass
@@ -182,7 +250,11 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _check(value, a, key)
             except ConfigError as e:
-                errors.append(str(e))
+                # a list's own error (which item is bad) says more than "expected a number"
+                if isinstance(value, (list, tuple)) == (typing.get_origin(a) is list):
+                    errors.insert(0, str(e))
+                else:
+                    errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -196,7 +268,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return check_int(key, value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -210,6 +282,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        check_keys(value, key)
         return dict(value)
     if tp is Any:
         return value
@@ -220,10 +293,13 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    check_keys({k: None for k in data}, prefix.rstrip("."))
     unknown = sorted(set(data) - names)
     if unknown:
+        key = prefix + unknown[0]
+        shown = key if key.isprintable() else repr(key)  # a newline must not split the line
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys here: "
+            f"unknown config key {shown}; valid keys here: "
             f"{', '.join(sorted(prefix + n for n in names))}"
         )
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
@@ -241,19 +317,52 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from PyYAML's multi-line message: the problem and where it is."""
+    said = [getattr(e, "context", None), getattr(e, "problem", None)]
+    problem = "; ".join(t for t in said if t) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``; clear errors for missing or bad files."""
+    """Read a YAML mapping with ``yaml.safe_load``; one-line ConfigErrors for bad files.
+
+    Raises:
+        ConfigError: the path is missing or a directory, the file cannot be read, is not
+            UTF-8 or not valid YAML, is empty (nothing, only comments, or ``null``: an empty
+            file would silently train every default), is not a mapping, or has a key that is
+            not a string. An explicit ``{}`` asks for the defaults and is accepted.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; pass a YAML file such as "
+                          "configs/quickstart.yaml")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist (see the files in configs/)")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e}); check its "
+                          "permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as "
+                          "UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply to be a config") from None
     if data is None:
-        return {}
+        raise ConfigError(f"config file {p} is empty; write options such as `epochs: 10` "
+                          "(see configs/), or leave out --config for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    check_keys(data, source=f"config file {p}")
     return data
 
 
@@ -264,8 +373,8 @@ def parse_override(item: str) -> dict[str, Any]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, RecursionError):
+        value = raw  # not YAML: the text itself (a string option, or a clear type error later)
     out: dict[str, Any] = {}
     cur = out
     parts = key.strip().split(".")
@@ -285,6 +394,7 @@ def load_config(
     """
     data: dict[str, Any] = load_yaml(config_file) if config_file else {}
     for o in overrides or []:
+        check_keys(o, source="override (a flag or --set)")
         data = merge(data, o)
     cfg = from_dict(TrainConfig, data)
     validate(cfg)

@@ -3,9 +3,13 @@
 Sources, tried in this order for ``load_dataset(name, data_dir)``:
 
 1. ``.npz`` files in ``data_dir`` (or ``data_dir`` itself is the file) with keys ``x_train``,
-   ``y_train``, ``x_test``, ``y_test`` (uint8, HWC or HW), or the JPEG-bytes layout of the
-   offline CIFAR-10 copy (``train_jpeg``/``train_offsets``/...); file names are listed in
-   ``NPZ_NAMES``.
+   ``y_train``, ``x_test``, ``y_test``, or the JPEG-bytes layout of the offline CIFAR-10 copy
+   (``train_jpeg``/``train_offsets``/...); file names are listed in ``NPZ_NAMES``. Images are
+   uint8 of the dataset's shape, HW, HWC or CHW (MNIST: (N, 28, 28), (N, 28, 28, 1) or
+   (N, 1, 28, 28)); labels are integers ``0 <= y < num_classes``, shape (N,) or (N, 1). Float
+   labels are accepted only when every value is an exact integer (``3.0``; ``2.5`` or NaN are
+   errors), so nothing is rounded silently. The train split must not be empty; an empty test
+   split loads, and :func:`require_examples` rejects it where a run evaluates on it.
 2. torchvision's layout under ``data_dir`` (``cifar-10-batches-py``, ``MNIST/raw``, ...); with
    ``download=True`` torchvision fetches it there.
 3. ``digits`` needs no file: scikit-learn's bundled 8x8 digits (1797 images, 0..16 scaled to
@@ -20,8 +24,9 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,26 +82,108 @@ def dataset_info(name: str) -> DatasetInfo:
 
 @dataclass
 class Split:
-    """uint8 images (N, C, H, W) and int64 labels (N,), on the CPU."""
+    """uint8 images (N, C, H, W) and int64 labels (N,), on the CPU.
+
+    ``origin`` says where the examples come from (``"data/mnist.npz, test split"``), for
+    messages; subsets keep it.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    origin: str = field(default="", compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: torch.Tensor) -> Split:
         """The examples at ``idx``."""
-        return Split(self.x[idx], self.y[idx])
+        return Split(self.x[idx], self.y[idx], self.origin)
 
 
-def _to_nchw(x: np.ndarray) -> torch.Tensor:
+def require_examples(split: Split, purpose: str = "evaluation") -> Split:
+    """``split`` if it holds examples, else a DataError naming where it came from.
+
+    An empty split would give 0 examples and NaN accuracies; call this where a run is about to
+    measure on ``split`` (and only there: a file's empty test split is no error for a run that
+    evaluates on held-out training examples).
+    """
+    if len(split) == 0:
+        raise DataError(f"{split.origin or 'the split'} has no examples, so {purpose} would "
+                        "measure nothing; use a file whose split holds examples")
+    return split
+
+
+def _shapes(shape: tuple[int, int, int]) -> str:
+    """The image array shapes accepted for a dataset of (C, H, W) ``shape``."""
+    c, h, w = shape
+    forms = [(h, w)] if c == 1 else []
+    forms += [(h, w, c), (c, h, w)]
+    return " or ".join("(N, " + ", ".join(map(str, f)) + ")" for f in forms)
+
+
+def _images(x: np.ndarray, where: str, name: str, shape: tuple[int, int, int],
+            hint: str = "") -> torch.Tensor:
+    """uint8 (N, C, H, W) images from an array of ``name``'s images, HW, HWC or CHW.
+
+    The layout is told apart by the dataset's known (C, H, W), so (N, 28, 28, 1) and
+    (N, 1, 28, 28) both load as MNIST; anything else (flat (N, 784) rows, another size) is a
+    DataError saying the shapes that work (and ``hint``, e.g. the other split's shape).
+    """
+    if x.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 (0..255), got dtype {x.dtype}; convert "
+                        "them, e.g. np.round(x * 255).astype(np.uint8) for floats in [0, 1]")
+    c, h, w = shape
     t = torch.from_numpy(np.ascontiguousarray(x))
-    if t.dtype != torch.uint8:
-        raise DataError(f"expected uint8 images, got {t.dtype}")
-    if t.dim() == 3:
+    if t.dim() == 3 and c == 1 and tuple(t.shape[1:]) == (h, w):
         return t.unsqueeze(1)
-    return t.permute(0, 3, 1, 2).contiguous()
+    if t.dim() == 4 and tuple(t.shape[1:]) == (h, w, c):
+        return t.permute(0, 3, 1, 2).contiguous()
+    if t.dim() == 4 and tuple(t.shape[1:]) == (c, h, w):
+        return t
+    raise DataError(f"{where} has shape {tuple(x.shape)}{hint}; {name} needs uint8 images of "
+                    f"shape {_shapes(shape)} (reshape flat rows to images)")
+
+
+def _labels(y: np.ndarray, where: str, n: int, num_classes: int) -> torch.Tensor:
+    """int64 labels (N,) from an integer array (or a float one of exact integers), range-checked."""
+    if y.ndim == 2 and y.shape[1] == 1:  # Keras keeps CIFAR labels as (N, 1)
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{where} has shape {tuple(y.shape)}; labels are one integer per image, "
+                        f"shape ({n},)")
+    if len(y) != n:
+        raise DataError(f"{where}: {n} images but {len(y)} labels; the file is inconsistent")
+    top = f"0..{num_classes - 1}"
+    if y.dtype.kind == "f":
+        exact = np.isfinite(y) & (y == np.round(y))
+        if not exact.all():
+            raise DataError(f"{where} holds the label {y[~exact][0]!r}, which is not an integer; "
+                            f"labels must be whole numbers {top} (num_classes {num_classes})")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"{where} has dtype {y.dtype}; labels must be integers {top} "
+                        f"(num_classes {num_classes})")
+    if n:
+        lo, hi = y.min(), y.max()
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            shown = int(bad) if bad == np.round(bad) and abs(bad) < 2**63 else bad
+            raise DataError(f"{where} holds the label {shown}, out of range: with num_classes "
+                            f"{num_classes} labels lie in {top}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _split(x: np.ndarray, y: np.ndarray, origin: str, name: str,
+           keys: tuple[str, str] = ("images", "labels"), hint: str = "") -> Split:
+    """A checked :class:`Split` of dataset ``name`` from image and label arrays.
+
+    ``origin`` names the file and split and ``keys`` the arrays, for messages.
+    """
+    info = DATASETS[name]
+    if x.ndim == 0:
+        raise DataError(f"{origin} ({keys[0]}): a single value, not an array of images")
+    return Split(_images(x, f"{origin} ({keys[0]})", name, info.input_shape, hint),
+                 _labels(np.asarray(y), f"{origin} ({keys[1]})", len(x), info.num_classes),
+                 origin)
 
 
 def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -109,32 +196,67 @@ def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     )
 
 
-def _load_npz(path: Path) -> tuple[Split, Split]:
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_JPEG_KEYS = ("train_jpeg", "train_offsets", "y_train", "test_jpeg", "test_offsets", "y_test")
+
+
+def _check_offsets(off: np.ndarray, size: int, where: str) -> None:
+    """JPEG offsets: integers, non-decreasing, within the byte buffer of ``size`` bytes."""
+    if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 1:
+        raise DataError(f"{where} must be a 1-D integer array of byte offsets, got shape "
+                        f"{tuple(off.shape)} and dtype {off.dtype}")
+    if off[0] < 0 or off[-1] > size or (np.diff(off) < 0).any():
+        raise DataError(f"{where} are not increasing offsets into the {size} bytes of JPEG "
+                        "data; the file is inconsistent")
+
+
+def _load_npz(path: Path, name: str) -> tuple[Split, Split]:
+    """The train and test splits of dataset ``name`` from the .npz file ``path``, checked."""
     try:
-        d = np.load(path)
-        if "train_jpeg" in d.files:
-            log.info("decoding JPEG bytes from %s", path)
-            xtr = _decode_jpegs(d["train_jpeg"], d["train_offsets"])
-            xte = _decode_jpegs(d["test_jpeg"], d["test_offsets"])
-        else:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
-            if missing:
-                raise DataError(
-                    f"{path} lacks the keys {sorted(missing)}; an .npz dataset needs x_train, "
-                    "y_train, x_test, y_test (uint8 images HWC or HW, integer labels)"
-                )
-            xtr, xte = d["x_train"], d["x_test"]
-        for part, xs in (("train", xtr), ("test", xte)):
-            if len(xs) != len(d[f"y_{part}"]):
-                raise DataError(f"{path}: {len(xs)} {part} images but {len(d[f'y_{part}'])} "
-                                f"labels in y_{part}; the file is inconsistent")
-        return (
-            Split(_to_nchw(xtr), torch.from_numpy(d["y_train"].astype(np.int64))),
-            Split(_to_nchw(xte), torch.from_numpy(d["y_test"].astype(np.int64))),
-        )
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} holds one array, not an .npz archive; save the splits with "
+                            "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+        with archive as d:
+            arrays: dict[str, np.ndarray] = {}
+            if "train_jpeg" in d.files:
+                missing = [k for k in _JPEG_KEYS if k not in d.files]
+                if missing:
+                    raise DataError(f"{path} lacks the keys {missing} of the JPEG-bytes layout "
+                                    f"({', '.join(_JPEG_KEYS)})")
+                log.info("decoding JPEG bytes from %s", path)
+                for part in ("train", "test"):
+                    buf, off = d[f"{part}_jpeg"], d[f"{part}_offsets"]
+                    _check_offsets(off, buf.nbytes, f"{path}: {part}_offsets")
+                    arrays[f"x_{part}"] = _decode_jpegs(buf, off)
+                    arrays[f"y_{part}"] = d[f"y_{part}"]
+            else:
+                missing = [k for k in _NPZ_KEYS if k not in d.files]
+                if missing:
+                    raise DataError(
+                        f"{path} lacks the keys {missing} (it has {sorted(d.files)}); an .npz "
+                        "dataset needs x_train, y_train, x_test, y_test (uint8 images HW, HWC or "
+                        "CHW, integer labels)"
+                    )
+                arrays = {k: d[k] for k in _NPZ_KEYS}
+        train = _split(arrays["x_train"], arrays["y_train"], f"{path}, train split", name,
+                       ("x_train", "y_train"))
+        if len(train) == 0:
+            raise DataError(f"{path}: the train split (x_train) has no examples; a dataset "
+                            "needs training images")
+        # both splits are checked against the dataset's shape (so they agree); a test split
+        # that does not fit is reported beside the train split's shape, which did
+        hint = f" while x_train has {tuple(arrays['x_train'].shape)}"
+        return train, _split(arrays["x_test"], arrays["y_test"], f"{path}, test split", name,
+                             ("x_test", "y_test"), hint)
     except DataError:
         raise  # already says what is wrong (DataError is an OSError: keep it unwrapped)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except ValueError as e:
+        if "pickle" in str(e):  # object arrays, or not a numpy file at all
+            raise DataError(f"{path} is not an .npz archive of numeric arrays (numpy says: "
+                            f"{e}); save uint8 images and integer labels with np.savez") from e
+        raise DataError(f"could not read {path}: {e}; is the file complete?") from e
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"could not read {path}: {e}; is the file complete?") from e
 
 
@@ -146,10 +268,8 @@ def _load_digits() -> tuple[Split, Split]:
     y = d.target.astype(np.int64)
     perm = np.random.RandomState(0).permutation(len(y))
     x, y = x[perm], y[perm]
-    return (
-        Split(_to_nchw(x[:1500]), torch.from_numpy(y[:1500])),
-        Split(_to_nchw(x[1500:]), torch.from_numpy(y[1500:])),
-    )
+    return (_split(x[:1500], y[:1500], "digits, train split", "digits"),
+            _split(x[1500:], y[1500:], "digits, test split", "digits"))
 
 
 def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
@@ -161,8 +281,9 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Spl
     for train in (True, False):
         ds = cls(str(root), train=train, download=download)
         x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
-        y = torch.as_tensor(ds.targets, dtype=torch.int64)
-        splits.append(Split(_to_nchw(np.asarray(x)), y))
+        y = ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else ds.targets
+        origin = f"{root} (torchvision {cls.__name__}), {'train' if train else 'test'} split"
+        splits.append(_split(np.asarray(x), np.asarray(y), origin, name))
     return splits[0], splits[1]
 
 
@@ -177,15 +298,18 @@ def load_dataset(
         download: let torchvision download into ``data_dir`` (never done otherwise).
 
     Returns:
-        ``(train, test)`` splits.
+        ``(train, test)`` splits; the test split may be empty (see :func:`require_examples`).
 
     Raises:
-        DataError: saying where it looked and how to get the data.
+        DataError: saying where it looked and how to get the data, or what is wrong with the
+            file: missing arrays, images of another shape or dtype (for MNIST (N, 28, 28),
+            (N, 28, 28, 1) or (N, 1, 28, 28)), labels that are not integers in
+            ``0..num_classes-1`` (naming the split and the value), splits whose image shapes
+            differ, an empty train split.
     """
     name = normalize_dataset_name(name)
     if name == "digits":
         return _load_digits()
-    info = DATASETS[name]
     if data_dir is None:
         raise DataError(
             f"dataset {name!r} needs --data-dir: a folder with {' or '.join(NPZ_NAMES[name])} "
@@ -195,12 +319,12 @@ def load_dataset(
     root = Path(data_dir).expanduser()
     looked: list[str] = []
     if root.is_file():
-        train, test = _load_npz(root)
+        train, test = _load_npz(root, name)
     else:
         for fname in NPZ_NAMES[name]:
             looked.append(str(root / fname))
             if (root / fname).is_file():
-                train, test = _load_npz(root / fname)
+                train, test = _load_npz(root / fname, name)
                 break
         else:
             try:
@@ -212,11 +336,6 @@ def load_dataset(
                     f"{', '.join(NPZ_NAMES[name])} in that folder, or pass --download to let "
                     "torchvision fetch it"
                 ) from None
-    if tuple(train.x.shape[1:]) != info.input_shape:
-        raise DataError(
-            f"{name} images in {root} have shape {tuple(train.x.shape[1:])}, expected "
-            f"{info.input_shape} (C, H, W)"
-        )
     return train, test
 
 
@@ -232,13 +351,15 @@ def take_subset(split: Split, size: int | None, seed: int) -> Split:
 
 def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split]:
     """Split off ``size`` held-out examples (fixed by ``seed``): ``(rest, held_out)``."""
+    held = f"{split.origin}, held-out part" if split.origin else "the held-out part"
     if size <= 0:
-        return split, Split(split.x[:0], split.y[:0])
+        return split, Split(split.x[:0], split.y[:0], held)
     if size >= len(split):
         raise DataError(f"val_size {size} leaves no training data ({len(split)} examples)")
     g = torch.Generator().manual_seed(derive_seed(seed, "hold-out"))
     perm = torch.randperm(len(split), generator=g)
-    return split.subset(perm[size:]), split.subset(perm[:size])
+    val = split.subset(perm[:size])
+    return split.subset(perm[size:]), Split(val.x, val.y, held)
 
 
 def augment(

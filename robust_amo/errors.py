@@ -6,8 +6,22 @@ and the fix. The CLI turns these into one line on stderr and exit code 2, never 
 """
 
 
+def one_line(text: str) -> str:
+    """``text`` with every line break and other non-printable character escaped.
+
+    Messages quote keys, values and file names from the user's input, which may hold a newline;
+    the CLI's promise is one line per error, so the quoting happens here, once, for all of them.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class RobustAmoError(Exception):
-    """Base class of errors that the user can fix."""
+    """Base class of errors that the user can fix; its message is always one line."""
+
+    def __str__(self) -> str:
+        return one_line(str(self.args[0]) if len(self.args) == 1 else super().__str__())
 
 
 class ConfigError(RobustAmoError, ValueError):
@@ -18,7 +32,7 @@ class UnknownModelError(RobustAmoError, KeyError):
     """The requested architecture is not in the registry."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+        return one_line(str(self.args[0]))
 
 
 class DataError(RobustAmoError, FileNotFoundError):
@@ -27,3 +41,7 @@ class DataError(RobustAmoError, FileNotFoundError):
 
 class CheckpointError(RobustAmoError):
     """A checkpoint is missing, truncated or incompatible."""
+
+
+class OutputError(RobustAmoError):
+    """An output folder cannot be written, or holds results that a command would overwrite."""

@@ -10,6 +10,12 @@ under bf16 autocast (float64 for a float64 model), and is created zero-filled an
 the first forward unless given. With every δ_j = 0 the perturbed forward equals the plain forward
 exactly.
 
+The point operation runs in one of two equivalent kernels: the reference (plain torch ops, autograd
+differentiates the norm, the product and the sum separately) or the fused
+:class:`PerturbPoint` (one autograd node per point whose backward is three elementwise passes
+over the activation, written in torch ops so that double backward works). :func:`fused_hook`
+chooses between them; docs/benchmarks.md has the measurements behind the default.
+
 :func:`delta_step` is the one update of δ that robust AMO, clean AMO, the margin estimates and
 the robustness integration share: δ_j ← shrink·δ_j + step·∇δ_j.
 """
@@ -32,6 +38,90 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def example_norm(h: torch.Tensor) -> torch.Tensor:
     """‖h‖₂ per example over all non-batch dimensions, in float32 or wider: (B,)."""
     return torch.linalg.vector_norm(h.to(_work_dtype(h.dtype)), dim=tuple(range(1, h.dim())))
+
+
+def _per_example(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) viewed as (B, 1, ..., 1) to broadcast over ``like``."""
+    return s.view(-1, *([1] * (like.dim() - 1)))
+
+
+def perturb_reference(h: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h + ‖h‖₂·δ, ‖h‖₂)`` in plain torch ops (the reference the fused kernel is tested on).
+
+    Args:
+        h: the activation (B, ...), any float dtype; d: δ, same shape, float32 or wider.
+
+    Returns:
+        the perturbed activation in ``h``'s dtype, and the per-example norm (B,) in float32 or
+        wider, both in the autograd graph.
+    """
+    s = example_norm(h)
+    return h + (_per_example(s, h) * d).to(h.dtype), s
+
+
+class PerturbPoint(torch.autograd.Function):
+    """Fused ``(h, δ) -> (h + ‖h‖₂·δ, ‖h‖₂)``: one autograd node instead of five.
+
+    Forward: the same ops as :func:`perturb_reference` (bit-identical outputs). Backward, with
+    g the gradient of the output, g_s that of the norm, s = ‖h‖₂ and c = (⟨g, δ⟩ + g_s)/s
+    (0 where s = 0, as torch's norm backward):
+
+        ∇δ = s·g,   ∇h = g + c·h.
+
+    Only h, δ and s are saved (h in its own dtype: under bf16 the reference saves a float32 copy
+    of h for the norm backward). The backward is written in differentiable torch ops on saved
+    inputs and outputs, so a second backward (``create_graph=True``, as the Jacobian penalty
+    over a perturbed forward needs) is exact; ``generate_vmap_rule`` lets it run under
+    ``torch.func`` transforms and batched gradients.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return perturb_reference(h, d)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output) -> None:
+        h, d = inputs
+        ctx.save_for_backward(h, d, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        h, d, s = ctx.saved_tensors
+        work = _work_dtype(h.dtype)
+        gw = g.to(work)
+        grad_h = grad_d = None
+        if ctx.needs_input_grad[1]:
+            grad_d = (gw * _per_example(s, h)).to(d.dtype)
+        if ctx.needs_input_grad[0]:
+            dims = tuple(range(1, h.dim()))
+            c = (gw * d).sum(dims) + g_s
+            # the divisor is 1 where s = 0 so that no 0/0 reaches a second backward either
+            pos = s > 0
+            c = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(c))
+            grad_h = torch.addcmul(gw, h.to(work), _per_example(c, h)).to(h.dtype)
+        return grad_h, grad_d
+
+
+_FUSED = [True]
+
+
+def fused_hook_enabled() -> bool:
+    """Whether :func:`perturb` uses the fused :class:`PerturbPoint` by default."""
+    return _FUSED[-1]
+
+
+@contextlib.contextmanager
+def fused_hook(enabled: bool) -> Iterator[None]:
+    """Within the block, perturbations installed without an explicit ``fused=`` use the fused
+    kernel (True) or the reference ops (False); the benchmarks measure both in one run."""
+    _FUSED.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _FUSED.pop()
 
 
 def concat_norm(ts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -95,11 +185,13 @@ class Perturbation:
         deltas: the δ_j tensors (float32, activation shape), ``None`` until created.
         scales: ‖h_j‖₂ (B,) seen in the latest forward (the s_j(x) of Wei & Ma Appendix C).
         create: create missing δ_j (zeros, ``requires_grad``) at the next forward.
+        fused: the point operation runs as :class:`PerturbPoint` (else the reference ops).
     """
 
     def __init__(self, names: list[str], deltas: Sequence[torch.Tensor | None] | None,
-                 requires_grad: bool) -> None:
+                 requires_grad: bool, fused: bool = True) -> None:
         self.names = names
+        self.fused = fused
         if deltas is not None and len(deltas) != len(names):
             raise ValueError(f"got {len(deltas)} deltas for {len(names)} perturbation points")
         self.deltas: list[torch.Tensor | None] = (
@@ -135,9 +227,9 @@ class Perturbation:
                     f"δ for {self.names[j]} has shape {tuple(d.shape)} but the activation has "
                     f"{tuple(out.shape)}; a Perturbation serves one batch shape (call reset())"
                 )
-            s = example_norm(out)
-            self.scales[j] = s
-            return out + (s.view(-1, *([1] * (out.dim() - 1))) * d).to(out.dtype)
+            out, self.scales[j] = (PerturbPoint.apply(out, d) if self.fused
+                                   else perturb_reference(out, d))
+            return out
 
         return hook
 
@@ -148,6 +240,7 @@ def perturb(
     deltas: Sequence[torch.Tensor | None] | None = None,
     *,
     requires_grad: bool = True,
+    fused: bool | None = None,
 ) -> Iterator[Perturbation]:
     """Install δ hooks on ``model``'s perturbation points for the duration of the block.
 
@@ -156,12 +249,15 @@ def perturb(
             around one (``.module``/``._orig_mod``).
         deltas: one tensor (or None) per point; None: created zero-filled at the first forward.
         requires_grad: whether created δ's require grad (default True).
+        fused: run the point operation as the fused :class:`PerturbPoint` (True) or as the
+            reference ops (False); None (default): as :func:`fused_hook` says (fused).
 
     Yields:
         the :class:`Perturbation` whose ``deltas`` the hooks read at every forward.
     """
     points = unwrap(model).perturbation_points()
-    state = Perturbation([n for n, _ in points], deltas, requires_grad)
+    state = Perturbation([n for n, _ in points], deltas, requires_grad,
+                         fused_hook_enabled() if fused is None else fused)
     handles = []
     try:
         for j, (_, module) in enumerate(points):

@@ -28,11 +28,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
-from . import distributed
+from . import distributed, outputs
 from .attacks import PGD, AttackFn
 from .compiled import CompiledModel, probe
 from .config import TrainConfig, load_config, save_yaml
-from .data import Loader, dataset_info, hold_out, load_dataset, normalize_dataset_name, take_subset
+from .data import (
+    Loader,
+    dataset_info,
+    hold_out,
+    load_dataset,
+    normalize_dataset_name,
+    require_examples,
+    take_subset,
+)
 from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, UnknownModelError
 from .methods import build_objective, method_options, method_spec
 from .models import create_model, is_registered, list_models
@@ -192,8 +200,58 @@ def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, inf
         config=cfg.to_dict(), rng=ckpt_io.rng_state())
 
 
+RUN_FILES = (ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl")
+"""What makes a folder hold a run: ``train --out`` into it needs ``--resume`` or ``--overwrite``."""
+
+RESUME_FREE = frozenset({"epochs", "device", "out", "log_every", "data.data_dir",
+                         "data.download", "eval.batch_size", "compile", "compile_backend",
+                         "compile_mode"})
+"""Config keys a resumed run may change: more epochs, and what does not alter the trajectory
+(where the data lies and the run is written, the device, progress output, compilation, the
+evaluation batch size)."""
+
+RESUME_ADVICE = ("start over with --overwrite, or continue from the best epoch: copy best.pt "
+                 "over checkpoint.pt and --resume")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("model_kwargs", "method_args"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys (dotted) in which ``now`` differs from the ``saved`` config of a run, except
+    :data:`RESUME_FREE`; keys a file of an older version lacks are not compared."""
+    a, b = _flatten(saved), _flatten(now)
+    return [f"{k} ({a[k]!r} -> {b.get(k)!r})" for k in sorted(a)
+            if k in b and k not in RESUME_FREE and a[k] != b[k]]
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Check ``run_dir`` before any work: writable, not holding another run unless ``resume``
+    (continue it) or ``overwrite`` (delete its checkpoints and metrics first); temporary files a
+    kill left behind are removed."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run or "
+                          "start it over")
+    outputs.writable_dir(run_dir)
+    outputs.remove_temp_files(run_dir)
+    found = outputs.refuse_overwrite(
+        run_dir, RUN_FILES, "run", overwrite=overwrite or resume,
+        ways="pass --resume to continue it or --overwrite to start over (deletes it)")
+    if overwrite:
+        for name in found:
+            (run_dir / name).unlink()
+            log.info("--overwrite: deleted %s", run_dir / name)
+
+
 def _resume(
-    run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler
+    run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, unsafe_load: bool = False
 ) -> tuple[int, float, dict[str, Any]]:
     """Load the run's last checkpoint into the live objects; returns (start_epoch, best,
     metrics of that epoch)."""
@@ -201,13 +259,14 @@ def _resume(
     if not path.exists():
         log.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
         return 0, -1.0, {}
-    ck = ckpt_io.load_native(path)
-    for key in ("arch", "dataset", "method"):
-        if ck.get(key) != getattr(cfg, key):
-            raise CheckpointError(
-                f"cannot resume {path}: it was trained with {key}={ck.get(key)!r}, this run asks "
-                f"for {key}={getattr(cfg, key)!r}; use another --out or the same settings"
-            )
+    ck = ckpt_io.load_native(path, unsafe_load=unsafe_load, advice=RESUME_ADVICE)
+    differ = config_differences(ck.get("config") or {}, cfg.to_dict())
+    if differ:
+        raise CheckpointError(
+            f"cannot resume {path}: this run's config differs from the checkpoint's in "
+            f"{', '.join(differ)}; resume with the run's own settings (its config.yaml), or "
+            "start a new run (another --out, or --overwrite)"
+        )
     redrawn = cfg.data.val_size > 0 or cfg.data.train_subset is not None
     if redrawn and version_tuple(ck.get("robust_amo_version")) < SPLITS_SINCE:
         raise CheckpointError(
@@ -243,6 +302,8 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    unsafe_load: bool = False,
     progress: bool = False,
     callbacks: list[EpochCallback] | None = None,
 ) -> dict[str, Any]:
@@ -256,7 +317,11 @@ def train(
     Args:
         cfg: the resolved configuration (:func:`resolve`).
         resume: continue from ``cfg.out/checkpoint.pt`` when it exists (also with another
-            number of processes than the run that wrote it).
+            number of processes than the run that wrote it); the resolved config must equal
+            the checkpoint's but for :data:`RESUME_FREE` keys.
+        overwrite: start over in a folder that holds a run (its checkpoints and metrics are
+            deleted); without it, or ``resume``, such a folder is refused (:data:`RUN_FILES`).
+        unsafe_load: read a checkpoint that needs full unpickling (runs code from the file).
         progress: show tqdm progress bars (the CLI turns them on; rank 0 only).
         callbacks: called as ``cb(epoch, metrics)`` after each epoch's checkpoint is written, on
             every rank with the same (reduced) metrics; guard file writes with
@@ -266,7 +331,8 @@ def train(
         the last epoch's metrics (also the last line of ``metrics.jsonl``).
     """
     with distributed.session(resolve_device(cfg.device)) as (ctx, device):
-        return _train(cfg, ctx, device, resume, progress, callbacks or [])
+        return _train(cfg, ctx, device, resume, overwrite, unsafe_load, progress,
+                      callbacks or [])
 
 
 def _train(
@@ -274,6 +340,8 @@ def _train(
     ctx: distributed.DistContext,
     device: torch.device,
     resume: bool,
+    overwrite: bool,
+    unsafe_load: bool,
     progress: bool,
     callbacks: list[EpochCallback],
 ) -> dict[str, Any]:
@@ -281,8 +349,7 @@ def _train(
     local_batch = distributed.per_rank_batch(cfg.batch_size, ctx)
     run_dir = Path(cfg.out)
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     # weight init and dropout only; attacks and methods use their own generators
     torch.manual_seed(derive_seed(cfg.seed, "init"))
 
@@ -294,6 +361,8 @@ def _train(
     train_split, val_split = hold_out(train_split, cfg.data.val_size, cfg.seed)
     use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)
     eval_split = val_split if use_val else test_split
+    if cfg.eval.examples > 0:
+        require_examples(eval_split, "the per-epoch check")
     eval_split = eval_split.subset(torch.arange(min(cfg.eval.examples, len(eval_split))))
     loader = Loader(train_split, local_batch, device, shuffle=True, augment=cfg.data.augment,
                     seed=cfg.seed, drop_last=len(train_split) > cfg.batch_size,
@@ -321,7 +390,8 @@ def _train(
     metrics: dict[str, Any] = {}  # a finished run that is resumed returns its last epoch's
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        start_epoch, best, metrics = _resume(run_dir, cfg, net, optimizer, scheduler)
+        start_epoch, best, metrics = _resume(run_dir, cfg, net, optimizer, scheduler,
+                                             unsafe_load)
         found = distributed.gather_objects(start_epoch)
         if len(set(found)) > 1:
             raise CheckpointError(
@@ -330,8 +400,8 @@ def _train(
             )
         if ctx.is_main:
             _truncate_metrics(metrics_path, start_epoch)
-    elif ctx.is_main and metrics_path.exists():
-        metrics_path.unlink()
+    if ctx.is_main:  # after the resume check, which must not replace the run's own config
+        save_yaml(cfg, run_dir / "config.yaml")
 
     # the forward attacks and objectives call: compiled if asked (CompiledModel falls back to
     # eager under perturbation hooks), and DDP-wrapped for the gradient all-reduce

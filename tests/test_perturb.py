@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from robust_amo.models import create_model
-from robust_amo.perturb import example_norm, perturb, unwrap
+from robust_amo.perturb import (
+    PerturbPoint,
+    example_norm,
+    fused_hook,
+    fused_hook_enabled,
+    perturb,
+    perturb_reference,
+    unwrap,
+)
 
 ARCHS = [("tiny-cnn", (1, 8, 8)), ("tiny-mlp", (1, 8, 8)), ("tiny-wrn", (3, 8, 8)),
          ("linear", (1, 8, 8))]
@@ -102,3 +110,121 @@ def test_channels_last_and_wrapper():
     torch.testing.assert_close(example_norm(torch.ones(2, 3, 4)), torch.full((2,), 12 ** 0.5))
     with pytest.raises(TypeError, match="perturbation_points"):
         unwrap(torch.nn.Linear(2, 2))
+
+
+# --- the fused point operation (PerturbPoint) against the reference ops ---------------------
+
+def _hd(shape, dtype=torch.float64, seed=0, zero_example=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(shape, generator=g, dtype=dtype)
+    if zero_example:
+        h[1] = 0  # an all-zero activation: the norm's gradient is taken as 0 there (torch's rule)
+    d = 0.3 * torch.randn(shape, generator=g, dtype=torch.promote_types(dtype, torch.float32))
+    return h.requires_grad_(True), d.requires_grad_(True)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 4), (4, 5)])
+def test_fused_point_gradcheck_and_gradgradcheck(shape):
+    """First and second derivatives of both outputs (perturbed h and ‖h‖₂) by finite
+    differences in float64, including the ‖h‖₂ output's own gradient."""
+    h, d = _hd(shape)
+    assert torch.autograd.gradcheck(PerturbPoint.apply, (h, d))
+    assert torch.autograd.gradgradcheck(PerturbPoint.apply, (h, d))
+    # the zero-norm example sits on the norm's kink: only the first derivative is defined there
+    h0, d0 = _hd(shape, zero_example=True)
+    assert torch.autograd.gradcheck(lambda a, b: PerturbPoint.apply(a, b)[0], (h0, d0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_point_equals_the_reference(dtype):
+    h, d = _hd((4, 3, 5, 5), dtype, seed=1, zero_example=True)
+    out_f, s_f = PerturbPoint.apply(h, d)
+    out_r, s_r = perturb_reference(h, d)
+    # the forward runs the reference's ops: bit-identical
+    assert torch.equal(out_f, out_r) and torch.equal(s_f, s_r) and out_f.dtype == dtype
+    g = torch.randn(out_f.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gs = torch.randn(4, generator=torch.Generator().manual_seed(3), dtype=s_f.dtype)
+    grads_f = torch.autograd.grad((out_f * g).sum() + (s_f * gs).sum(), (h, d))
+    grads_r = torch.autograd.grad((out_r * g).sum() + (s_r * gs).sum(), (h, d))
+    # the backward rounds once where the reference rounds twice: equal up to rounding
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for a, b in zip(grads_f, grads_r, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert torch.equal(grads_f[0][1], grads_r[0][1])  # zero-norm example: ∇h = g exactly
+
+
+def test_fused_point_double_backward_through_a_model_equals_the_reference():
+    """A gradient penalty over a perturbed forward (create_graph, as Jacobian-LM with the
+    robustness plugin's δ's) gives the reference's weight gradients."""
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8)).double().eval()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    with perturb(model) as p:
+        model(x)
+        deltas = [0.05 * torch.randn_like(d) for d in p.deltas]
+    got = []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_(True)
+        with perturb(model, deltas, requires_grad=False, fused=fused):
+            out = model(xi)
+        (gx,) = torch.autograd.grad(out[:, 0].sum(), xi, create_graph=True)
+        got.append(torch.autograd.grad(gx.square().sum(), list(model.parameters()),
+                                       allow_unused=True, materialize_grads=True))
+    assert any(g.abs().sum() > 0 for g in got[0])
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_point_under_vmap_and_batched_gradients():
+    h, d = _hd((3, 2, 4, 4), seed=4)
+    j_f = torch.func.jacrev(lambda a: PerturbPoint.apply(a, d)[0].sum((1, 2, 3)))(h)
+    j_r = torch.func.jacrev(lambda a: perturb_reference(a, d)[0].sum((1, 2, 3)))(h)
+    torch.testing.assert_close(j_f, j_r)
+    cot = torch.randn(4, 3, 2, 4, 4, dtype=torch.float64)
+    (b_f,) = torch.autograd.grad(PerturbPoint.apply(h, d)[0], h, cot, is_grads_batched=True)
+    (b_r,) = torch.autograd.grad(perturb_reference(h, d)[0], h, cot, is_grads_batched=True)
+    torch.testing.assert_close(b_f, b_r)
+
+
+def _saved_bytes(fn) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_fused_point_saves_the_bf16_activation_not_a_float32_copy():
+    h = torch.randn(4, 8, 6, 6).bfloat16().requires_grad_(True)
+    d = torch.zeros(4, 8, 6, 6, requires_grad=True)
+    fused = _saved_bytes(lambda: PerturbPoint.apply(h, d))
+    ref = _saved_bytes(lambda: perturb_reference(h, d))
+    n = h.numel()
+    assert fused < ref
+    assert fused <= 2 * n + 4 * n + 64  # h in bf16, δ in float32, the (B,) norm
+    assert ref >= 4 * n + 4 * n  # the reference keeps a float32 copy of h for the norm
+
+
+def test_fused_hook_switch_and_explicit_choice():
+    model = create_model("tiny-cnn", 10, input_shape=(1, 8, 8)).eval()
+    x = torch.rand(2, 1, 8, 8)
+    assert fused_hook_enabled()
+    with fused_hook(False):
+        assert not fused_hook_enabled()
+        with perturb(model) as p:
+            assert not p.fused
+            out = model(x)
+            assert out.grad_fn is not None
+        with perturb(model, fused=True) as p:
+            assert p.fused
+    assert fused_hook_enabled()
+    with perturb(model) as p:
+        model(x)
+        assert p.fused
+        # the δ's gradient flows through the fused node
+        g = torch.autograd.grad(model(x).sum(), p.deltas[0])[0]
+    assert g.shape == p.deltas[0].shape

@@ -17,6 +17,8 @@ from .format import (
     BEST,
     FORMAT,
     LAST,
+    SAFE_GLOBALS,
+    UNSAFE_FLAG,
     VERSION,
     Which,
     atomic_save,
@@ -48,6 +50,7 @@ def load_checkpoint(
     *,
     arch: str | None = None,
     dataset: str | None = None,
+    unsafe_load: bool = False,
 ) -> dict[str, Any]:
     """Load and check a robust-amo checkpoint, or convert a robustness one on the fly.
 
@@ -61,12 +64,14 @@ def load_checkpoint(
         which: checkpoint of a run folder: ``"last"`` (checkpoint.pt) or ``"best"`` (best.pt).
         arch: architecture of a robustness checkpoint (registry name).
         dataset: dataset of a robustness checkpoint (gives the input shape).
+        unsafe_load: unpickle objects other than tensors and plain containers, which runs code
+            from the file (:func:`read_file`; the CLI's ``--unsafe-load``).
 
     Raises:
         CheckpointError: missing, truncated/corrupt, or neither library's checkpoint.
     """
     p = resolve_path(path, which)
-    ckpt = read_file(p, map_location)
+    ckpt = read_file(p, map_location, unsafe_load=unsafe_load)
     if is_native(ckpt):
         return check_native(ckpt, p)
     if is_robustness_checkpoint(ckpt):
@@ -81,6 +86,8 @@ __all__ = [
     "BEST",
     "FORMAT",
     "LAST",
+    "SAFE_GLOBALS",
+    "UNSAFE_FLAG",
     "VERSION",
     "Which",
     "atomic_save",

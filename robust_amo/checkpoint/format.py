@@ -10,9 +10,11 @@ evaluation state files) goes through :func:`read_file`.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,21 +35,42 @@ VERSION = 2
 # reads a robust-amo checkpoint as it is. Version 1 stored the bare state dict.
 MODEL_PREFIX = "module.model."
 ATTACKER_PREFIX = "module.attacker.model."
+log = logging.getLogger(__name__)
+
 LAST = "checkpoint.pt"
 BEST = "best.pt"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj)`` to ``path`` through a temporary file and ``os.replace``."""
+    """``torch.save(obj)`` to ``path`` through a temporary file and ``os.replace``.
+
+    A kill or a failed write (a full disk) leaves the previous file at ``path`` intact; the
+    temporary file is removed here on an error and by
+    :func:`robust_amo.outputs.remove_temp_files` at the next start after a kill.
+
+    Raises:
+        CheckpointError: the file could not be written (naming the OS error).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); choose a folder you can "
+                              "write") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write {path} ({e.strerror or e}); the previous {path.name} is intact: "
+            "free space (or choose another --out) and run the command again (with --resume to "
+            "continue)"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -82,37 +105,90 @@ def resolve_path(path: str | Path, which: Which | str = "last") -> Path:
     return p
 
 
-def read_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """The one reader of checkpoint and state files (ours and robustness's).
+# Types a checkpoint may hold besides plain containers, tensors, numbers and strings, each needed
+# by files this project reads: robust-amo 0.2.0 wrote torch.__version__ (a TorchVersion, a str
+# subclass) and numpy's RNG state (an ndarray) into training checkpoints. Rebuilding these runs
+# no code from the file. Nothing else is allowed unless the user asks for --unsafe-load.
+SAFE_GLOBALS: tuple[Any, ...] = (
+    torch.torch_version.TorchVersion,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+)
+UNSAFE_FLAG = "--unsafe-load"
 
-    Tries ``torch.load(weights_only=True)`` first (plain containers and tensors: what
-    robustness's training loop writes); a file that pickles other objects is unpickled in full.
+
+def _safe_globals() -> list[Any]:
+    """:data:`SAFE_GLOBALS` and numpy's array rebuilder under the names pickles give it."""
+    core = getattr(np, "_core", None)  # numpy >= 2; numpy 1 has it as numpy.core
+    multiarray = core.multiarray if core is not None else np.core.multiarray
+    rebuild = multiarray._reconstruct
+    return [*SAFE_GLOBALS, rebuild, (rebuild, "numpy.core.multiarray._reconstruct")]
+
+
+def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
+              unsafe_load: bool = False, advice: str | None = None) -> Any:
+    """The one reader of checkpoint, weights and state files (ours and robustness's).
+
+    docs/checkpoints.md, "Loading policy": every file is read with
+    ``torch.load(weights_only=True)``, which rebuilds plain containers, tensors, numbers and
+    strings and the few types in :data:`SAFE_GLOBALS`, and runs no code from the file. A file
+    that pickles anything else is refused with a one-line error; only ``unsafe_load=True`` (the
+    CLI's ``--unsafe-load``) unpickles it in full, which runs code from the file, with a warning.
+
+    Args:
+        path: the file.
+        map_location: where tensors are loaded (default CPU).
+        unsafe_load: unpickle arbitrary objects (runs code from the file; trusted files only).
+        advice: what to do about a truncated or corrupt file, for the command at hand.
 
     Raises:
-        CheckpointError: the file is missing, truncated or corrupt.
+        CheckpointError: the file is missing, truncated or corrupt, or needs full unpickling
+            and ``unsafe_load`` is false.
     """
     p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no file at {p}; check the path")
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not unsafe_load:
+            raise CheckpointError(
+                f"{p} holds pickled objects other than tensors and plain containers "
+                f"({_refused_global(e)}); loading it would run code from the file. If you trust "
+                f"its source, pass {UNSAFE_FLAG}"
+            ) from None
     except Exception as e:  # a damaged file can raise almost anything while being read
-        raise _corrupt(p, e) from None
+        raise _corrupt(p, e, advice) from None
+    log.warning("%s: unpickling %s in full (%s): this runs code from the file", UNSAFE_FLAG, p,
+                "trusted source assumed")
     try:
         return torch.load(p, map_location=map_location, weights_only=False)
     except (AttributeError, ModuleNotFoundError) as e:
         raise CheckpointError(
             f"cannot read {p} ({type(e).__name__}: {e}); if it pickles robustness objects, "
-            "load it after `import robust_amo.integrations.robustness`"
+            "install robustness"
         ) from None
     except Exception as e:  # as above
-        raise _corrupt(p, e) from None
+        raise _corrupt(p, e, advice) from None
 
 
-def _corrupt(p: Path, e: Exception) -> CheckpointError:
+def _refused_global(e: Exception) -> str:
+    """The name of the global torch's weights-only unpickler refused, from its long message."""
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|global) ([\w.]+)", str(e))
+    if m:
+        return f"it needs {m.group(1)}"
+    m = re.search(r"Unsupported operand (\d+)", str(e))
+    return f"unsupported pickle operand {m.group(1)}" if m else "not a weights-only file"
+
+
+def _corrupt(p: Path, e: Exception, advice: str | None = None) -> CheckpointError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = first if len(first) <= 120 else first[:117] + "..."
     return CheckpointError(
-        f"checkpoint {p} is truncated or corrupt ({type(e).__name__}: {e}); "
-        "use the previous one (best.pt) or restart the run without --resume"
+        f"{p} is truncated or corrupt ({type(e).__name__}: {first}); "
+        + (advice or "use another checkpoint of the run (--which best reads best.pt)")
     )
 
 
@@ -135,14 +211,16 @@ def is_native(obj: Any) -> bool:
 
 
 def load_native(path: str | Path, map_location: str | torch.device = "cpu",
-                which: Which | str = "last") -> dict[str, Any]:
-    """Load and check a robust-amo checkpoint (a ``.pt`` file or a run folder).
+                which: Which | str = "last", *, unsafe_load: bool = False,
+                advice: str | None = None) -> dict[str, Any]:
+    """Load and check a robust-amo checkpoint (a ``.pt`` file or a run folder), weights-only
+    unless ``unsafe_load`` (:func:`read_file`).
 
     Raises:
         CheckpointError: missing, truncated/corrupt, not ours, or from a newer robust-amo.
     """
     p = resolve_path(path, which)
-    return check_native(read_file(p, map_location), p)
+    return check_native(read_file(p, map_location, unsafe_load=unsafe_load, advice=advice), p)
 
 
 def build_checkpoint(
@@ -177,7 +255,7 @@ def build_checkpoint(
         "epoch": int(epoch),
         **extra,
         "robust_amo_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
 
 
@@ -237,25 +315,32 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states (torch CPU, this process's current CUDA device, numpy, random)."""
+    """The global RNG states (torch CPU, this process's current CUDA device, numpy, random), as
+    tensors, numbers and tuples only, so that a checkpoint holding them loads weights-only."""
     # only the current GPU's generator: under torchrun a rank drives one GPU, and
     # get_rng_state_all would create a CUDA context on every GPU of the node
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if cuda else None,
-        "numpy": np.random.get_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "python": random.getstate(),
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
+    """Restore what :func:`rng_state` saved (also the numpy tuple robust-amo 0.2.0 wrote)."""
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if isinstance(cuda, (list, tuple)):  # files written before: one state per GPU of the node
         cuda = cuda[0] if cuda else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)  # this process's GPU only (see rng_state)
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                npst["has_gauss"], npst["gauss"])
+    np.random.set_state(npst)
     random.setstate(state["python"])

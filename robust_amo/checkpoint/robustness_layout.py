@@ -21,7 +21,8 @@ A robust-amo checkpoint therefore carries the whole normalisation inside the mod
 robustness checkpoint carries it in ``normalizer``, whatever the other side's dataset says.
 
 Loading never needs ``robustness``: a checkpoint written by ``robustness.train.train_model`` only
-pickles tensors, numbers and dicts, which ``torch.load(weights_only=True)`` reads. This module
+pickles tensors, numbers and dicts, which ``torch.load(weights_only=True)`` reads; nothing is
+unpickled in full unless the user passes ``--unsafe-load`` (docs/checkpoints.md). This module
 builds on :mod:`robust_amo.checkpoint.format` (never the other way round).
 """
 
@@ -62,14 +63,16 @@ def is_robustness_checkpoint(obj: Any) -> bool:
     )
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file of either library as a dict (no ``robustness`` import needed).
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    unsafe_load: bool = False) -> dict[str, Any]:
+    """Load a checkpoint file of either library as a dict (no ``robustness`` import needed),
+    weights-only unless ``unsafe_load`` (:func:`robust_amo.checkpoint.read_file`).
 
     Raises:
         CheckpointError: missing, corrupt, or not a dict.
     """
     p = ckpt_io.resolve_path(path)
-    obj = ckpt_io.read_file(p, map_location)
+    obj = ckpt_io.read_file(p, map_location, unsafe_load=unsafe_load)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} does not hold a checkpoint dict but a {type(obj).__name__}")
     return obj
@@ -233,6 +236,7 @@ def convert_checkpoint(
     arch: str | None = None,
     dataset: str | None = None,
     input_shape: Sequence[int] | None = None,
+    unsafe_load: bool = False,
 ) -> str:
     """Convert a checkpoint file to the other library's format and save it atomically.
 
@@ -241,11 +245,12 @@ def convert_checkpoint(
         dst: where to write the converted checkpoint.
         to: ``"robustness"`` or ``"robust-amo"``; default: the format ``src`` is not in.
         arch, dataset, input_shape: see :func:`from_robustness`.
+        unsafe_load: read a ``src`` that needs full unpickling (runs code from the file).
 
     Returns:
         the format written (``"robustness"`` or ``"robust-amo"``).
     """
-    obj = read_checkpoint(src)
+    obj = read_checkpoint(src, unsafe_load=unsafe_load)
     is_ours = obj.get("format") == ckpt_io.FORMAT
     if not is_ours and not is_robustness_checkpoint(obj):
         raise CheckpointError(f"{src} is neither a robust-amo nor a robustness checkpoint")

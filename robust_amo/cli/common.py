@@ -57,3 +57,20 @@ def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None
                    help="device (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_unsafe_load(p)
+    add_overwrite(p, "report")
+
+
+UNSAFE_HELP = ("unpickle a checkpoint that holds objects other than tensors and plain containers;"
+               " this RUNS CODE FROM THE FILE: only for files from a source you trust")
+
+
+def add_unsafe_load(p: argparse.ArgumentParser) -> None:
+    """``--unsafe-load``: the one way to read a file that needs full unpickling."""
+    p.add_argument("--unsafe-load", action="store_true", help=UNSAFE_HELP)
+
+
+def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: replace the results an earlier run left in the output folder."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an earlier {what} in the output folder (refused without it)")

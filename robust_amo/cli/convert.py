@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from robust_amo.checkpoint.robustness_layout import ROBUST_AMO, ROBUSTNESS, convert_checkpoint
+from robust_amo.outputs import refuse_overwrite, writable_dir
 
-from .common import input_shape
+from .common import add_overwrite, add_unsafe_load, input_shape
 
 NAME = "convert-checkpoint"
 HELP = "convert a checkpoint between robust-amo and MadryLab's robustness"
@@ -22,11 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="architecture of a robustness checkpoint (robust-amo archs)")
     p.add_argument("--dataset", type=str, help="dataset of a robustness checkpoint, e.g. cifar10")
     p.add_argument("--input-shape", type=input_shape, help="C,H,W when --dataset is not known")
+    add_unsafe_load(p)
+    add_overwrite(p, "file at DST")
 
 
 def run(args: argparse.Namespace) -> int:
     """Auto-detect the direction, convert, write atomically."""
+    dst = Path(args.dst)
+    writable_dir(dst.parent, "DST's folder")
+    refuse_overwrite(dst.parent, [dst.name], "file", overwrite=args.overwrite,
+                     ways="pass --overwrite to replace it, or choose another DST")
     target = convert_checkpoint(args.src, args.dst, to=args.to, arch=args.arch,
-                                dataset=args.dataset, input_shape=args.input_shape)
+                                dataset=args.dataset, input_shape=args.input_shape,
+                                unsafe_load=args.unsafe_load)
     print(f"wrote {target} checkpoint {args.dst}")
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from robust_amo import distributed
-from robust_amo.config import parse_float
+from robust_amo.config import check_int, parse_float
 from robust_amo.distributed import DistContext
 from robust_amo.errors import ConfigError
 from robust_amo.evaluation import (
@@ -33,6 +33,7 @@ from robust_amo.evaluation import (
 )
 from robust_amo.evaluation.attacks import attack_help
 from robust_amo.evaluation.report import build_report, markdown, sanity_checks, write_report
+from robust_amo.outputs import refuse_overwrite, writable_dir
 from robust_amo.runtime import resolve_device
 
 from .common import add_checkpoint_options, at_least
@@ -90,6 +91,7 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     at_least("--batch-size", args.batch_size)
     at_least("--n-examples", args.n_examples)
     at_least("--restarts", args.restarts)
+    check_int("--seed", args.seed)
     names = _attack_names(args.attack)
     tolerance = parse_float(args.tolerance, "--tolerance")
     if tolerance < 0:
@@ -98,7 +100,7 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     a = load_for_analysis(args.checkpoint, device=device, which=args.which, arch=args.arch,
                           dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                           n_examples=args.n_examples, eps=args.eps, norm=args.norm,
-                          step_size=args.step_size)
+                          step_size=args.step_size, unsafe_load=args.unsafe_load)
     model, meta, data, eps, norm = a.model, a.meta, a.data, a.threat.eps, a.threat.norm
     meta["weights_sha256"] = model_digest(model)
     step = a.threat.step_size if args.step_size is not None else None  # default: eps / 4
@@ -114,6 +116,10 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
 
     ckpt_path = Path(meta["path"])
     out = Path(args.out) if args.out else ckpt_path.parent / "eval" / "report.json"
+    if ctx.is_main:
+        writable_dir(out.parent)
+        refuse_overwrite(out.parent, [out.name, out.with_suffix(".md").name], "report",
+                         overwrite=args.overwrite)
     state_path = out.with_suffix(".state.pt")
     log.info("evaluating %s on %d %s examples of %s (%s eps %.6g) on %s: %s", meta["arch"],
              len(data.y), data.split, data.dataset, norm, eps, device,

@@ -17,11 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from robust_amo.attacks import PGD
-from robust_amo.config import parse_float
+from robust_amo.config import check_int, parse_float
 from robust_amo.errors import ConfigError
 from robust_amo.evaluation import load_for_analysis
 from robust_amo.margins import SearchOptions, margins_batch
 from robust_amo.margins.report import plot_margins, summarize, write_csv
+from robust_amo.outputs import refuse_overwrite, writable_dir
 from robust_amo.runtime import generator, resolve_device
 
 from .common import add_checkpoint_options, at_least
@@ -30,6 +31,9 @@ NAME = "margins"
 HELP = "per-example output, all-layer, adversarial and input margins, kappa"
 
 log = logging.getLogger(__name__)
+
+CSV = "margins.csv"
+SUMMARY = "summary.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,23 +60,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load, compute every quantity batch by batch, write CSV, JSON and plots."""
     for name, v, lo in (("--n-examples", args.n_examples, 1), ("--batch-size", args.batch_size, 1),
-                        ("--pgd-steps", args.pgd_steps, 0), ("--restarts", args.restarts, 1),
-                        ("--attack-steps", args.attack_steps, 1), ("--rounds", args.rounds, 0)):
+                        ("--pgd-steps", args.pgd_steps, 1), ("--restarts", args.restarts, 1),
+                        ("--attack-steps", args.attack_steps, 1), ("--rounds", args.rounds, 1)):
         at_least(name, v, lo)
+    check_int("--seed", args.seed)
     rtol = parse_float(args.rtol, "--rtol")
     if rtol < 0:
         raise ConfigError(f"--rtol must be >= 0, got {rtol}")
+    out = writable_dir(args.out if args.out else _default_out(args.checkpoint))
+    refuse_overwrite(out, [CSV, SUMMARY], "margins report", overwrite=args.overwrite)
     device = resolve_device(args.device)
     a = load_for_analysis(args.checkpoint, device=device, which=args.which, arch=args.arch,
                           dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                           n_examples=args.n_examples, eps=args.eps, norm=args.norm,
-                          step_size=args.step_size)
+                          step_size=args.step_size, unsafe_load=args.unsafe_load)
     model, data, t = a.model, a.data, a.threat
     if len(data.y) < args.n_examples:
         log.warning("the %s split has only %d examples; using all of them", args.split,
                     len(data.y))
-    out = Path(args.out) if args.out else _default_out(args.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
 
     attack_cfg = {"eps": t.eps, "step_size": t.step_size, "steps": args.pgd_steps,
                   "restarts": args.restarts, "norm": t.norm, "loss": t.loss, "seed": args.seed}
@@ -98,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
                 "search": {"attack_steps": opts.steps, "rounds": opts.rounds, "rtol": opts.rtol,
                            "max_expand": opts.max_expand, "step_scale": opts.step_scale},
                 "points": names, "device": str(device), "torch": torch.__version__}
-    write_csv(out / "margins.csv", cols, names)
+    write_csv(out / CSV, cols, names)
     summary = summarize(cols, names, settings)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False))
     if not args.no_plots:
         plot_margins(cols, names, out)
     log.info("margins of %d examples written to %s (clean accuracy %.3f)", len(data.y), out,

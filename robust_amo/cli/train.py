@@ -13,7 +13,7 @@ from typing import Any
 from robust_amo.config import parse_override
 from robust_amo.train import resolve, train
 
-from .common import DEVICES
+from .common import DEVICES, add_overwrite, add_unsafe_load
 
 NAME = "train"
 HELP = "train a model (standard, PGD, robust AMO, clean AMO, Jacobian-LM)"
@@ -34,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=str, help="initial learning rate (e.g. 0.1)")
     p.add_argument("--eps", type=str, help="training attack radius, e.g. 8/255")
     p.add_argument("--out", type=str, help="run folder for checkpoints, config and metrics")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (its config must match, epochs may grow)")
+    add_overwrite(p, "run (checkpoints and metrics)")
+    add_unsafe_load(p)
     p.add_argument("--download", action="store_true",
                    help="let torchvision download the dataset into --data-dir")
     p.add_argument("--device", type=str, choices=DEVICES, help="device")
@@ -67,6 +70,7 @@ def overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     """Resolve, train, report where the run is."""
     cfg = resolve(args.config, overrides(args))
-    metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
+    metrics = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                    unsafe_load=args.unsafe_load, progress=not args.no_progress)
     log.info("done: run folder %s; last epoch %s", cfg.out, metrics)
     return 0

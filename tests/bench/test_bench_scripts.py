@@ -16,6 +16,9 @@ import pytest
 from tests.helpers import ROOT
 
 BENCH = ROOT / "bench"
+# bench.device_suite imports the benchmark modules; runpy then warns that it runs a fresh copy
+# of one already imported, which is what it should do here
+pytestmark = pytest.mark.filterwarnings("ignore:'bench.*' found in sys.modules:RuntimeWarning")
 
 
 @pytest.fixture
@@ -31,8 +34,14 @@ def run_script(monkeypatch, capsys, _single_thread):
 def test_step_cost(run_script):
     lines = run_script("step_cost", "--arch", "tiny-cnn", "--shape", "1,8,8", "--batch", "8",
                        "--pgd-steps", "2", "--steps", "1", "--rounds", "1", "--threads", "1",
-                       "--device", "cpu")
-    rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
+                       "--device", "cpu", "--hook", "both")
+    ratios = [ln for ln in lines if "fused hook / reference hook" in ln]
+    assert [ln.split(":")[0] for ln in ratios] == ["robust-amo", "amo"]
+    assert all(float(ln.rsplit(":", 1)[1]) > 0 for ln in ratios)
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:] if ln not in ratios}
+    # the reference-hook rows make the same passes and build the same graph in float32
+    assert rows["robust-amo-refhook"][1:3] == rows["robust-amo"][1:3]
+    assert rows["robust-amo-refhook"][6] == rows["robust-amo"][6]
     assert {"standard", "pgd", "robust-amo", "amo", "jacobian-lm"} <= set(rows)
     # robust AMO makes exactly PGD training's forward and backward passes; the ratio column to
     # pgd is 1 on the pgd row

@@ -17,6 +17,9 @@ import pytest
 from tests.helpers import ROOT
 
 BENCH = ROOT / "bench"
+# bench.device_suite imports the benchmark modules; runpy then warns that it runs a fresh copy
+# of one already imported, which is what it should do here
+pytestmark = pytest.mark.filterwarnings("ignore:'bench.*' found in sys.modules:RuntimeWarning")
 TINY = ["--device", "cpu", "--arch", "tiny-cnn", "--channels", "1", "--image-size", "8",
         "--batch-size", "8", "--iters", "2", "--warmup", "1"]
 

@@ -237,10 +237,31 @@ def test_killed_and_resumed_evaluation_equals_uninterrupted(trained, digits, tmp
     for a, b in zip(whole, resumed, strict=True):
         assert torch.equal(a.robust, b.robust)
         assert all(torch.equal(a.steps[k], b.steps[k]) for k in a.steps)
-    assert resumed[0].resumed_chunks == 3 and resumed[1].resumed_chunks == 1
+    # chunk 0 finished and chunk 1 half done (apgd-ce saved) both count as resumed
+    assert resumed[0].resumed_chunks == 3 and resumed[1].resumed_chunks == 2
     other = create_model("linear", 10, input_shape=(1, 8, 8))
     with pytest.raises(RobustAmoError, match="another model"):
         evaluate_attacks(other, x, y, specs, batch_size=8, state_path=state, resume=True)
+
+
+def test_autoattack_resumed_inside_its_only_chunk_reports_it(trained, digits, tmp_path):
+    pytest.importorskip("pyautoattack")
+    x, y = digits[0][:16], digits[1][:16]
+    specs = [parse_attack("autoattack-custom", eps=EPS, aa_attacks=("apgd-ce", "apgd-t"))]
+    whole = evaluate_attacks(trained, x, y, specs, batch_size=64)
+
+    class Killed(Exception):
+        pass
+
+    def kill(name, chunk):
+        raise Killed  # at the first save: after apgd-ce of the only chunk
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(Killed):
+        evaluate_attacks(trained, x, y, specs, batch_size=64, state_path=state, interrupt=kill)
+    (again,) = evaluate_attacks(trained, x, y, specs, batch_size=64, state_path=state,
+                                resume=True)
+    assert again.resumed_chunks == 1 and torch.equal(again.robust, whole[0].robust)
 
 
 def _outcome(name, clean, robust, steps=None):

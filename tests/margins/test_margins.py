@@ -335,7 +335,8 @@ def test_margins_command_without_adversarial_part(trained, tmp_path):
     ("extra", "message"),
     [
         (["--n-examples", "0"], "--n-examples must be >= 1"),
-        (["--rounds", "-1"], "--rounds must be >= 0"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--pgd-steps", "0"], "--pgd-steps must be >= 1"),
         (["--eps", "eight"], "--eps: expected a number"),
         (["--rtol", "-0.1"], "--rtol must be >= 0"),
         (["--dataset", "cifar10"], "pass the --dataset it was trained on"),

@@ -13,13 +13,45 @@ from robust_amo.methods import (
     pgd_loss,
     robust_amo_loss,
 )
+from robust_amo.perturb import fused_hook
 from tests.helpers import batch, same_state, sgd_step, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-hook", "reference-hook"])
 @pytest.mark.parametrize("arch,shape", [("tiny-cnn", (1, 8, 8)), ("tiny-wrn", (3, 8, 8))])
-def test_robust_amo_with_zero_eta_is_pgd_training(arch, shape):
+def test_robust_amo_with_zero_eta_is_pgd_training(arch, shape, fused):
+    with fused_hook(fused):
+        _zero_eta_is_pgd_training(arch, shape)
+
+
+def _assert_zero_eta_step_is_pgd_step(m_pgd, x, y, *, steps, device, fused):
+    """One bf16-autocast SGD step of PGD training and of robust AMO with η_δ = 0 from the same
+    weights and attack starts: equal losses and equal weights afterwards."""
+    m_amo = copy.deepcopy(m_pgd)
+    pgd = PGD(m_pgd, eps=0.1, step_size=0.03, steps=steps,
+              generator=torch.Generator().manual_seed(7))
+    joint = RobustAMOAttack.from_pgd(
+        PGD(m_amo, eps=0.1, step_size=0.03, steps=steps,
+            generator=torch.Generator().manual_seed(7)),
+        eta_delta=0.0)
+    with torch.autocast(device, dtype=torch.bfloat16), fused_hook(fused):
+        loss_pgd = sgd_step(m_pgd, functools.partial(pgd_loss, attack=pgd), x, y)
+        loss_amo = sgd_step(m_amo, functools.partial(robust_amo_loss, attack=joint), x, y)
+    assert torch.equal(loss_pgd, loss_amo)
+    assert same_state(m_pgd, m_amo)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-hook", "reference-hook"])
+def test_robust_amo_with_zero_eta_is_pgd_training_under_cpu_bf16(fused):
+    """bf16 activations, float32 δ's: the point's casts keep the identity exact."""
+    x, y = batch(n=8, shape=(3, 8, 8))
+    m_pgd = tiny_model("tiny-wrn", (3, 8, 8))
+    _assert_zero_eta_step_is_pgd_step(m_pgd, x, y, steps=2, device="cpu", fused=fused)
+
+
+def _zero_eta_is_pgd_training(arch, shape):
     x, y = batch(shape=shape)
     m_pgd = tiny_model(arch, shape)
     m_amo = copy.deepcopy(m_pgd)
@@ -86,20 +118,12 @@ def test_robust_amo_loss_is_higher_than_pgd_loss(delta_grad, eta):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_robust_amo_with_zero_eta_is_pgd_training_on_cuda_bf16(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-hook", "reference-hook"])
+def test_robust_amo_with_zero_eta_is_pgd_training_on_cuda_bf16(monkeypatch, fused):
     # bit equality needs the same convolution algorithms in both runs
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     x, y = (t.cuda() for t in batch(shape=(3, 8, 8)))
     x = x.contiguous(memory_format=torch.channels_last)
     m_pgd = tiny_model("tiny-wrn", (3, 8, 8)).cuda().to(memory_format=torch.channels_last)
-    m_amo = copy.deepcopy(m_pgd)
-    pgd = PGD(m_pgd, eps=0.1, step_size=0.03, steps=3, generator=torch.Generator().manual_seed(7))
-    joint = RobustAMOAttack.from_pgd(
-        PGD(m_amo, eps=0.1, step_size=0.03, steps=3, generator=torch.Generator().manual_seed(7)),
-        eta_delta=0.0)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss_pgd = sgd_step(m_pgd, functools.partial(pgd_loss, attack=pgd), x, y)
-        loss_amo = sgd_step(m_amo, functools.partial(robust_amo_loss, attack=joint), x, y)
-    assert torch.equal(loss_pgd, loss_amo)
-    assert same_state(m_pgd, m_amo)
+    _assert_zero_eta_step_is_pgd_step(m_pgd, x, y, steps=3, device="cuda", fused=fused)

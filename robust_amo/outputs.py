@@ -1,0 +1,74 @@
+"""Output folders: created and checked before any work, never silently overwritten.
+
+Every command that writes results (``train``, ``eval``, ``margins``, ``convert-checkpoint``)
+checks its output folder here first, so an unwritable ``--out`` is a one-line error before minutes
+of work, and a folder that already holds results is refused unless the user says how to go on
+(``--resume`` to continue, ``--overwrite`` to start over). docs/checkpoints.md, "Reruns".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+TEMP_GLOB = ".*.tmp"
+"""Names of the temporary files :func:`robust_amo.checkpoint.atomic_save` writes before its
+rename; one left behind was cut short by a kill."""
+
+
+def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a folder that exists and can be written; OutputError otherwise.
+
+    Args:
+        path: the output folder (created with its parents).
+        flag: the option that named it, for the message.
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {p} is a file, not a folder; choose a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write into {flag} {p} ({e.strerror or e}); choose a folder "
+                          "you can write") from None
+    return p
+
+
+def existing(folder: Path, names: Iterable[str]) -> list[str]:
+    """Which of ``names`` exist in ``folder``."""
+    return [n for n in names if (folder / n).exists()]
+
+
+def refuse_overwrite(folder: Path, names: Iterable[str], what: str, *, overwrite: bool,
+                     ways: str = "pass --overwrite to replace it, or choose another --out",
+                     ) -> list[str]:
+    """OutputError when ``folder`` holds any of ``names`` and ``overwrite`` is false.
+
+    Returns:
+        the names found (to delete when ``overwrite`` is true).
+    """
+    found = existing(folder, names)
+    if found and not overwrite:
+        raise OutputError(f"{folder} already holds a {what} ({', '.join(found)}); {ways}")
+    return found
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete temporary files left in ``folder`` by a write cut short; returns how many."""
+    n = 0
+    for t in folder.glob(TEMP_GLOB):
+        if t.is_file():
+            t.unlink(missing_ok=True)
+            log.info("removed %s, left by a write that was cut short", t)
+            n += 1
+    return n
