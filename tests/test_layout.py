@@ -30,7 +30,7 @@ RANKS = {
     "robust_amo.attacks": 5, "robust_amo.checkpoint": 5,
     "robust_amo.methods": 6, "robust_amo.margins": 6,
     "robust_amo.train": 7, "robust_amo.evaluation": 7,
-    "robust_amo.integrations": 8,
+    "robust_amo.integrations": 8, "robust_amo.studies": 8,
     "robust_amo.cli": 9,
     "robust_amo": 10,  # the facade: `import robust_amo` re-exports the registry and errors
 }

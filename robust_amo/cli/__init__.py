@@ -1,4 +1,4 @@
-"""The ``robust-amo`` command line: ``train``, ``eval``, ``margins``, ``archs``,
+"""The ``robust-amo`` command line: ``train``, ``eval``, ``margins``, ``reproduce``, ``archs``,
 ``convert-checkpoint``.
 
 One module per command, each with ``NAME``, ``HELP``, ``add_arguments(parser)`` and
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from robust_amo.errors import RobustAmoError
 from robust_amo.version import __version__
 
-from . import archs, convert, margins, train
+from . import archs, convert, margins, reproduce, train
 from . import eval as evaluate
 
-COMMANDS = (train, evaluate, margins, archs, convert)
+COMMANDS = (train, evaluate, margins, reproduce, archs, convert)
 
 log = logging.getLogger("robust_amo")
 

@@ -5,6 +5,8 @@
   convolution of ``mnist-cnn3`` fits a 7x7 map (the paper does not give the padding).
 - ``mlpL`` (Sokolić Fig. 2 DNN): flattened input, L hidden layers of 392 units, linear classifier
   (``mlpL-W`` for width W).
+- ``small-cnn``: 3x3 convolutions of 16 and 32 channels, each pooled, linear classifier (CPU-sized
+  studies).
 - Test models: ``tiny-cnn`` (two 8-channel convs), ``tiny-mlp`` (one hidden layer of 32),
   ``linear`` (a single linear layer; its one perturbation point is the flattened input, so
   δ is scaled by ‖x‖₂ as in Wei & Ma Example 2.1).
@@ -127,6 +129,13 @@ def mlp(depth: str, width: str | None = None, **kw) -> MLP:
 def tiny_cnn(**kw) -> ConvNet:
     """Two 3x3 convolutions of 8 channels with one max-pool: for tests and the quickstart."""
     return ConvNet([8, 8], [True, False], kernel=3, **kw)
+
+
+@register_model("small-cnn")
+def small_cnn(**kw) -> ConvNet:
+    """3x3 convolutions of 16 and 32 channels, each with a 2x2 max-pool: about five times
+    cheaper than ``mnist-cnn2``, for the CPU-sized study robust-amo-vs-pgd-small."""
+    return ConvNet([16, 32], [True, True], kernel=3, **kw)
 
 
 @register_model("tiny-mlp")

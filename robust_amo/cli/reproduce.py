@@ -1,0 +1,137 @@
+"""``robust-amo reproduce STUDY``: run a paper table or figure (a study file) cell by cell.
+
+Example::
+
+    robust-amo reproduce sokolic-table1 --only arch=cnn2 --only loss=hinge --seeds 0 1 \\
+        --data-dir ../shared/data --workers 2
+
+trains every run as ``robust-amo train`` in ``OUT/runs/CELL/POINT/seedS``, evaluates the
+selected runs (the study's ``eval:``) and writes OUT/results.csv, OUT/table.md and OUT/STUDY.png
+after every finished job. Rerun the same command to resume. docs/reproductions.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from robust_amo.config import check_int, parse_override
+from robust_amo.errors import ConfigError
+from robust_amo.studies import (
+    Options,
+    estimate_s,
+    find_study,
+    list_study_files,
+    load_study,
+    parse_only,
+    plan,
+    run_study,
+)
+from robust_amo.studies.runner import eval_job, train_job
+
+from .common import DEVICES, at_least
+
+NAME = "reproduce"
+HELP = "reproduce a paper table or figure (configs/studies/): train, select, evaluate, tabulate"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The study, what of it to run, and how many processes at once."""
+    p.add_argument("study", type=str, nargs="?",
+                   help="study name in --studies-dir (see --list) or a study .yaml file")
+    p.add_argument("--list", action="store_true",
+                   help="list the studies with their run counts and estimated cost")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs (and what is done) without starting any")
+    p.add_argument("--studies-dir", type=str, default="configs/studies",
+                   help="folder of study files (default configs/studies)")
+    p.add_argument("--grid", type=str, choices=["quick", "paper"], default="quick",
+                   help="hyperparameter grid: quick (three values) or paper (the paper's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's)")
+    p.add_argument("--only", type=str, action="append", default=[], metavar="AXIS=LABEL",
+                   help="keep only these levels of an axis (repeat; e.g. --only arch=cnn2)")
+    p.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every run, e.g. --set epochs=30 (use a new "
+                        "--out: the runs of another config are other runs)")
+    p.add_argument("--eval-examples", type=int,
+                   help="test images of the eval step (default: the study's eval.n_examples)")
+    p.add_argument("--select", type=str, choices=["test", "val"],
+                   help="select hyperparameters on the test set (the papers' protocol, "
+                        "default) or on held-out training examples")
+    p.add_argument("--out", type=str, help="study folder (default runs/studies/STUDY)")
+    p.add_argument("--data-dir", type=str, help="dataset folder passed to every run")
+    p.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per worker (default: cores / workers)")
+    p.add_argument("--device", type=str, choices=DEVICES, default="auto",
+                   help="device of every run (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def _list(studies_dir: str) -> int:
+    files = list_study_files(studies_dir)
+    if not files:
+        raise ConfigError(f"no study files in {studies_dir}; pass --studies-dir")
+    rows = []
+    for f in files:
+        spec = load_study(f)
+        counts = []
+        for grid in ("quick", "paper"):
+            states = plan(spec, Options(out=Path("runs/studies") / spec.name, grid=grid))
+            counts.append(f"{grid}: {len(states)} runs, ~{_hours(estimate_s(spec, states))}")
+        rows.append(f"{spec.name:28s} {'; '.join(counts)} on {spec.cost.device}\n"
+                    f"{'':28s} {spec.title}")
+    print("\n".join(rows))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """List, dry-run or run a study."""
+    if args.list:
+        return _list(args.studies_dir)
+    if not args.study:
+        raise ConfigError("name a study (robust-amo reproduce --list shows them)")
+    at_least("--workers", args.workers)
+    at_least("--threads", args.threads)
+    for s in args.seeds or []:
+        check_int("--seeds seed", s)
+    at_least("--eval-examples", args.eval_examples)
+    spec = load_study(find_study(args.study, args.studies_dir))
+    if args.eval_examples is not None and spec.eval is not None:
+        spec.eval.n_examples = args.eval_examples
+    opts = Options(out=Path(args.out or Path("runs/studies") / spec.name), grid=args.grid,
+                   seeds=args.seeds, only=parse_only(args.only, spec), select=args.select,
+                   sets=[parse_override(x) for x in args.set],
+                   workers=args.workers, threads=args.threads, device=args.device,
+                   data_dir=args.data_dir, progress=not args.no_progress)
+    if args.dry_run:
+        states = plan(spec, opts)
+        for s in states:
+            state = ("done" if s.finished else
+                     f"resume at epoch {s.epochs_done}" if s.epochs_done else "to train")
+            print(f"{s.run.cell_key:32s} {s.run.point_label:36s} seed {s.run.seed}  {state:20s}"
+                  f" {' '.join(train_job(s, opts).argv[3:])}")
+        left = sum(not s.finished for s in states)
+        print(f"{len(states)} runs, {left} to train; then robust-amo eval of the selected runs"
+              if spec.eval else f"{len(states)} runs, {left} to train")
+        if spec.eval and states:
+            print("eval of each selected run:", " ".join(eval_job(states[0], spec, opts)
+                                                          .argv[3:]))
+        print(f"estimated {_hours(estimate_s(spec, states))} on {spec.cost.device}"
+              f" ({os.cpu_count()} cores here)")
+        return 0
+    failed = run_study(spec, opts)
+    print((opts.out / "table.md").read_text())
+    if failed:
+        log.error("%d jobs failed; their logs are in the run folders (train.log, eval.log); "
+                  "rerun the same command to retry them", failed)
+        return 1
+    return 0

@@ -1,0 +1,317 @@
+"""A study's results: the state of every run, the per-cell selection, results.csv, table.md and
+the plot.
+
+Numbers are percentages. A run's *score* is its selection metric at its best epoch (the epoch
+best.pt holds); a table cell's grid point is the one with the largest mean score over its seeds
+(ties: the first in grid order), and the cell reports the mean ± sample standard deviation over
+the seeds of that point.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robust_amo.config import TrainConfig
+from robust_amo.errors import ConfigError
+
+from .spec import MetricSpec, Run, StudySpec
+
+log = logging.getLogger(__name__)
+
+REPORT = Path("eval") / "study.json"
+"""Where the study's eval step writes a run's report, inside the run folder."""
+
+
+@dataclass
+class RunState:
+    """What a run folder says about one run of a study."""
+
+    run: Run
+    folder: Path
+    cfg: TrainConfig
+    epochs_done: int = 0
+    score: float = math.nan
+    best: dict[str, Any] = field(default_factory=dict)
+    evals: dict[str, float] = field(default_factory=dict)
+    failed: str = ""
+    train_s: float = math.nan
+
+    @property
+    def finished(self) -> bool:
+        """All epochs are done (and logged)."""
+        return self.epochs_done >= self.cfg.epochs
+
+    @property
+    def evaluated(self) -> bool:
+        """The study's eval report exists."""
+        return (self.folder / REPORT).is_file()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The readable lines of a metrics.jsonl (a line cut short by a kill is skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def refresh(state: RunState, by: str) -> RunState:
+    """Re-read ``state``'s run folder: epochs done, best epoch by ``by``, eval report."""
+    rows = read_metrics(state.folder / "metrics.jsonl")
+    state.epochs_done = max((int(r.get("epoch", 0)) for r in rows), default=0)
+    times = [r.get("train_time_s") for r in rows]
+    state.train_s = sum(t for t in times if isinstance(t, (int, float))) if rows else math.nan
+    best, best_row = -math.inf, {}
+    for r in rows:
+        v = r.get(by)
+        if isinstance(v, (int, float)) and math.isfinite(v) and v > best:
+            best, best_row = float(v), r  # strict >: the first best epoch, as train's best.pt
+    state.score = 100 * best if best_row else math.nan
+    state.best = best_row
+    state.evals = {}
+    report_path = state.folder / REPORT
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text())
+            state.evals["clean"] = 100 * float(report["clean_accuracy"])
+            for name, a in report.get("attacks", {}).items():
+                if name != "clean":
+                    state.evals[name] = 100 * float(a["robust_accuracy"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            log.warning("unreadable report %s (%s): its numbers are left out", report_path, e)
+    return state
+
+
+def metric_source(metric: MetricSpec, select_split: str) -> str:
+    """The source of ``metric`` under the selection split: with ``val``, the per-epoch check
+    ran on held-out training examples, so ``best.clean_acc`` comes from the eval step on test."""
+    if select_split == "val" and metric.source.startswith("best."):
+        if metric.source != "best.clean_acc":
+            raise ConfigError(f"metric {metric.name}: {metric.source} is measured on the "
+                              "selection split under --select val; report an eval.ATTACK "
+                              "instead")
+        return "eval.clean"
+    return metric.source
+
+
+def metric_value(state: RunState, source: str, kind: str = "accuracy") -> float:
+    """The value (percent) of ``source`` for one run, as an error rate for ``kind="error"``;
+    NaN when not (yet) measured."""
+    where, _, key = source.partition(".")
+    if where == "best":
+        v = state.best.get(key)
+        value = 100 * float(v) if isinstance(v, (int, float)) else math.nan
+    else:
+        value = state.evals.get(key, math.nan)
+    return 100 - value if kind == "error" else value
+
+
+@dataclass
+class Selection:
+    """A table cell's chosen grid point and its runs (one per seed)."""
+
+    cell: str
+    point: str
+    runs: list[RunState]
+    complete: bool
+    means: dict[str, float]
+
+
+def select(states: list[RunState]) -> dict[str, Selection]:
+    """Per table cell: the grid point with the largest mean score over its finished seeds."""
+    cells: dict[str, dict[str, list[RunState]]] = {}
+    for s in states:
+        cells.setdefault(s.run.cell_key, {}).setdefault(s.run.point_label, []).append(s)
+    out = {}
+    for cell, points in cells.items():
+        means = {}
+        for label, runs in points.items():
+            scores = [r.score for r in runs if r.finished and math.isfinite(r.score)]
+            means[label] = statistics.fmean(scores) if scores else math.nan
+        scored = [p for p in points if math.isfinite(means[p])]
+        best = max(scored, key=lambda p: means[p]) if scored else next(iter(points))
+        complete = all(r.finished for runs in points.values() for r in runs)
+        out[cell] = Selection(cell, best, points[best], complete, means)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the finite values."""
+    v = [x for x in values if math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan, 0
+    return statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "—" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def atomic_write(path: Path, text: str | bytes) -> None:
+    """Write ``path`` through a temporary file and a rename: a kill leaves the old or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def results_csv(spec: StudySpec, states: list[RunState], chosen: dict[str, Selection],
+                select_split: str) -> str:
+    """One row per run: its cell, grid point, seed, progress, score and every metric."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    axes = [a.name for a in spec.axes]
+    metrics = spec.metrics
+    w.writerow([*axes, "point", "seed", "epochs_done", "epochs", "finished",
+                f"score_{spec.select.by}", "selected", "best_epoch", "train_s",
+                *[m.name for m in metrics], "run_dir"])
+    for s in states:
+        sel = chosen.get(s.run.cell_key)
+        is_sel = sel is not None and sel.point == s.run.point_label
+        w.writerow([*s.run.cell, s.run.point_label, s.run.seed, s.epochs_done, s.cfg.epochs,
+                    s.finished, _fmt(s.score, 3), is_sel, s.best.get("epoch", ""),
+                    _fmt(s.train_s, 1),
+                    *[_fmt(metric_value(s, metric_source(m, select_split), m.kind), 3)
+                      for m in metrics], s.folder.as_posix()])
+    return buf.getvalue()
+
+
+def _cell_key(spec: StudySpec, labels: dict[str, str]) -> str:
+    return "/".join(labels[a.name] for a in spec.axes)
+
+
+def _combos(spec: StudySpec, names: list[str], present: set[str]) -> list[dict[str, str]]:
+    """The label combinations of axes ``names`` (in axis order) that occur in ``present``."""
+    out: list[dict[str, str]] = [{}]
+    for n in names:
+        axis = next(a for a in spec.axes if a.name == n)
+        out = [{**c, n: lv.label} for c in out for lv in axis.levels]
+    return [c for c in out if any(all(p.split("/")[i] == c[a.name] for i, a in
+                                      enumerate(spec.axes) if a.name in c) for p in present)]
+
+
+def table_md(spec: StudySpec, chosen: dict[str, Selection], select_split: str,
+             header: str) -> str:
+    """The paper's table layout, per metric: ours (mean ± std over seeds, n) · paper · Δ."""
+    lines = [f"# {spec.title}", "", header, ""]
+    if select_split == "test":
+        lines += ["Hyperparameters are selected on the **test set** (largest mean over seeds of "
+                  f"the best-epoch `{spec.select.by}`), as the paper did: optimistic; "
+                  "`--select val` selects on held-out training examples instead.", ""]
+    else:
+        lines += [f"Hyperparameters are selected on {spec.select.val_size} held-out training "
+                  f"examples (best-epoch `{spec.select.by}`); the numbers are measured on the "
+                  "test split by `robust-amo eval`.", ""]
+    present = set(chosen)
+    rows = _combos(spec, spec.table.rows, present)
+    cols = _combos(spec, spec.table.columns, present)
+    col_titles = [" ".join(c.values()) or "value" for c in cols]
+    for m in spec.metrics:
+        src = metric_source(m, select_split)
+        lines += [f"## {m.name} (%)", "",
+                  "Each entry: ours, mean ± std over seeds (n seeds) · the paper's value · "
+                  "ours − paper. `…` marks a cell whose runs are not all finished.", ""]
+        lines.append("| " + " | ".join([*spec.table.rows, *col_titles]) + " |")
+        lines.append("|" + "---|" * (len(spec.table.rows) + len(cols)))
+        for r in rows:
+            entries = []
+            for c in cols:
+                key = _cell_key(spec, {**r, **c})
+                sel = chosen.get(key)
+                if sel is None:
+                    entries.append("")
+                    continue
+                mean, std, n = mean_std([metric_value(s, src, m.kind) for s in sel.runs])
+                paper = m.paper.get(key, math.nan)
+                text = f"{_fmt(mean)} ± {_fmt(std)} (n={n})"
+                if math.isfinite(paper):
+                    text += f" · {_fmt(paper)} · {mean - paper:+.2f}" if n else f" · {_fmt(paper)}"
+                entries.append(text + ("" if sel.complete else " …"))
+            lines.append("| " + " | ".join([*r.values(), *entries]) + " |")
+        lines.append("")
+    lines += ["## Selected grid point per cell", "",
+              "| cell | selected | mean score per grid point |", "|---|---|---|"]
+    for key, sel in chosen.items():
+        scores = ", ".join(f"{p}: {_fmt(v)}" for p, v in sel.means.items())
+        lines.append(f"| {key} | {sel.point} | {scores} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_png(spec: StudySpec, chosen: dict[str, Selection], select_split: str) -> bytes:
+    """Bars per table row (one per column, ± std over seeds), the paper's value as a marker;
+    one panel per metric. Returns PNG bytes."""
+    import matplotlib  # noqa: PLC0415 - a plotting backend, not a project import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    present = set(chosen)
+    rows = _combos(spec, spec.table.rows, present)
+    cols = _combos(spec, spec.table.columns, present)
+    fig, axs = plt.subplots(len(spec.metrics), 1, squeeze=False,
+                            figsize=(max(6.0, 1.2 * len(rows) * max(1, len(cols)) ** 0.5 + 3),
+                                     3.2 * len(spec.metrics)))
+    width = 0.8 / max(1, len(cols))
+    for ax, m in zip(axs[:, 0], spec.metrics, strict=True):
+        src = metric_source(m, select_split)
+        for j, c in enumerate(cols):
+            xs, means, stds, papers = [], [], [], []
+            for i, r in enumerate(rows):
+                sel = chosen.get(_cell_key(spec, {**r, **c}))
+                if sel is None:
+                    continue
+                mean, std, _ = mean_std([metric_value(s, src, m.kind) for s in sel.runs])
+                xs.append(i + (j - (len(cols) - 1) / 2) * width)
+                means.append(mean)
+                stds.append(std)
+                papers.append(m.paper.get(_cell_key(spec, {**r, **c}), math.nan))
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=" ".join(c.values()) or "ours")
+            ax.plot(xs, papers, "kx", markersize=6,
+                    label="paper" if j == 0 and any(math.isfinite(p) for p in papers) else None)
+        ax.set_xticks(range(len(rows)), [" ".join(r.values()) for r in rows])
+        ax.set_ylabel(f"{m.name} (%)")
+        finite = [mean_std([metric_value(s, src, m.kind) for s in sel.runs])[0]
+                  for sel in chosen.values()] + [v for v in m.paper.values()]
+        finite = [v for v in finite if math.isfinite(v)]
+        if finite and m.kind == "error":
+            ax.set_ylim(0, 1.25 * max(finite) + 1)
+        elif finite:
+            lo = min(finite)
+            ax.set_ylim(max(0.0, lo - 0.15 * (100 - lo) - 2), 100)
+        ax.legend(fontsize=7, ncol=min(4, len(cols) + 1))
+        ax.grid(axis="y", alpha=0.3)
+    axs[0, 0].set_title(spec.title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_results(out: Path, spec: StudySpec, states: list[RunState], select_split: str,
+                  header: str) -> dict[str, Selection]:
+    """results.csv, table.md and NAME.png in ``out`` (each written atomically)."""
+    chosen = select(states)
+    atomic_write(out / "results.csv", results_csv(spec, states, chosen, select_split))
+    atomic_write(out / "table.md", table_md(spec, chosen, select_split, header))
+    atomic_write(out / f"{spec.name}.png", plot_png(spec, chosen, select_split))
+    return chosen

@@ -1,0 +1,260 @@
+"""Run a study: every run is a ``robust-amo train`` process in its own run folder, then
+``robust-amo eval`` of each cell's selected runs; results are rewritten after every finished job.
+
+Finished runs (all epochs in metrics.jsonl) and finished evaluations (a report) are skipped; a
+run with a checkpoint or metrics is continued with ``--resume``, so a killed study resumes where
+it stopped. ``workers`` processes run at once, each limited to ``threads`` CPU threads
+(``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), so N workers do not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from robust_amo.config import save_yaml
+from robust_amo.errors import ConfigError, OutputError
+from robust_amo.outputs import writable_dir
+from robust_amo.train import RUN_FILES
+
+from .results import REPORT, RunState, metric_source, refresh, write_results
+from .spec import EvalSpec, Grid, Run, SelectSplit, StudySpec, expand, resolve_run
+
+log = logging.getLogger(__name__)
+
+CELL_CONFIG = "cell.yaml"
+"""The resolved config the runner writes into a run folder and trains with."""
+
+
+@dataclass
+class Options:
+    """How to run a study (the ``robust-amo reproduce`` flags)."""
+
+    out: Path
+    grid: Grid = "quick"
+    seeds: list[int] | None = None
+    only: dict[str, set[str]] | None = None
+    select: SelectSplit | None = None
+    sets: list[dict[str, Any]] = field(default_factory=list)
+    workers: int = 1
+    threads: int | None = None
+    device: str = "auto"
+    data_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Job:
+    """One process to start: training a run or evaluating it."""
+
+    kind: str  # "train" | "eval"
+    state: RunState
+    argv: list[str]
+
+    @property
+    def log_path(self) -> Path:
+        return self.state.folder / f"{self.kind}.log"
+
+
+def plan(spec: StudySpec, opts: Options) -> list[RunState]:
+    """The study's runs with their resolved configs and folders (nothing is written)."""
+    select = opts.select or spec.select.split
+    root = opts.out / ("runs" if select == "test" else "runs-val")
+    runs: list[Run] = expand(spec, opts.grid, opts.seeds, opts.only, select, opts.sets)
+    if not runs:
+        raise ConfigError("--only leaves no run of the study")
+    for m in spec.metrics:
+        metric_source(m, select)  # fails early for a metric --select val cannot measure
+    states = []
+    for r in runs:
+        folder = r.folder(root)
+        states.append(refresh(RunState(r, folder, resolve_run(spec, r, folder)),
+                              spec.select.by))
+    return states
+
+
+def eval_spec(spec: StudySpec, select: SelectSplit) -> EvalSpec | None:
+    """The study's eval step; under ``val`` at least the clean test accuracy."""
+    if spec.eval is not None:
+        return spec.eval
+    if select == "val":
+        return EvalSpec(attacks=["clean"], n_examples=None)
+    return None
+
+
+def _common_flags(opts: Options) -> list[str]:
+    flags = ["--device", opts.device, "--no-progress"]
+    if opts.data_dir:
+        flags += ["--data-dir", opts.data_dir]
+    return flags
+
+
+def train_job(state: RunState, opts: Options) -> Job:
+    """``robust-amo train --config RUN/cell.yaml`` (``--resume`` when the folder holds a run)."""
+    argv = [sys.executable, "-m", "robust_amo.cli", "train",
+            "--config", str(state.folder / CELL_CONFIG), *_common_flags(opts)]
+    if any((state.folder / n).exists() for n in RUN_FILES):
+        argv.append("--resume")
+    return Job("train", state, argv)
+
+
+def eval_job(state: RunState, spec: StudySpec, opts: Options) -> Job:
+    """``robust-amo eval`` of the run's checkpoint on the test split into RUN/eval/study.json."""
+    ev = eval_spec(spec, opts.select or spec.select.split)
+    out = state.folder / REPORT
+    argv = [sys.executable, "-m", "robust_amo.cli", "eval", "--checkpoint", str(state.folder),
+            "--which", ev.which, "--split", "test", "--out", str(out),
+            "--batch-size", str(ev.batch_size), *_common_flags(opts)]
+    for a in ev.attacks:
+        argv += ["--attack", a]
+    if ev.n_examples is not None:
+        argv += ["--n-examples", str(ev.n_examples)]
+    if all(a == "clean" for a in ev.attacks):
+        argv.append("--no-sanity")  # the large-eps check is about attacks
+    if out.with_suffix(".state.pt").exists():
+        argv.append("--resume")
+    return Job("eval", state, argv)
+
+
+def check_out(out: Path, spec: StudySpec) -> None:
+    """The study's output folder: writable, and not another study's (``study.json``)."""
+    writable_dir(out)
+    marker = out / "study.json"
+    if marker.is_file():
+        try:
+            name = json.loads(marker.read_text()).get("name")
+        except (json.JSONDecodeError, AttributeError):
+            name = None
+        if name != spec.name:
+            raise OutputError(f"{out} holds the results of study {name!r}, not {spec.name!r}; "
+                              "choose another --out")
+    else:
+        marker.write_text(json.dumps({"name": spec.name, "study_file": spec.path}) + "\n")
+
+
+def estimate_s(spec: StudySpec, states: list[RunState], eval_runs: int | None = None) -> float:
+    """Seconds the runs not yet done would take on the study's cost device (a rough guide)."""
+    c = spec.cost
+    total = 0.0
+    for s in states:
+        left = max(0, s.cfg.epochs - s.epochs_done)
+        scale = 1.0
+        if c.reference_examples and s.cfg.data.train_subset:
+            scale = s.cfg.data.train_subset / c.reference_examples
+        total += left * c.epoch_s * scale * s.run.cost
+    if eval_runs is None:
+        n_cells = len({s.run.cell_key for s in states})
+        eval_runs = n_cells * max(1, len({s.run.seed for s in states}))
+    if eval_spec(spec, spec.select.split) is not None:
+        total += eval_runs * c.eval_s
+    return total
+
+
+def describe(spec: StudySpec, states: list[RunState], opts: Options) -> str:
+    """The header of table.md: study, paper, grid, seeds, machine."""
+    seeds = sorted({s.run.seed for s in states})
+    return (f"Study `{spec.name}` ({spec.path}); paper: {spec.paper or 'none'}. "
+            f"Grid `{opts.grid}`, seeds {seeds}, {len(states)} runs; results of "
+            f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
+
+
+def run_study(spec: StudySpec, opts: Options) -> int:
+    """Train and evaluate every run not yet done; returns the number of failed jobs."""
+    select = opts.select or spec.select.split
+    states = plan(spec, opts)
+    check_out(opts.out, spec)
+    for s in states:
+        writable_dir(s.folder)
+        save_yaml(s.cfg, s.folder / CELL_CONFIG)
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // max(1, opts.workers))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    ev = eval_spec(spec, select)
+
+    scheduled: set[Path] = set()
+    # eval jobs a cell will need once its runs are done: one per seed, unless already evaluated
+    expected = {}
+    if ev is not None:
+        for s in states:
+            if not s.evaluated:
+                expected[s.run.cell_key] = len({t.run.seed for t in states
+                                                if t.run.cell_key == s.run.cell_key})
+
+    def evals_due(cell: str) -> list[Job]:
+        """Rewrite the results; the eval jobs of ``cell`` once its selection is final."""
+        chosen = write_results(opts.out, spec, states, select, describe(spec, states, opts))
+        sel = chosen[cell]
+        if ev is None or not sel.complete:
+            return []
+        jobs = [eval_job(s, spec, opts) for s in sel.runs
+                if not s.evaluated and not s.failed and s.folder not in scheduled]
+        scheduled.update(j.state.folder for j in jobs)
+        return jobs
+
+    queue: deque[Job] = deque(train_job(s, opts) for s in states if not s.finished)
+    n_train = len(queue)
+    for cell in dict.fromkeys(s.run.cell_key for s in states):
+        due = evals_due(cell)
+        if due or cell in expected and all(s.finished for s in states if s.run.cell_key == cell):
+            expected.pop(cell, None)
+        queue.extend(due)
+    bar = tqdm(total=len(queue) + sum(expected.values()), unit="job", desc=spec.name,
+               disable=not opts.progress)
+    log.info("%s: %d runs (%d to train), %d eval jobs ready, %d workers x %d threads; "
+             "estimated %.1f h on %s", spec.name, len(states), n_train, len(queue) - n_train,
+             opts.workers, threads, estimate_s(spec, states) / 3600, spec.cost.device)
+    running: dict[subprocess.Popen, Job] = {}
+    failed = 0
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, opts.workers):
+                job = queue.popleft()
+                job.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with job.log_path.open("ab") as f:
+                    f.write(f"$ {' '.join(job.argv)}\n".encode())
+                    f.flush()
+                    proc = subprocess.Popen(job.argv, stdout=f, stderr=subprocess.STDOUT,
+                                            env=env)
+                running[proc] = job
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                job = running.pop(proc)
+                refresh(job.state, spec.select.by)
+                ok = proc.returncode == 0 and (job.state.finished if job.kind == "train"
+                                               else job.state.evaluated)
+                if not ok:
+                    failed += 1
+                    job.state.failed = f"{job.kind} exited {proc.returncode}"
+                    log.error("%s of %s failed (exit %s); see %s", job.kind, job.state.folder,
+                              proc.returncode, job.log_path)
+                bar.update(1)
+                cell = job.state.run.cell_key
+                new = evals_due(cell)
+                if cell in expected and (new or all(s.finished or s.failed for s in states
+                                                    if s.run.cell_key == cell)):
+                    bar.total += len(new) - expected.pop(cell)  # the estimate becomes real
+                    bar.refresh()
+                queue.extend(new)
+    except KeyboardInterrupt:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.wait()
+        raise
+    finally:
+        bar.close()
+    write_results(opts.out, spec, states, select, describe(spec, states, opts))
+    done = sum(s.finished for s in states)
+    log.info("%s: %d/%d runs finished, %d failed jobs; %s", spec.name, done, len(states),
+             failed, opts.out / "table.md")
+    return failed

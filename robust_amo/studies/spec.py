@@ -1,0 +1,423 @@
+"""Study files: one YAML file per paper table or figure, expanded into ordinary training runs.
+
+A study names a base config, the axes of the table (each level a set of config overrides, some
+with a hyperparameter grid that is searched and selected per table cell), the seeds, how a cell's
+hyperparameter is selected, the metrics to report and the paper's values. docs/reproductions.md
+describes the format key by key; configs/studies/ holds the shipped studies.
+
+Files are read with ``yaml.safe_load``; unknown keys, wrong types and names that are not safe as
+folder names are one-line :class:`~robust_amo.errors.ConfigError`\\ s, as for configs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from robust_amo.config import TrainConfig, check_keys, from_dict, load_yaml, merge, parse_float
+from robust_amo.errors import ConfigError
+from robust_amo.train import resolve
+
+Grid = Literal["quick", "paper"]
+SelectSplit = Literal["test", "val"]
+MetricKind = Literal["accuracy", "error"]
+
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+"""Level labels name folders and table cells: letters, digits and ``._+-``."""
+
+
+@dataclass
+class LevelSpec:
+    """One level of an axis: its label, config overrides, and per-grid hyperparameters.
+
+    ``grid`` maps a grid name (``quick``, ``paper``) to ``{dotted.key: [values]}``; the runs of a
+    table cell are the product of its levels' grids, selected per cell (:class:`SelectSpec`).
+    ``cost`` multiplies the study's per-epoch cost estimate for runs of this level.
+    """
+
+    label: str
+    set: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    cost: float = 1.0
+
+
+@dataclass
+class AxisSpec:
+    """A table axis: its name (for ``--only NAME=LABEL``) and its levels, in table order."""
+
+    name: str
+    levels: list[LevelSpec]
+
+
+@dataclass
+class SelectSpec:
+    """How a table cell's grid point is chosen: the largest mean over seeds of ``by``.
+
+    ``by`` is a per-epoch metric of metrics.jsonl (a run scores its best epoch, the one best.pt
+    holds). ``split: test`` is the papers' protocol (optimistic: the test set picks the
+    hyperparameter); ``val`` holds ``val_size`` training examples out, selects on them and
+    reports test numbers from ``robust-amo eval`` of the selected runs.
+    """
+
+    by: str = "robust_acc"
+    split: SelectSplit = "test"
+    val_size: int = 1000
+
+
+@dataclass
+class MetricSpec:
+    """A reported number, in percent: ``source`` is ``best.KEY`` (metrics.jsonl at the best
+    epoch, on the per-epoch check's split) or ``eval.ATTACK`` (the study's eval step: ``clean``
+    or an attack name of ``robust-amo eval``); ``paper`` maps a table cell (its labels joined by
+    ``/`` in axis order) to the paper's value. ``kind: error`` reports 100 minus the accuracy
+    (the papers' tables of error rates)."""
+
+    name: str
+    source: str
+    kind: MetricKind = "accuracy"
+    paper: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSpec:
+    """``robust-amo eval`` of every selected run's checkpoint (``which``) on the test split."""
+
+    attacks: list[str] = field(default_factory=lambda: ["pgd50"])
+    n_examples: int | None = 1000
+    batch_size: int = 256
+    which: Literal["best", "last"] = "best"
+
+
+@dataclass
+class TableSpec:
+    """Which axes run down the rows and which across the columns (together: every axis)."""
+
+    rows: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CostSpec:
+    """What ``--list`` estimates from: seconds per epoch of a run on ``device`` with
+    ``reference_examples`` training examples (scaled by a run's ``data.train_subset``), and
+    seconds per evaluated run."""
+
+    device: str = "1 CPU thread"
+    epoch_s: float = 1.0
+    reference_examples: int | None = None
+    eval_s: float = 0.0
+
+
+@dataclass
+class StudySpec:
+    """A study file, checked (see the module docstring)."""
+
+    name: str
+    title: str
+    axes: list[AxisSpec]
+    metrics: list[MetricSpec]
+    paper: str = ""
+    notes: str = ""
+    base: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: dict[str, list[int]] = field(default_factory=lambda: {"quick": [0], "paper": [0]})
+    select: SelectSpec = field(default_factory=SelectSpec)
+    eval: EvalSpec | None = None
+    table: TableSpec = field(default_factory=TableSpec)
+    cost: CostSpec = field(default_factory=CostSpec)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a study: a table cell (one label per axis), a grid point, a seed.
+
+    ``overrides`` are the config mappings applied, in order, after the base file.
+    """
+
+    cell: tuple[str, ...]
+    point: tuple[tuple[str, Any], ...]
+    seed: int
+    overrides: tuple[dict[str, Any], ...]
+    cost: float
+
+    @property
+    def cell_key(self) -> str:
+        """The table cell as the paper values name it: labels joined by ``/``."""
+        return "/".join(self.cell)
+
+    @property
+    def point_label(self) -> str:
+        """The grid point as text (``lam_lm=0.1,weight_decay=0``), or ``default``."""
+        return ",".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in self.point) \
+            or "default"
+
+    def folder(self, root: Path) -> Path:
+        """The run folder under ``root``: ``CELL/POINT/seedS``."""
+        return root / "-".join(self.cell) / self.point_label / f"seed{self.seed}"
+
+
+def format_value(v: Any) -> str:
+    """A grid value as it appears in folder names and tables (``1e-05``, ``0.1``, ``true``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def dotted(key: str, value: Any) -> dict[str, Any]:
+    """``("optim.lr", 0.1)`` -> ``{"optim": {"lr": 0.1}}``."""
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _need(data: dict[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise ConfigError(f"{where}: missing key {key}")
+    return data[key]
+
+
+def _label(text: Any, where: str) -> str:
+    if not isinstance(text, str) or not LABEL.match(text):
+        raise ConfigError(f"{where}: label {text!r} must be letters, digits and ._+- (it names "
+                          "a folder), e.g. cnn2 or 1024")
+    return text
+
+
+def _grid(raw: Any, where: str) -> dict[str, dict[str, list[Any]]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}.grid: expected a mapping of grid names (quick, paper) to "
+                          f"{{key: [values]}}, got {raw!r}")
+    out: dict[str, dict[str, list[Any]]] = {}
+    for name, keys in raw.items():
+        if name not in ("quick", "paper"):
+            raise ConfigError(f"{where}.grid: {name!r} is not one of quick, paper")
+        if not isinstance(keys, dict) or not keys:
+            raise ConfigError(f"{where}.grid.{name}: expected {{key: [values]}}, got {keys!r}")
+        for k, vals in keys.items():
+            if not isinstance(vals, list) or not vals:
+                raise ConfigError(f"{where}.grid.{name}.{k}: expected a non-empty list of "
+                                  f"values, got {vals!r}")
+        out[name] = {k: list(v) for k, v in keys.items()}
+    return out
+
+
+def parse_study(data: dict[str, Any], source: str) -> StudySpec:
+    """Check a study mapping (from :func:`load_study`) and build its :class:`StudySpec`."""
+    check_keys(data, source=source)
+    known = {"name", "title", "paper", "notes", "base", "config", "cells", "axes", "seeds",
+             "select", "metrics", "eval", "table", "cost"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown study key {unknown[0]}; valid keys: "
+                          f"{', '.join(sorted(known))}")
+    name = _label(_need(data, "name", source), f"{source}: name")
+    raw_axes = _need(data, "axes", source)
+    if not isinstance(raw_axes, list) or not raw_axes:
+        raise ConfigError(f"{source}: axes must be a non-empty list of {{name, levels}}")
+    axes = []
+    for i, a in enumerate(raw_axes):
+        where = f"{source}: axes[{i}]"
+        if not isinstance(a, dict) or set(a) - {"name", "levels"}:
+            raise ConfigError(f"{where}: expected {{name: ..., levels: [...]}}, got {a!r}")
+        aname = _label(_need(a, "name", where), where)
+        levels_raw = _need(a, "levels", where)
+        if not isinstance(levels_raw, list) or not levels_raw:
+            raise ConfigError(f"{where}.levels: expected a non-empty list")
+        levels = []
+        for j, lv in enumerate(levels_raw):
+            lw = f"{where}.levels[{j}]"
+            if not isinstance(lv, dict) or set(lv) - {"label", "set", "grid", "cost"}:
+                raise ConfigError(f"{lw}: expected {{label, set, grid, cost}}, got {lv!r}")
+            lset = lv.get("set", {})
+            if not isinstance(lset, dict):
+                raise ConfigError(f"{lw}.set: expected a mapping of config overrides")
+            levels.append(LevelSpec(label=_label(_need(lv, "label", lw), lw), set=lset,
+                                    grid=_grid(lv.get("grid", {}), lw),
+                                    cost=parse_float(lv.get("cost", 1.0), f"{lw}.cost")))
+        labels = [lv.label for lv in levels]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"{where}: level labels repeat: {labels}")
+        axes.append(AxisSpec(aname, levels))
+    names = [a.name for a in axes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: axis names repeat: {names}")
+
+    raw_metrics = _need(data, "metrics", source)
+    if not isinstance(raw_metrics, list) or not raw_metrics:
+        raise ConfigError(f"{source}: metrics must be a non-empty list of {{name, source}}")
+    metrics = [from_dict(MetricSpec, m, prefix=f"metrics[{i}].") if isinstance(m, dict) else
+               _bad(f"{source}: metrics[{i}]: expected a mapping, got {m!r}")
+               for i, m in enumerate(raw_metrics)]
+    for m in metrics:
+        kind, _, key = m.source.partition(".")
+        if kind not in ("best", "eval") or not key:
+            raise ConfigError(f"{source}: metric {m.name}: source {m.source!r} must be best.KEY "
+                              "(e.g. best.clean_acc) or eval.ATTACK (e.g. eval.pgd50)")
+        m.paper = {k: parse_float(v, f"metric {m.name}: paper[{k}]") for k, v in m.paper.items()}
+
+    seeds = data.get("seeds", {"quick": [0], "paper": [0]})
+    if not isinstance(seeds, dict) or set(seeds) - {"quick", "paper"} or not all(
+            isinstance(s, list) and s and all(isinstance(x, int) and not isinstance(x, bool)
+                                              and x >= 0 for x in s) for s in seeds.values()):
+        raise ConfigError(f"{source}: seeds must map quick and paper to lists of seeds >= 0, "
+                          f"got {seeds!r}")
+    spec = StudySpec(
+        name=name, title=str(_need(data, "title", source)), axes=axes, metrics=metrics,
+        paper=str(data.get("paper", "")), notes=str(data.get("notes", "")),
+        base=data.get("base"), config=data.get("config") or {},
+        cells=data.get("cells") or {}, seeds=seeds,
+        select=from_dict(SelectSpec, data.get("select") or {}, prefix="select."),
+        eval=from_dict(EvalSpec, data["eval"], prefix="eval.") if data.get("eval") else None,
+        table=from_dict(TableSpec, data.get("table") or {}, prefix="table."),
+        cost=from_dict(CostSpec, data.get("cost") or {}, prefix="cost."),
+        path=source,
+    )
+    if spec.base is not None and not isinstance(spec.base, str):
+        raise ConfigError(f"{source}: base must be a config file path, got {spec.base!r}")
+    if not isinstance(spec.config, dict):
+        raise ConfigError(f"{source}: config must be a mapping of config overrides")
+    if not spec.table.rows and not spec.table.columns:
+        spec.table = TableSpec(rows=names[:-1], columns=names[-1:])
+    placed = spec.table.rows + spec.table.columns
+    if sorted(placed) != sorted(names):
+        raise ConfigError(f"{source}: table.rows and table.columns must name every axis once "
+                          f"({', '.join(names)}), got rows {spec.table.rows} and columns "
+                          f"{spec.table.columns}")
+    if spec.select.val_size < 1:
+        raise ConfigError(f"{source}: select.val_size must be >= 1")
+    cells = {"/".join(c) for c in itertools.product(*[[lv.label for lv in a.levels]
+                                                      for a in axes])}
+    if not isinstance(spec.cells, dict) or not all(isinstance(v, dict)
+                                                   for v in spec.cells.values()):
+        raise ConfigError(f"{source}: cells must map a table cell (labels joined by /) to "
+                          "config overrides")
+    stray_cells = sorted(set(spec.cells) - cells)
+    if stray_cells:
+        raise ConfigError(f"{source}: cells: {stray_cells[0]!r} is no table cell (cells are "
+                          f"labels joined by /, e.g. {sorted(cells)[0]})")
+    for m in metrics:
+        stray = sorted(set(m.paper) - cells)
+        if stray:
+            raise ConfigError(f"{source}: metric {m.name}: paper value for {stray[0]!r}, which "
+                              f"is no table cell (cells are labels joined by /, e.g. "
+                              f"{sorted(cells)[0]})")
+    return spec
+
+
+def _bad(message: str) -> Any:
+    raise ConfigError(message)
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and check a study file (one-line ConfigErrors, as for configs)."""
+    p = Path(path)
+    return parse_study(load_yaml(p), str(p))
+
+
+def find_study(name_or_path: str, studies_dir: str | Path) -> Path:
+    """The study file for ``name_or_path``: a YAML path, or a name in ``studies_dir``."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        return p
+    d = Path(studies_dir)
+    for cand in (d / f"{name_or_path}.yaml", d / f"{name_or_path}.yml"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(s.stem for s in list_study_files(d)) or "none"
+    raise ConfigError(f"no study {name_or_path!r} in {d} (known: {known}); pass a study file "
+                      "or --studies-dir")
+
+
+def list_study_files(studies_dir: str | Path) -> list[Path]:
+    """The study files of a folder, sorted by name."""
+    d = Path(studies_dir)
+    return sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))) if d.is_dir() else []
+
+
+def parse_only(items: list[str], spec: StudySpec) -> dict[str, set[str]]:
+    """``["samples=256", "samples=512", "arch=cnn2"]`` -> ``{"samples": {...}, "arch": {...}}``,
+    each name and label checked against the study's axes."""
+    axes = {a.name: {lv.label for lv in a.levels} for a in spec.axes}
+    out: dict[str, set[str]] = {}
+    for item in items:
+        name, sep, label = item.partition("=")
+        if not sep or name not in axes:
+            raise ConfigError(f"--only {item!r}: expected AXIS=LABEL with AXIS one of "
+                              f"{', '.join(axes)}")
+        if label not in axes[name]:
+            raise ConfigError(f"--only {item!r}: {name} has no level {label!r} (levels: "
+                              f"{', '.join(sorted(axes[name]))})")
+        out.setdefault(name, set()).add(label)
+    return out
+
+
+def expand(spec: StudySpec, grid: Grid = "quick", seeds: list[int] | None = None,
+           only: dict[str, set[str]] | None = None, select: SelectSplit | None = None,
+           sets: list[dict[str, Any]] | None = None) -> list[Run]:
+    """Every run of the study: the product of the axes' levels, of each cell's grid, of seeds.
+
+    A level without the requested ``grid`` uses its ``quick`` grid (if any), so a level whose
+    hyperparameters the paper fixed has one point. ``only`` keeps the levels named per axis.
+    ``select`` (default: the study's) adds the held-out split to every run under ``val``.
+    ``sets`` (``--set``) override every run's config after the study's own settings.
+    """
+    seeds = seeds if seeds else spec.seeds.get(grid) or spec.seeds.get("quick") or [0]
+    select = select or spec.select.split
+    extra: dict[str, Any] = {}
+    if select == "val":
+        extra = {"data": {"val_size": spec.select.val_size}, "eval": {"split": "val"}}
+    levels = [[lv for lv in a.levels if not only or a.name not in only
+               or lv.label in only[a.name]] for a in spec.axes]
+    runs = []
+    for combo in itertools.product(*levels):
+        keys: dict[str, list[Any]] = {}
+        for lv in combo:
+            keys.update(lv.grid.get(grid) or lv.grid.get("quick") or {})
+        cost = math.prod(lv.cost for lv in combo)
+        for values in itertools.product(*keys.values()):
+            point = tuple(zip(keys, values, strict=True))
+            for seed in seeds:
+                cell = "/".join(lv.label for lv in combo)
+                overrides = [spec.config, *(lv.set for lv in combo), spec.cells.get(cell, {}),
+                             *(dotted(k, v) for k, v in point), extra, *(sets or []),
+                             {"seed": seed}]
+                runs.append(Run(tuple(lv.label for lv in combo), point, seed,
+                                tuple(o for o in overrides if o), cost))
+    return runs
+
+
+def base_path(spec: StudySpec) -> Path | None:
+    """The study's base config file, relative to the study file."""
+    if spec.base is None:
+        return None
+    p = Path(spec.base)
+    return p if p.is_absolute() else Path(spec.path).parent / p
+
+
+def resolve_run(spec: StudySpec, run: Run, out: Path) -> TrainConfig:
+    """The run's resolved training config (registries checked), written to ``out``."""
+    overrides = [*run.overrides, {"out": str(out)}]
+    try:
+        return resolve(base_path(spec), overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{spec.path}: cell {run.cell_key} ({run.point_label}): {e}") from None
+
+
+def merged_overrides(run: Run) -> dict[str, Any]:
+    """The run's overrides as one mapping (for display)."""
+    out: dict[str, Any] = {}
+    for o in run.overrides:
+        out = merge(out, o)
+    return out
