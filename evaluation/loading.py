@@ -16,11 +16,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from robust_amo.checkpoint import Which, load_checkpoint, model_from_checkpoint, resolve_path
+from robust_amo.checkpoint import (
+    Which,
+    load_checkpoint,
+    load_weights,
+    model_from_checkpoint,
+    resolve_path,
+)
 from robust_amo.config import AttackLoss, Norm, check_choice, parse_float
 from robust_amo.data import dataset_info, hold_out, load_dataset, take_subset
 from robust_amo.errors import CheckpointError, ConfigError, DataError
-from robust_amo.models import normalize_name
+from robust_amo.models import build_external, normalize_name
 from robust_amo.version import SPLITS_SINCE, version_tuple
 
 SplitName = Literal["test", "val", "train"]
@@ -82,6 +88,52 @@ def load_model(
         "robust_amo_version": ckpt.get("robust_amo_version"),
     }
     return model, meta
+
+
+def load_external(
+    model: str,
+    *,
+    dataset: str | None,
+    weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    input_shape: list[int] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    points: list[str] | None = None,
+    unsafe_load: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A user's model (``FILE.py:FN`` or ``package.module:FN``, which RUNS that code) with
+    optional ``weights``, in eval mode on ``device``, and metadata shaped like
+    :func:`load_model`'s (docs/evaluation.md, "Your own model").
+
+    Args:
+        model: where FN is; FN returns an ``nn.Module`` taking (B, C, H, W) and returning
+            (B, num_classes), called with ``num_classes`` when it accepts it.
+        dataset: the dataset to evaluate on (gives num_classes and the input shape).
+        weights: a state dict or a checkpoint (read with ``weights_only=True``).
+        input_shape: (C, H, W) when it differs from the dataset's.
+        mean, std: per-channel normalisation the model expects (applied inside the wrapper, so
+            inputs and attacks stay in [0, 1]).
+        points: module names of the perturbation points (``margins``).
+
+    Raises:
+        ConfigError: no dataset, a bad FN, or a model whose output is not (B, num_classes).
+        CheckpointError: weights that are unreadable or do not fit.
+    """
+    if not dataset:
+        raise ConfigError("--model needs --dataset (the data it was trained for)")
+    info = dataset_info(dataset)
+    shape = list(input_shape) if input_shape is not None else list(info.input_shape)
+    net = build_external(model, info.num_classes, shape, mean=mean, std=std, points=points)
+    if weights is not None:
+        load_weights(net.net, weights, unsafe_load=unsafe_load)
+    where = Path(weights).expanduser() if weights is not None else Path(model.rpartition(":")[0])
+    meta = {"path": str(where), "format": "external", "arch": model, "dataset": dataset,
+            "method": None, "epoch": None, "num_classes": info.num_classes,
+            "input_shape": shape, "config": {},
+            "weights": None if weights is None else str(weights),
+            "normalization": {"mean": mean, "std": std}, "robust_amo_version": None}
+    return net.to(device).eval(), meta
 
 
 @dataclass
@@ -229,15 +281,27 @@ def load_for_analysis(
     norm: Norm | None = None,
     step_size: str | float | None = None,
     unsafe_load: bool = False,
+    external: dict[str, Any] | None = None,
 ) -> Analysis:
     """Model, examples and threat model of a checkpoint: what ``eval`` and ``margins`` start
     from (:func:`load_model`, :func:`load_eval_data`, :func:`threat_model`).
 
+    With ``external`` (the keyword arguments of :func:`load_external`: ``model``, ``weights``,
+    ``input_shape``, ``mean``, ``std``, ``points``) the user's model is loaded instead of
+    ``checkpoint``; it records no training attack, so ``eps`` is required.
+
     Raises:
         CheckpointError, DataError, ConfigError: with the fix in the message.
     """
-    model, meta = load_model(checkpoint, device, which=which, arch=arch, dataset=dataset,
-                             unsafe_load=unsafe_load)
+    if external is not None:
+        if eps is None:
+            raise ConfigError("--model needs --eps (the radius to evaluate, e.g. 8/255): a "
+                              "model of your own records no training attack")
+        model, meta = load_external(dataset=dataset, device=device, unsafe_load=unsafe_load,
+                                    **external)
+    else:
+        model, meta = load_model(checkpoint, device, which=which, arch=arch, dataset=dataset,
+                                 unsafe_load=unsafe_load)
     threat = threat_model(meta, eps=eps, norm=norm, step_size=step_size)
     data = load_eval_data(meta, split=split, n_examples=n_examples, dataset=dataset,
                           data_dir=data_dir)

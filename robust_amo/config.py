@@ -222,6 +222,7 @@ class TrainConfig:
     compile_mode: CompileMode | None = None
     out: str = "runs/default"
     log_every: int = 50
+    init_weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -377,6 +377,10 @@ def _train(
                            mean=info.mean, std=info.std, **cfg.model_kwargs).to(device)
     except TypeError as e:  # an option the architecture's constructor does not take
         raise ConfigError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.arch}: {e}") from None
+    if cfg.init_weights and not (resume and (run_dir / ckpt_io.LAST).exists()):
+        # fine-tuning: start from these weights (a resumed run continues from its checkpoint)
+        ckpt_io.load_weights(net, cfg.init_weights, unsafe_load=unsafe_load)
+        log.info("initial weights from %s", cfg.init_weights)
     channels_last = cfg.channels_last and device.type == "cuda"
     if device.type == "cuda" and cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tuned kernels pay off

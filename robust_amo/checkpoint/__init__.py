@@ -41,6 +41,7 @@ from .robustness_layout import (
     read_checkpoint,
     to_robustness,
 )
+from .weights import load_weights, match_state, state_dict_of
 
 
 def load_checkpoint(
@@ -99,6 +100,8 @@ __all__ = [
     "is_robustness_checkpoint",
     "load_checkpoint",
     "load_native",
+    "load_weights",
+    "match_state",
     "model_from_checkpoint",
     "model_state",
     "pack_state",
@@ -107,5 +110,6 @@ __all__ = [
     "resolve_path",
     "rng_state",
     "set_rng_state",
+    "state_dict_of",
     "to_robustness",
 ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from robust_amo.config import parse_float
 from robust_amo.errors import ConfigError
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -26,15 +28,54 @@ def input_shape(text: str) -> list[int]:
     return shape
 
 
+def floats(text: str) -> list[float]:
+    """argparse type for comma-separated numbers such as ``0.5,0.5,0.5``."""
+    try:
+        return [parse_float(t, "value") for t in text.split(",")]
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0.5,0.5,0.5, got "
+                                         f"{text!r}") from None
+
+
+def external_model(args: argparse.Namespace, points: list[str] | None = None
+                   ) -> dict[str, Any] | None:
+    """The ``--model`` options as :func:`robust_amo.evaluation.load_external` arguments, or
+    None for ``--checkpoint``; exactly one of the two must be given."""
+    if (args.checkpoint is None) == (args.model is None):
+        raise ConfigError("give either --checkpoint (a run or .pt file) or --model "
+                          "FILE.py:FN with --weights")
+    if args.model is None:
+        for flag in ("weights", "mean", "std", "input_shape"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} belongs to --model; a "
+                                  "checkpoint records it")
+        return None
+    if (args.mean is None) != (args.std is None):
+        raise ConfigError("give --mean and --std together")
+    return {"model": args.model, "weights": args.weights, "input_shape": args.input_shape,
+            "mean": args.mean, "std": args.std, "points": points}
+
+
 def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None,
                            batch_size: int) -> None:
     """The options of commands that analyse a checkpoint (``eval``, ``margins``), spelt alike.
 
     They feed :func:`robust_amo.evaluation.load_for_analysis`.
     """
-    p.add_argument("--checkpoint", type=str, required=True,
+    p.add_argument("--checkpoint", type=str,
                    help="run folder of `robust-amo train` or of robustness's train_model, or a "
-                        ".pt file")
+                        ".pt file (or use --model)")
+    own = p.add_argument_group("your own model (instead of --checkpoint)")
+    own.add_argument("--model", type=str, metavar="FILE.py:FN|package.module:FN",
+                     help="a function returning your nn.Module (called with num_classes= when "
+                          "it accepts it); THIS RUNS THE CODE IN THAT FILE OR MODULE")
+    own.add_argument("--weights", type=str,
+                     help="weights for --model: a state dict or a checkpoint (read safely)")
+    own.add_argument("--mean", type=floats, help="per-channel mean the model expects, e.g. "
+                     "0.4914,0.4822,0.4465 (we normalise inside; inputs stay in [0, 1])")
+    own.add_argument("--std", type=floats, help="per-channel std the model expects")
+    own.add_argument("--input-shape", type=input_shape,
+                     help="C,H,W of the model's inputs (default: the dataset's)")
     p.add_argument("--which", type=str, choices=["last", "best"], default="last",
                    help="checkpoint of a run folder: last (checkpoint.pt) or best (best.pt)")
     p.add_argument("--arch", type=str,

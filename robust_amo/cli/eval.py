@@ -36,7 +36,7 @@ from robust_amo.evaluation.report import build_report, markdown, sanity_checks, 
 from robust_amo.outputs import refuse_overwrite, writable_dir
 from robust_amo.runtime import resolve_device
 
-from .common import add_checkpoint_options, at_least
+from .common import add_checkpoint_options, at_least, external_model
 
 NAME = "eval"
 HELP = "evaluate robustness of a checkpoint (PGD-50 x 10, AutoAttack)"
@@ -100,7 +100,8 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     a = load_for_analysis(args.checkpoint, device=device, which=args.which, arch=args.arch,
                           dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                           n_examples=args.n_examples, eps=args.eps, norm=args.norm,
-                          step_size=args.step_size, unsafe_load=args.unsafe_load)
+                          step_size=args.step_size, unsafe_load=args.unsafe_load,
+                          external=external_model(args))
     model, meta, data, eps, norm = a.model, a.meta, a.data, a.threat.eps, a.threat.norm
     meta["weights_sha256"] = model_digest(model)
     step = a.threat.step_size if args.step_size is not None else None  # default: eps / 4

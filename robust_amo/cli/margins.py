@@ -25,7 +25,7 @@ from robust_amo.margins.report import plot_margins, summarize, write_csv
 from robust_amo.outputs import refuse_overwrite, writable_dir
 from robust_amo.runtime import generator, resolve_device
 
-from .common import add_checkpoint_options, at_least
+from .common import add_checkpoint_options, at_least, external_model
 
 NAME = "margins"
 HELP = "per-example output, all-layer, adversarial and input margins, kappa"
@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=str,
                    help="output folder (default: <run folder>/margins)")
     p.add_argument("--no-plots", action="store_true", help="write CSV and JSON only")
+    p.add_argument("--points", type=str, nargs="+", metavar="MODULE",
+                   help="--model: module names whose outputs are perturbation points (default: "
+                        "the model's perturbation_points(), else every Conv2d and Linear but "
+                        "the last Linear)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,13 +71,18 @@ def run(args: argparse.Namespace) -> int:
     rtol = parse_float(args.rtol, "--rtol")
     if rtol < 0:
         raise ConfigError(f"--rtol must be >= 0, got {rtol}")
-    out = writable_dir(args.out if args.out else _default_out(args.checkpoint))
+    if args.points and args.model is None:
+        raise ConfigError("--points belongs to --model; a checkpoint's model declares its own")
+    external = external_model(args, args.points)
+    out = writable_dir(args.out if args.out else _default_out(args.checkpoint or
+                                                               args.weights or "."))
     refuse_overwrite(out, [CSV, SUMMARY], "margins report", overwrite=args.overwrite)
     device = resolve_device(args.device)
     a = load_for_analysis(args.checkpoint, device=device, which=args.which, arch=args.arch,
                           dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                           n_examples=args.n_examples, eps=args.eps, norm=args.norm,
-                          step_size=args.step_size, unsafe_load=args.unsafe_load)
+                          step_size=args.step_size, unsafe_load=args.unsafe_load,
+                          external=external)
     model, data, t = a.model, a.data, a.threat
     if len(data.y) < args.n_examples:
         log.warning("the %s split has only %d examples; using all of them", args.split,
@@ -97,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         parts.append({k: v.detach().cpu() for k, v in cols.items()})
     cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    settings = {"checkpoint": str(args.checkpoint), "which": args.which, "arch": a.meta["arch"],
+    settings = {"checkpoint": str(args.checkpoint or args.weights), "model": args.model,
+                "which": args.which, "arch": a.meta["arch"],
                 "dataset": data.dataset, "split": args.split, "n_examples": len(data.y),
                 "pgd": attack_cfg if attack is not None else None,
                 "search": {"attack_steps": opts.steps, "rounds": opts.rounds, "rtol": opts.rtol,

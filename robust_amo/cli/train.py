@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out (its config must match, epochs may grow)")
     add_overwrite(p, "run (checkpoints and metrics)")
     add_unsafe_load(p)
+    p.add_argument("--init-weights", type=str, metavar="FILE",
+                   help="start from these weights (a state dict, or a checkpoint of ours or of "
+                        "robustness, read safely): fine-tuning")
     p.add_argument("--download", action="store_true",
                    help="let torchvision download the dataset into --data-dir")
     p.add_argument("--device", type=str, choices=DEVICES, help="device")
@@ -56,6 +59,8 @@ def overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
     o: dict[str, Any] = {k: v for k, v in flat.items() if v is not None}
     if args.data_dir is not None:
         o.setdefault("data", {})["data_dir"] = args.data_dir
+    if args.init_weights is not None:
+        o["init_weights"] = args.init_weights
     if args.download:
         o.setdefault("data", {})["download"] = True
     if args.lr is not None:
