@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from robust_amo.curves import restarts_figure, save_figure
+
 from .outcome import AttackOutcome, summarize
 
 SCHEMA = "robust-amo-eval/1"
@@ -207,13 +209,76 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
-    """Write the JSON report and its Markdown twin (same name, ``.md``); returns both paths."""
+    """Write the JSON report and its Markdown twin (same name, ``.md``), and, when an attack
+    has several restarts, ``NAME.restarts.png``: robust accuracy after each restart (does it
+    flatten?). Returns the JSON and Markdown paths."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(report, indent=2) + "\n")
     md = p.with_suffix(".md")
     md.write_text(markdown(report))
+    if any(a["kind"] == "pgd" and len(a.get("curve") or {}) > 1
+           for a in report["attacks"].values()):
+        save_figure(restarts_figure(report), restarts_png(p))
     return p, md
+
+
+ROBUSTBENCH_THEIRS = ("link", "name", "authors", "venue", "reported", "additional_data")
+"""Fields of a RobustBench model-info entry that the model's authors fill (we leave them empty:
+null for ``additional_data``, "" for the rest)."""
+
+
+def eps_text(eps: float) -> str:
+    """``8/255`` when eps is a whole number of 255ths (RobustBench's way), else the number."""
+    k = round(eps * 255)
+    return f"{k}/255" if k > 0 and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
+
+
+def robustbench_entry(report: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a RobustBench model-info entry (``model_info/DATASET/THREAT/NAME.json``)
+    from an eval report with a standard AutoAttack run; docs/evaluation.md says which fields are
+    ours and which the model's authors fill.
+
+    Raises:
+        ValueError: the report has no ``autoattack`` (standard) result.
+    """
+    aa = report["attacks"].get("autoattack")
+    if aa is None:
+        raise ValueError("a RobustBench entry needs the standard AutoAttack (--attack autoattack)")
+    threat = {"linf": "Linf", "l2": "L2"}[report["threat_model"]["norm"]]
+    entry: dict[str, Any] = {k: "" for k in ROBUSTBENCH_THEIRS}
+    entry["additional_data"] = None
+    entry.update({
+        "number_forward_passes": 1,
+        "dataset": report["dataset"],
+        "architecture": report["model"].get("arch"),
+        "eps": eps_text(report["threat_model"]["eps"]),
+        "clean_acc": f"{100 * report['clean_accuracy']:.2f}",
+        "autoattack_acc": f"{100 * aa['robust_accuracy']:.2f}",
+    })
+    entry["robust_amo"] = {
+        "threat_model": threat,
+        "n_examples": report["n_examples"],
+        "split": report["split"],
+        "leaderboard_comparable": report["n_examples"] >= 10000 and report["split"] == "test",
+        "autoattack_backend": aa.get("backend"),
+        "autoattack_version": aa["settings"].get("version"),
+        "model_info_path": f"model_info/{report['dataset']}/{threat}/NAME.json",
+        "theirs_to_fill": list(ROBUSTBENCH_THEIRS),
+    }
+    return entry
+
+
+def robustbench_path(report_path: str | Path) -> Path:
+    """Where ``eval --format robustbench`` writes the entry: ``report.robustbench.json``."""
+    p = Path(report_path)
+    return p.with_name(f"{p.stem}.robustbench.json")
+
+
+def restarts_png(report_path: str | Path) -> Path:
+    """Where :func:`write_report` draws the restart curves: ``report.restarts.png``."""
+    p = Path(report_path)
+    return p.with_name(f"{p.stem}.restarts.png")
 
 
 def validate_report(report: dict[str, Any]) -> None:

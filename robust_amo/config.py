@@ -204,6 +204,13 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What a run logs besides metrics.jsonl: ``tensorboard`` writes RUN/tb (docs/config.md)."""
+
+    tensorboard: bool = False
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs; see ``configs/*.yaml`` and ``docs/config.md``."""
 
@@ -228,6 +235,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     method_args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

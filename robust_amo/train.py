@@ -32,6 +32,7 @@ from . import distributed, outputs
 from .attacks import PGD, AttackFn
 from .compiled import CompiledModel, probe
 from .config import TrainConfig, load_config, save_yaml
+from .curves import write_curves
 from .data import (
     Loader,
     dataset_info,
@@ -45,6 +46,7 @@ from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, Unk
 from .methods import build_objective, method_options, method_spec
 from .models import create_model, is_registered, list_models
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
+from .tblog import TensorBoardLog
 from .version import SPLITS_SINCE, version_tuple
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,8 @@ def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, inf
 RUN_FILES = (ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl")
 """What makes a folder hold a run: ``train --out`` into it needs ``--resume`` or ``--overwrite``."""
 
-RESUME_FREE = frozenset({"epochs", "device", "out", "log_every", "data.data_dir",
+RESUME_FREE = frozenset({"epochs", "device", "out", "log_every", "logging.tensorboard",
+                         "data.data_dir",
                          "data.download", "eval.batch_size", "compile", "compile_backend",
                          "compile_mode"})
 """Config keys a resumed run may change: more epochs, and what does not alter the trajectory
@@ -435,6 +438,8 @@ def _train(
         probe(fwd, objective, _memory_format(x0, channels_last), y0, amp)
     model = distributed.wrap_ddp(fwd, ctx, device)
 
+    tb = TensorBoardLog(run_dir, cfg.to_dict()) if cfg.logging.tensorboard and ctx.is_main \
+        else None
     if ctx.is_main:
         log.info("training %s on %s with %s for %d epochs on %s x %d (%d train, %d eval "
                  "examples, global batch %d)", cfg.arch, cfg.dataset, cfg.method, cfg.epochs,
@@ -457,8 +462,12 @@ def _train(
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if progress and ctx.is_main and step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")  # one host sync per log_every steps
+            if step % cfg.log_every == 0 and (tb is not None or progress and ctx.is_main):
+                value = loss.item()  # one host sync per log_every steps
+                if progress and ctx.is_main:
+                    bar.set_postfix(loss=f"{value:.3f}")
+                if tb is not None:
+                    tb.step(epoch * len(loader) + step, value)
         totals = torch.stack([loss_sum.double(), correct.double(),
                               torch.tensor(float(seen), device=device, dtype=torch.float64)])
         loss_sum_all, correct_all, seen_all = distributed.all_reduce_sum(totals).tolist()
@@ -487,6 +496,8 @@ def _train(
             log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if tb is not None:
+                tb.epoch(metrics)
             state = _checkpoint_dict(cfg, net, optimizer, scheduler, epoch + 1, best, metrics,
                                      info)
             ckpt_io.atomic_save(state, run_dir / ckpt_io.LAST)
@@ -495,6 +506,10 @@ def _train(
         distributed.barrier()  # the checkpoint exists before any rank goes on
         for cb in callbacks:
             cb(epoch + 1, metrics)
+    if tb is not None:
+        tb.close()
+    if ctx.is_main:
+        write_curves(run_dir)  # RUN/curves.png: loss, accuracy and learning rate per epoch
     return metrics
 
 

@@ -1,5 +1,5 @@
-"""The ``robust-amo`` command line: ``train``, ``eval``, ``margins``, ``reproduce``, ``archs``,
-``convert-checkpoint``.
+"""The ``robust-amo`` command line: ``train``, ``eval``, ``margins``, ``plot``, ``reproduce``,
+``archs``, ``convert-checkpoint``.
 
 One module per command, each with ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> exit status``, listed in :data:`COMMANDS` (no registration by import side effect).
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from robust_amo.errors import RobustAmoError
 from robust_amo.version import __version__
 
-from . import archs, convert, margins, reproduce, train
+from . import archs, convert, margins, plot, reproduce, train
 from . import eval as evaluate
 
-COMMANDS = (train, evaluate, margins, reproduce, archs, convert)
+COMMANDS = (train, evaluate, margins, plot, reproduce, archs, convert)
 
 log = logging.getLogger("robust_amo")
 

@@ -13,6 +13,7 @@ protocol and every report field.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +33,14 @@ from robust_amo.evaluation import (
     sharding,
 )
 from robust_amo.evaluation.attacks import attack_help
-from robust_amo.evaluation.report import build_report, markdown, sanity_checks, write_report
+from robust_amo.evaluation.report import (
+    build_report,
+    markdown,
+    robustbench_entry,
+    robustbench_path,
+    sanity_checks,
+    write_report,
+)
 from robust_amo.outputs import refuse_overwrite, writable_dir
 from robust_amo.runtime import resolve_device
 
@@ -68,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted evaluation from its state file")
     p.add_argument("--tolerance", type=str, default="0.03",
                    help="PGD/AutoAttack disagreement flagged above this (default 0.03)")
+    p.add_argument("--format", type=str, choices=["robust-amo", "robustbench"],
+                   default="robust-amo",
+                   help="robustbench: also write REPORT.robustbench.json, the fields of a "
+                        "RobustBench model-info entry (needs --attack autoattack)")
     p.add_argument("--no-sanity", action="store_true",
                    help="skip the large-eps gradient-masking check (other checks still run)")
 
@@ -93,6 +105,9 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     at_least("--restarts", args.restarts)
     check_int("--seed", args.seed)
     names = _attack_names(args.attack)
+    if args.format == "robustbench" and "autoattack" not in names:
+        raise ConfigError("--format robustbench needs the standard AutoAttack: add --attack "
+                          "autoattack")
     tolerance = parse_float(args.tolerance, "--tolerance")
     if tolerance < 0:
         raise ConfigError(f"--tolerance must be >= 0, got {tolerance}")
@@ -119,7 +134,8 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     out = Path(args.out) if args.out else ckpt_path.parent / "eval" / "report.json"
     if ctx.is_main:
         writable_dir(out.parent)
-        refuse_overwrite(out.parent, [out.name, out.with_suffix(".md").name], "report",
+        refuse_overwrite(out.parent, [out.name, out.with_suffix(".md").name,
+                                      robustbench_path(out).name], "report",
                          overwrite=args.overwrite)
     state_path = out.with_suffix(".state.pt")
     log.info("evaluating %s on %d %s examples of %s (%s eps %.6g) on %s: %s", meta["arch"],
@@ -146,6 +162,11 @@ def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> i
     json_path, md_path = write_report(report, out)
     print(markdown(report))
     log.info("report written to %s and %s", json_path, md_path)
+    if args.format == "robustbench":
+        rb = robustbench_path(out)
+        rb.write_text(json.dumps(robustbench_entry(report), indent=2) + "\n")
+        log.info("RobustBench entry written to %s (fill link, name, authors, venue, reported, "
+                 "additional_data)", rb)
     for c in checks:
         if not c["passed"]:
             log.warning("sanity check %s flagged: %s", c["name"], c["detail"])

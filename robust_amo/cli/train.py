@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bf16", action="store_true", help="train in float32 on CUDA")
     p.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.milestones=[50,100]")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log to RUN/tb for TensorBoard (logging.tensorboard; needs the "
+                        "tensorboard extra)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -67,6 +70,8 @@ def overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
         o.setdefault("optim", {})["lr"] = args.lr
     if args.eps is not None:
         o.setdefault("attack", {})["eps"] = args.eps
+    if args.tensorboard:
+        o.setdefault("logging", {})["tensorboard"] = True
     if args.no_bf16:
         o["bf16"] = False
     return [o] + [parse_override(s) for s in args.set]

@@ -1,0 +1,58 @@
+"""TensorBoard logging of a training run (``logging.tensorboard: true`` or ``--tensorboard``).
+
+Writes RUN/tb with: every numeric metric of metrics.jsonl per epoch (``epoch/KEY`` at step =
+epoch), the training loss every ``log_every`` steps (``train/loss`` at step = global step), and
+the resolved config as text. TensorBoard is an optional extra (``pip install -e
+".[tensorboard]"``); asking for it without the package is a one-line error before training.
+The training loop creates the writer on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+FOLDER = "tb"
+"""The event files' folder inside the run folder."""
+
+
+class TensorBoardLog:
+    """A thin writer over ``torch.utils.tensorboard.SummaryWriter`` (see the module docstring).
+
+    Raises:
+        ConfigError: the tensorboard package is not installed.
+    """
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional extra
+        except ImportError:
+            raise ConfigError("logging.tensorboard needs the tensorboard package: pip install "
+                              "-e \".[tensorboard]\" (or pip install tensorboard), or drop "
+                              "--tensorboard") from None
+        self.path = Path(run_dir) / FOLDER
+        self.writer = SummaryWriter(log_dir=str(self.path))
+        text = yaml.safe_dump(config, sort_keys=False)
+        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
+
+    def step(self, global_step: int, loss: float) -> None:
+        """The training loss of one step."""
+        self.writer.add_scalar("train/loss", loss, global_step)
+
+    def epoch(self, metrics: dict[str, Any]) -> None:
+        """Every finite numeric metric of one epoch's metrics.jsonl line."""
+        epoch = int(metrics["epoch"])
+        for k, v in metrics.items():
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and math.isfinite(v):
+                self.writer.add_scalar(f"epoch/{k}", v, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
