@@ -84,6 +84,7 @@ def load_model(
         "epoch": ckpt.get("epoch"),
         "num_classes": ckpt.get("num_classes"),
         "input_shape": ckpt.get("input_shape"),
+        "class_names": ckpt.get("class_names"),
         "config": ckpt.get("config") or {},
         "robust_amo_version": ckpt.get("robust_amo_version"),
     }
@@ -94,6 +95,7 @@ def load_external(
     model: str,
     *,
     dataset: str | None,
+    data_dir: str | Path | None = None,
     weights: str | Path | None = None,
     device: torch.device | str = "cpu",
     input_shape: list[int] | None = None,
@@ -110,6 +112,7 @@ def load_external(
         model: where FN is; FN returns an ``nn.Module`` taking (B, C, H, W) and returning
             (B, num_classes), called with ``num_classes`` when it accepts it.
         dataset: the dataset to evaluate on (gives num_classes and the input shape).
+        data_dir: where it lies (``imagefolder`` reads its classes there).
         weights: a state dict or a checkpoint (read with ``weights_only=True``).
         input_shape: (C, H, W) when it differs from the dataset's.
         mean, std: per-channel normalisation the model expects (applied inside the wrapper, so
@@ -122,7 +125,8 @@ def load_external(
     """
     if not dataset:
         raise ConfigError("--model needs --dataset (the data it was trained for)")
-    info = dataset_info(dataset)
+    side = int(input_shape[-1]) if input_shape is not None else None
+    info = dataset_info(dataset, data_dir, side)
     shape = list(input_shape) if input_shape is not None else list(info.input_shape)
     net = build_external(model, info.num_classes, shape, mean=mean, std=std, points=points)
     if weights is not None:
@@ -130,7 +134,8 @@ def load_external(
     where = Path(weights).expanduser() if weights is not None else Path(model.rpartition(":")[0])
     meta = {"path": str(where), "format": "external", "arch": model, "dataset": dataset,
             "method": None, "epoch": None, "num_classes": info.num_classes,
-            "input_shape": shape, "config": {},
+            "input_shape": shape, "config": {}, "class_names":
+                list(info.classes) if info.classes else None,
             "weights": None if weights is None else str(weights),
             "normalization": {"mean": mean, "std": std}, "robust_amo_version": None}
     return net.to(device).eval(), meta
@@ -173,8 +178,9 @@ def load_eval_data(
         raise DataError("the checkpoint does not say which dataset it was trained on; pass "
                         "--dataset (and --data-dir)")
     root = data_dir if data_dir is not None else data_cfg.get("data_dir")
-    _check_fits(meta, name)  # before reading any file: the dataset's static facts suffice
-    train, test = load_dataset(name, root)
+    size = data_cfg.get("image_size") or _side(meta)
+    _check_fits(meta, name, root, size)  # before reading any file: the dataset's facts suffice
+    train, test = load_dataset(name, root, image_size=size)
     if split == "test":
         part = test
     elif split == "train":
@@ -198,9 +204,16 @@ def load_eval_data(
                     part.x[:n].float().div_(255), part.y[:n].clone())
 
 
-def _check_fits(meta: dict[str, Any], name: str) -> None:
+def _side(meta: dict[str, Any]) -> int | None:
+    """The image side of a model's recorded (C, H, W) input shape (for image folders)."""
+    shape = meta.get("input_shape")
+    return int(shape[-1]) if shape else None
+
+
+def _check_fits(meta: dict[str, Any], name: str, root: str | Path | None = None,
+                image_size: int | None = None) -> None:
     """CheckpointError unless dataset ``name``'s images and classes fit the model."""
-    info = dataset_info(name)
+    info = dataset_info(name, root, image_size)
     shape = meta.get("input_shape")
     if shape is not None and tuple(info.input_shape) != tuple(shape):
         raise CheckpointError(
@@ -297,8 +310,8 @@ def load_for_analysis(
         if eps is None:
             raise ConfigError("--model needs --eps (the radius to evaluate, e.g. 8/255): a "
                               "model of your own records no training attack")
-        model, meta = load_external(dataset=dataset, device=device, unsafe_load=unsafe_load,
-                                    **external)
+        model, meta = load_external(dataset=dataset, data_dir=data_dir, device=device,
+                                    unsafe_load=unsafe_load, **external)
     else:
         model, meta = load_model(checkpoint, device, which=which, arch=arch, dataset=dataset,
                                  unsafe_load=unsafe_load)

@@ -152,6 +152,7 @@ class DataConfig:
     subset_seed: int = 0
     augment: bool = True
     val_size: int = 0
+    image_size: int | None = None
 
 
 @dataclass
@@ -441,6 +442,8 @@ def validate(cfg: TrainConfig) -> None:
             f"optim.gamma: a list needs one factor per milestone, got {len(cfg.optim.gamma)} "
             f"factors for {len(cfg.optim.milestones)} milestones"
         )
+    if cfg.data.image_size is not None and cfg.data.image_size < 1:
+        raise ConfigError(f"data.image_size must be >= 1, got {cfg.data.image_size}")
     if cfg.eval.split == "val" and cfg.data.val_size <= 0:
         raise ConfigError("eval.split: val needs data.val_size > 0")
 

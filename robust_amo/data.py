@@ -14,6 +14,11 @@ Sources, tried in this order for ``load_dataset(name, data_dir)``:
    ``download=True`` torchvision fetches it there.
 3. ``digits`` needs no file: scikit-learn's bundled 8x8 digits (1797 images, 0..16 scaled to
    0..255), split 1500 train / 297 test with a fixed permutation.
+4. ``imagefolder``: your own images, ``data_dir/train/CLASS/*.png|jpg|...`` and
+   ``data_dir/test/CLASS/...`` (or ``data_dir/val/``), one folder per class (sorted names give
+   the labels 0, 1, ...). Every image is converted to RGB, resized so its shorter side is
+   ``image_size`` and centre-cropped to ``image_size`` x ``image_size`` once, at load; training
+   augmentation is then the device-side pad-4 crop and flip (``data.augment``).
 
 Keeping the whole uint8 set on the device and doing crop/flip there keeps the data pipeline off
 the critical path of adversarial training (10+ forward/backward passes per batch).
@@ -40,27 +45,45 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts of a dataset: classes, shape and the normalisation used inside models."""
+    """Static facts of a dataset: classes, shape and the normalisation used inside models;
+    ``classes`` names the labels 0, 1, ... where they are known."""
 
     num_classes: int
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] | None = None
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle boot")
+DIGITS = tuple(str(i) for i in range(10))
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+"""``imagefolder`` normalises with ImageNet's statistics, the usual choice for photographs."""
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar10": DatasetInfo(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
+                           CIFAR10_CLASSES),
     "cifar100": DatasetInfo(100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,)),
-    "fashion-mnist": DatasetInfo(10, (1, 28, 28), (0.2860,), (0.3530,)),
-    "digits": DatasetInfo(10, (1, 8, 8), (0.3055,), (0.3759,)),
+    "svhn": DatasetInfo(10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                        DIGITS),
+    "mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,), DIGITS),
+    "fashion-mnist": DatasetInfo(10, (1, 28, 28), (0.2860,), (0.3530,), FASHION_CLASSES),
+    "digits": DatasetInfo(10, (1, 8, 8), (0.3055,), (0.3759,), DIGITS),
 }
+FOLDER_DATASETS = ("imagefolder",)
+"""Datasets whose classes and image size come from the folder and ``data.image_size``."""
 
 NPZ_NAMES: dict[str, list[str]] = {
     "cifar10": ["cifar10.npz", "cifar10_jpegq75_jpegbytes.npz"],
     "cifar100": ["cifar100.npz"],
     "mnist": ["mnist.npz"],
     "fashion-mnist": ["fashion_mnist.npz", "fashion-mnist.npz"],
+    "svhn": ["svhn.npz"],
 }
 
 
@@ -68,16 +91,104 @@ def normalize_dataset_name(name: str) -> str:
     """``CIFAR-10``/``cifar_10`` -> ``cifar10``; ``FashionMNIST`` -> ``fashion-mnist``."""
     n = name.strip().lower().replace("_", "-")
     aliases = {"cifar-10": "cifar10", "cifar-100": "cifar100", "fashionmnist": "fashion-mnist",
-               "fmnist": "fashion-mnist"}
+               "fmnist": "fashion-mnist", "image-folder": "imagefolder"}
     n = aliases.get(n, n)
-    if n not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if n not in DATASETS and n not in FOLDER_DATASETS:
+        known = ", ".join([*DATASETS, *FOLDER_DATASETS])
+        raise DataError(f"unknown dataset {name!r}; known datasets: {known}")
     return n
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name``."""
-    return DATASETS[normalize_dataset_name(name)]
+def dataset_info(name: str, data_dir: str | Path | None = None,
+                 image_size: int | None = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``; ``imagefolder`` reads its classes from
+    ``data_dir/train`` and needs ``image_size``."""
+    n = normalize_dataset_name(name)
+    if n == "imagefolder":
+        root, size = _folder_args(data_dir, image_size)
+        classes = _class_names(root / "train")
+        return DatasetInfo(len(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
+                           tuple(classes))
+    return DATASETS[n]
+
+
+def _folder_args(data_dir: str | Path | None, image_size: int | None) -> tuple[Path, int]:
+    if data_dir is None:
+        raise DataError("--dataset imagefolder needs --data-dir: a folder with train/CLASS/*.png "
+                        "and test/CLASS/... (or val/)")
+    if image_size is None or image_size < 1:
+        raise DataError("--dataset imagefolder needs data.image_size (e.g. --set "
+                        "data.image_size=32): images are resized and centre-cropped to it")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root} is not a folder; imagefolder needs "
+                        "train/CLASS/... and test/CLASS/... inside it")
+    return root, int(image_size)
+
+
+def _class_names(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise DataError(f"{folder} does not exist; imagefolder needs one sub-folder per class "
+                        f"in {folder} (e.g. {folder}/cat/001.png)")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not
+                     d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{folder} holds no class folders; put each class's images in "
+                        f"{folder}/CLASS/")
+    return classes
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and
+                  f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """RGB, shorter side resized to ``size`` (bilinear), centre-cropped: (size, size, 3) uint8."""
+    from PIL import Image, UnidentifiedImageError  # only image folders need it
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]}); remove or replace it") from None
+
+
+def _load_folder(root: Path, size: int) -> tuple[Split, Split]:
+    """The train and test (or val) splits of an image folder; see the module docstring."""
+    classes = _class_names(root / "train")
+    held = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if held is None:
+        raise DataError(f"{root} has train/ but no test/ or val/ folder; add one with the same "
+                        "class folders")
+    other = _class_names(held)
+    if other != classes:
+        only_train = sorted(set(classes) - set(other))
+        only_held = sorted(set(other) - set(classes))
+        raise DataError(f"the classes of {root / 'train'} and {held} differ (only in train: "
+                        f"{only_train or 'none'}; only in {held.name}: {only_held or 'none'}); "
+                        "both need the same class folders")
+    splits = []
+    for part in (root / "train", held):
+        xs, ys = [], []
+        for label, c in enumerate(classes):
+            files = _image_files(part / c)
+            xs += [_load_image(f, size) for f in files]
+            ys += [label] * len(files)
+        if not xs:
+            raise DataError(f"{part} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
+                            "class folders")
+        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
+        splits.append(Split(x, torch.tensor(ys, dtype=torch.int64),
+                            f"{part} ({len(xs)} images)", tuple(classes)))
+    return splits[0], splits[1]
 
 
 @dataclass
@@ -91,13 +202,14 @@ class Split:
     x: torch.Tensor
     y: torch.Tensor
     origin: str = field(default="", compare=False)
+    classes: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: torch.Tensor) -> Split:
         """The examples at ``idx``."""
-        return Split(self.x[idx], self.y[idx], self.origin)
+        return Split(self.x[idx], self.y[idx], self.origin, self.classes)
 
 
 def require_examples(split: Split, purpose: str = "evaluation") -> Split:
@@ -276,26 +388,34 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Spl
     import torchvision.datasets as tvd  # slow to import; only its folder layout needs it
 
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST,
-           "fashion-mnist": tvd.FashionMNIST}[name]
+           "fashion-mnist": tvd.FashionMNIST, "svhn": tvd.SVHN}[name]
     splits = []
     for train in (True, False):
-        ds = cls(str(root), train=train, download=download)
-        x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
-        y = ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else ds.targets
+        if name == "svhn":  # split= instead of train=, labels as .labels (digit 0 as 0)
+            ds = cls(str(root), split="train" if train else "test", download=download)
+            x, y = ds.data, ds.labels
+        else:
+            ds = cls(str(root), train=train, download=download)
+            x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
+            y = ds.targets.numpy() if isinstance(ds.targets, torch.Tensor) else ds.targets
         origin = f"{root} (torchvision {cls.__name__}), {'train' if train else 'test'} split"
         splits.append(_split(np.asarray(x), np.asarray(y), origin, name))
     return splits[0], splits[1]
 
 
 def load_dataset(
-    name: str, data_dir: str | Path | None = None, download: bool = False
+    name: str, data_dir: str | Path | None = None, download: bool = False,
+    image_size: int | None = None,
 ) -> tuple[Split, Split]:
     """Load the train and test splits of ``name`` as uint8 tensors.
 
     Args:
-        name: ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist`` or ``digits``.
-        data_dir: folder holding an .npz file or torchvision's layout, or the .npz file itself.
+        name: ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashion-mnist``, ``digits`` or
+            ``imagefolder``.
+        data_dir: folder holding an .npz file or torchvision's layout, or the .npz file itself;
+            for ``imagefolder`` the folder with ``train/`` and ``test/`` (or ``val/``).
         download: let torchvision download into ``data_dir`` (never done otherwise).
+        image_size: side of the square images of ``imagefolder`` (required there).
 
     Returns:
         ``(train, test)`` splits; the test split may be empty (see :func:`require_examples`).
@@ -309,7 +429,9 @@ def load_dataset(
     """
     name = normalize_dataset_name(name)
     if name == "digits":
-        return _load_digits()
+        return _label_names(_load_digits(), name)
+    if name == "imagefolder":
+        return _load_folder(*_folder_args(data_dir, image_size))
     if data_dir is None:
         raise DataError(
             f"dataset {name!r} needs --data-dir: a folder with {' or '.join(NPZ_NAMES[name])} "
@@ -336,7 +458,12 @@ def load_dataset(
                     f"{', '.join(NPZ_NAMES[name])} in that folder, or pass --download to let "
                     "torchvision fetch it"
                 ) from None
-    return train, test
+    return _label_names((train, test), name)
+
+
+def _label_names(splits: tuple[Split, Split], name: str) -> tuple[Split, Split]:
+    classes = DATASETS[name].classes
+    return tuple(Split(s.x, s.y, s.origin, classes) for s in splits)  # type: ignore[return-value]
 
 
 def take_subset(split: Split, size: int | None, seed: int) -> Split:
@@ -353,13 +480,13 @@ def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split]:
     """Split off ``size`` held-out examples (fixed by ``seed``): ``(rest, held_out)``."""
     held = f"{split.origin}, held-out part" if split.origin else "the held-out part"
     if size <= 0:
-        return split, Split(split.x[:0], split.y[:0], held)
+        return split, Split(split.x[:0], split.y[:0], held, split.classes)
     if size >= len(split):
         raise DataError(f"val_size {size} leaves no training data ({len(split)} examples)")
     g = torch.Generator().manual_seed(derive_seed(seed, "hold-out"))
     perm = torch.randperm(len(split), generator=g)
     val = split.subset(perm[:size])
-    return split.subset(perm[size:]), Split(val.x, val.y, held)
+    return split.subset(perm[size:]), Split(val.x, val.y, held, split.classes)
 
 
 def augment(

@@ -199,6 +199,7 @@ def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, inf
         mean=info.mean, std=info.std, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
         method=cfg.method, model=model, epoch=epoch, optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(), best_robust_acc=best, metrics=metrics,
+        class_names=list(info.classes) if info.classes else None,
         config=cfg.to_dict(), rng=ckpt_io.rng_state())
 
 
@@ -358,8 +359,9 @@ def _train(
 
     # data: subset, held-out split, loaders that keep the uint8 set on the device; each rank
     # takes its share of every global batch and whole batches of the evaluation examples
-    info = dataset_info(cfg.dataset)
-    train_split, test_split = load_dataset(cfg.dataset, cfg.data.data_dir, cfg.data.download)
+    info = dataset_info(cfg.dataset, cfg.data.data_dir, cfg.data.image_size)
+    train_split, test_split = load_dataset(cfg.dataset, cfg.data.data_dir, cfg.data.download,
+                                           cfg.data.image_size)
     train_split = take_subset(train_split, cfg.data.train_subset, cfg.data.subset_seed)
     train_split, val_split = hold_out(train_split, cfg.data.val_size, cfg.seed)
     use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)

@@ -26,7 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=str, help="YAML config file (see configs/)")
     p.add_argument("--arch", type=str, help="architecture, e.g. wrn28-10 (robust-amo archs)")
     p.add_argument("--dataset", type=str,
-                   help="cifar10, cifar100, mnist, fashion-mnist or digits")
+                   help="cifar10, cifar100, svhn, mnist, fashion-mnist, digits, or imagefolder "
+                        "(--data-dir with train/CLASS/*.png and test/CLASS/...)")
+    p.add_argument("--image-size", type=int,
+                   help="imagefolder: side the images are resized and centre-cropped to")
     p.add_argument("--data-dir", type=str, help="folder with the dataset (.npz or torchvision)")
     p.add_argument("--method", type=str, help="standard, pgd, ... (docs/methods.md)")
     p.add_argument("--epochs", type=int, help="number of epochs")
@@ -64,6 +67,8 @@ def overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
         o.setdefault("data", {})["data_dir"] = args.data_dir
     if args.init_weights is not None:
         o["init_weights"] = args.init_weights
+    if args.image_size is not None:
+        o.setdefault("data", {})["image_size"] = args.image_size
     if args.download:
         o.setdefault("data", {})["download"] = True
     if args.lr is not None:

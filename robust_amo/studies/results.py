@@ -241,10 +241,10 @@ def table_md(spec: StudySpec, chosen: dict[str, Selection], select_split: str,
                     continue
                 mean, std, n = mean_std([metric_value(s, src, m.kind) for s in sel.runs])
                 paper = m.paper.get(key, math.nan)
-                text = f"{_fmt(mean)} ± {_fmt(std)} (n={n})"
+                text = f"{_fmt(mean)} ± {_fmt(std)} (n={n})" if n else "not run yet"
                 if math.isfinite(paper):
                     text += f" · {_fmt(paper)} · {mean - paper:+.2f}" if n else f" · {_fmt(paper)}"
-                entries.append(text + ("" if sel.complete else " …"))
+                entries.append(text + ("" if sel.complete or not n else " …"))
             lines.append("| " + " | ".join([*r.values(), *entries]) + " |")
         lines.append("")
     lines += ["## Selected grid point per cell", "",
