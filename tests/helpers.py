@@ -7,11 +7,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robust_amo.config import TrainConfig, merge
 from robust_amo.models import create_model
 from robust_amo.runtime import eval_mode
+from robust_amo.train import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root (configs/, bench/, docs/)."""
+
+TINY_RUN = {"arch": "tiny-cnn", "dataset": "digits", "method": "pgd", "epochs": 2,
+            "batch_size": 64, "data": {"augment": False, "train_subset": 200},
+            "optim": {"lr": 0.05, "schedule": "cosine"},
+            "attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
+            "eval": {"examples": 32, "steps": 2}}
+"""A training run of seconds on the bundled digits: Madry PGD-2 on a tiny CNN."""
+
+
+def tiny_run(out: Path | str, **overrides) -> TrainConfig:
+    """:data:`TINY_RUN` into ``out`` with ``overrides`` merged in (nested mappings key by key)."""
+    return resolve(None, [merge(TINY_RUN, {"out": str(out), **overrides})])
 
 
 def dense_jacobian(

@@ -13,20 +13,17 @@ from robust_amo.curves import PANELS, curves_figure, read_run, restarts_figure
 from robust_amo.errors import ConfigError
 from robust_amo.evaluation.report import eps_text, robustbench_entry
 from robust_amo.tblog import TensorBoardLog
-from robust_amo.train import resolve, train
+from robust_amo.train import train
+from tests.helpers import tiny_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _cfg(out, **kw):
-    base = {"arch": "tiny-cnn", "dataset": "digits", "method": "pgd", "epochs": 3,
-            "batch_size": 64, "out": str(out), "log_every": 2,
-            "data": {"augment": False, "train_subset": 256},
-            "optim": {"lr": 0.05, "schedule": "multistep", "milestones": [2]},
-            "attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
-            "eval": {"examples": 64, "steps": 2, "every": 2}}
-    base.update(kw)
-    return resolve(None, [base])
+    base = {"epochs": 3, "log_every": 2, "data": {"train_subset": 256},
+            "optim": {"schedule": "multistep", "milestones": [2]},
+            "eval": {"examples": 64, "every": 2}}
+    return tiny_run(out, **{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ import torch
 from robust_amo import CheckpointError
 from robust_amo import checkpoint as ckpt_io
 from robust_amo.train import lr_lambda, resolve, train
+from tests.helpers import tiny_run
 
 
 def _cfg(out, **kw):
-    base = {"arch": "tiny-cnn", "dataset": "digits", "method": "pgd", "epochs": 3,
-            "batch_size": 64, "out": str(out), "data": {"augment": False, "train_subset": 900},
-            "optim": {"lr": 0.1, "schedule": "cosine"},
-            "attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
-            "eval": {"examples": 64, "steps": 2}}
-    base.update(kw)
-    return resolve(None, [base])
+    base = {"epochs": 3, "data": {"train_subset": 900}, "optim": {"lr": 0.1},
+            "eval": {"examples": 64}}
+    return tiny_run(out, **{**base, **kw})
 
 
 def test_training_lowers_the_loss_and_writes_a_run(tmp_path):

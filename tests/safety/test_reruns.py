@@ -14,7 +14,8 @@ from robust_amo.checkpoint import format as ckpt_format
 from robust_amo.cli import main
 from robust_amo.errors import CheckpointError
 from robust_amo.models import create_model
-from robust_amo.train import config_differences, resolve, train
+from robust_amo.train import config_differences, train
+from tests.helpers import tiny_run
 
 TRAIN = ["train", "--arch", "tiny-cnn", "--dataset", "digits", "--method", "standard",
          "--epochs", "1", "--batch-size", "64", "--no-progress", "--set", "data.augment=false",
@@ -22,13 +23,7 @@ TRAIN = ["train", "--arch", "tiny-cnn", "--dataset", "digits", "--method", "stan
 
 
 def _cfg(out, **kw):
-    base = {"arch": "tiny-cnn", "dataset": "digits", "method": "pgd", "epochs": 2,
-            "batch_size": 64, "out": str(out), "data": {"augment": True, "train_subset": 200},
-            "optim": {"lr": 0.05, "schedule": "cosine"},
-            "attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
-            "eval": {"examples": 32, "steps": 2}}
-    base.update(kw)
-    return resolve(None, [base])
+    return tiny_run(out, **{"data": {"augment": True, "train_subset": 200}, **kw})
 
 
 def _err(capsys):
