@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"robust-amo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("robust-amo: interrupted; resume with the same command and --resume",
-              file=sys.stderr)
+        again = ("rerun the same command to continue" if args.command == "reproduce" else
+                 "continue with the same command and --resume")
+        print(f"robust-amo: interrupted; {again}", file=sys.stderr)
         return 130
