@@ -288,3 +288,17 @@ def test_val_selection_needs_a_test_number(tmp_path):
     spec = load_study(write_study(tmp_path, data))
     with pytest.raises(ConfigError, match="report an eval.ATTACK"):
         plan(spec, Options(out=tmp_path / "o", select="val"))
+
+
+def test_val_selection_holds_examples_out_and_evaluates_on_test(tmp_path):
+    spec = load_study(write_study(tmp_path))
+    states = plan(spec, Options(out=tmp_path / "o", select="val"))
+    assert all(s.folder.is_relative_to(tmp_path / "o" / "runs-val") for s in states)
+    assert {(s.cfg.data.val_size, s.cfg.eval.split) for s in states} == {(1000, "val")}
+    job = runner_mod.eval_job(states[0], spec, Options(out=tmp_path / "o", select="val"))
+    assert job.argv[job.argv.index("--split") + 1] == "test"
+    # a study without an eval step still reports test numbers under val: clean accuracy
+    no_eval = load_study(write_study(tmp_path, {**TINY, "eval": None, "name": "noeval"}, "n.yaml"))
+    ev = runner_mod.eval_spec(no_eval, "val")
+    assert ev is not None and ev.attacks == ["clean"] and ev.n_examples is None
+    assert runner_mod.eval_spec(no_eval, "test") is None
