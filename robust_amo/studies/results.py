@@ -174,8 +174,9 @@ def atomic_write(path: Path, text: str | bytes) -> None:
 
 
 def results_csv(spec: StudySpec, states: list[RunState], chosen: dict[str, Selection],
-                select_split: str) -> str:
-    """One row per run: its cell, grid point, seed, progress, score and every metric."""
+                select_split: str, root: Path | None = None) -> str:
+    """One row per run: its cell, grid point, seed, progress, score and every metric; run
+    folders relative to ``root`` (the study folder) when they lie inside it."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     axes = [a.name for a in spec.axes]
@@ -190,8 +191,14 @@ def results_csv(spec: StudySpec, states: list[RunState], chosen: dict[str, Selec
                     s.finished, _fmt(s.score, 3), is_sel, s.best.get("epoch", ""),
                     _fmt(s.train_s, 1),
                     *[_fmt(metric_value(s, metric_source(m, select_split), m.kind), 3)
-                      for m in metrics], s.folder.as_posix()])
+                      for m in metrics], _relative(s.folder, root)])
     return buf.getvalue()
+
+
+def _relative(folder: Path, root: Path | None) -> str:
+    if root is not None and folder.is_relative_to(root):
+        return folder.relative_to(root).as_posix()
+    return folder.as_posix()
 
 
 def _cell_key(spec: StudySpec, labels: dict[str, str]) -> str:
@@ -226,9 +233,10 @@ def table_md(spec: StudySpec, chosen: dict[str, Selection], select_split: str,
     col_titles = [" ".join(c.values()) or "value" for c in cols]
     for m in spec.metrics:
         src = metric_source(m, select_split)
+        paper_text = " · the paper's value · ours − paper" if m.paper else ""
         lines += [f"## {m.name} (%)", "",
-                  "Each entry: ours, mean ± std over seeds (n seeds) · the paper's value · "
-                  "ours − paper. `…` marks a cell whose runs are not all finished.", ""]
+                  f"Each entry: ours, mean ± std over seeds (n seeds){paper_text}. `…` marks a "
+                  "cell whose runs are not all finished.", ""]
         lines.append("| " + " | ".join([*spec.table.rows, *col_titles]) + " |")
         lines.append("|" + "---|" * (len(spec.table.rows) + len(cols)))
         for r in rows:
@@ -311,7 +319,7 @@ def write_results(out: Path, spec: StudySpec, states: list[RunState], select_spl
                   header: str) -> dict[str, Selection]:
     """results.csv, table.md and NAME.png in ``out`` (each written atomically)."""
     chosen = select(states)
-    atomic_write(out / "results.csv", results_csv(spec, states, chosen, select_split))
+    atomic_write(out / "results.csv", results_csv(spec, states, chosen, select_split, out))
     atomic_write(out / "table.md", table_md(spec, chosen, select_split, header))
     atomic_write(out / f"{spec.name}.png", plot_png(spec, chosen, select_split))
     return chosen

@@ -138,7 +138,8 @@ def test_runs_select_and_write_csv_md_png(finished_study):
     # brute force: re-read every run's metrics and pick each cell's point by hand
     best: dict[str, tuple[float, str]] = {}
     for r in rows:
-        metrics = read_metrics(Path(r["run_dir"]) / "metrics.jsonl")
+        assert not Path(r["run_dir"]).is_absolute()  # relative to the study folder
+        metrics = read_metrics(out / r["run_dir"] / "metrics.jsonl")
         score = 100 * max(m["robust_acc"] for m in metrics)
         assert math.isclose(float(r["score_robust_acc"]), score, abs_tol=1e-3)
         key = f"{r['arch']}/{r['reg']}"
@@ -147,7 +148,7 @@ def test_runs_select_and_write_csv_md_png(finished_study):
     for r in rows:
         key = f"{r['arch']}/{r['reg']}"
         assert (r["selected"] == "True") == (r["point"] == best[key][1])
-        report = Path(r["run_dir"]) / "eval" / "study.json"
+        report = out / r["run_dir"] / "eval" / "study.json"
         assert report.is_file() == (r["selected"] == "True")  # only selected runs evaluated
         if report.is_file():
             rep = json.loads(report.read_text())
@@ -161,8 +162,8 @@ def test_runs_select_and_write_csv_md_png(finished_study):
     ours = float(mlp_none["clean"])
     assert f"{ours:.2f} ± 0.00 (n=1) · 90.00 · {ours - 90:+.2f}" in table
     assert (out / "tiny.png").read_bytes().startswith(PNG)
-    cell_cfg = yaml.safe_load((Path(mlp_none["run_dir"]) / "cell.yaml").read_text())
-    assert cell_cfg["arch"] == "tiny-mlp" and cell_cfg["out"] == mlp_none["run_dir"]
+    cell_cfg = yaml.safe_load((out / mlp_none["run_dir"] / "cell.yaml").read_text())
+    assert cell_cfg["arch"] == "tiny-mlp" and cell_cfg["out"] == str(out / mlp_none["run_dir"])
 
 
 def test_a_finished_study_starts_nothing(finished_study, monkeypatch):
