@@ -8,13 +8,19 @@ of work, and a folder that already holds results is refused unless the user says
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; folders are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +78,40 @@ def remove_temp_files(folder: Path) -> int:
             log.info("removed %s, left by a write that was cut short", t)
             n += 1
     return n
+
+
+LOCK_NAME = ".robust-amo.lock"
+"""The lock file :func:`folder_lock` holds in a folder while a command writes into it."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` while a command writes into it.
+
+    Two processes writing one run or study folder (a second ``robust-amo train --resume`` or
+    ``reproduce`` started while the first still runs) would interleave their metrics and
+    checkpoints; the second is refused instead. The lock is the operating system's (``flock``):
+    it goes away with the process, however it ends, so a killed command never leaves a stale
+    lock. Not available on Windows, where folders are not locked.
+
+    Raises:
+        OutputError: another process holds the lock (naming its pid when it wrote one).
+    """
+    p = writable_dir(folder, flag)
+    if fcntl is None:
+        yield p
+        return
+    path = p / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise OutputError(f"{p} is in use by another {what} (pid {holder}); wait for it to "
+                              "finish or stop it, then run again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield p
+    finally:
+        os.close(fd)  # releases the lock

@@ -334,7 +334,10 @@ def train(
     Returns:
         the last epoch's metrics (also the last line of ``metrics.jsonl``).
     """
-    with distributed.session(resolve_device(cfg.device)) as (ctx, device):
+    with distributed.session(resolve_device(cfg.device)) as (ctx, device), \
+            contextlib.ExitStack() as stack:
+        if ctx.is_main:  # one writer per run folder: a second train into it is refused
+            stack.enter_context(outputs.folder_lock(cfg.out, "robust-amo train"))
         return _train(cfg, ctx, device, resume, overwrite, unsafe_load, progress,
                       callbacks or [])
 

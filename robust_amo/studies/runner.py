@@ -9,14 +9,18 @@ it stopped. ``workers`` processes run at once, each limited to ``threads`` CPU t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from tqdm import tqdm
 
 from robust_amo.config import save_yaml
 from robust_amo.errors import ConfigError, OutputError
-from robust_amo.outputs import writable_dir
+from robust_amo.outputs import folder_lock, writable_dir
 from robust_amo.train import RUN_FILES
 
 from .results import REPORT, RunState, metric_source, refresh, write_results
@@ -170,9 +174,36 @@ def describe(spec: StudySpec, states: list[RunState], opts: Options) -> str:
 
 
 def run_study(spec: StudySpec, opts: Options) -> int:
-    """Train and evaluate every run not yet done; returns the number of failed jobs."""
-    select = opts.select or spec.select.split
+    """Train and evaluate every run not yet done; returns the number of failed jobs.
+
+    The study folder is locked while the runner works (:func:`robust_amo.outputs.folder_lock`):
+    a second runner on the same folder is refused rather than training the same runs twice.
+    SIGTERM stops the runner as Ctrl-C does: its processes are terminated, not orphaned.
+    """
     states = plan(spec, opts)
+    with folder_lock(opts.out, "robust-amo reproduce"), _stop_on_sigterm():
+        return _run(spec, opts, states)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while the runner works (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
+    select = opts.select or spec.select.split
     check_out(opts.out, spec)
     for s in states:
         writable_dir(s.folder)
