@@ -14,7 +14,10 @@ from tests.helpers import ROOT
 # the same examples on every run, so CI cannot pass once and fail the next time on a new draw;
 # a bug a draw finds becomes an example test (see test_config_inputs.py)
 settings.register_profile("robust-amo", derandomize=True)
-settings.load_profile("robust-amo")
+# fresh random draws, ten times as many: ROBUST_AMO_HYPOTHESIS=search python -m pytest ... (by
+# hand, to look for new bugs; CI keeps the fixed examples)
+settings.register_profile("search", derandomize=False, max_examples=2000)
+settings.load_profile(os.environ.get("ROBUST_AMO_HYPOTHESIS", "robust-amo"))
 
 SHARED_DATA = Path(os.environ.get("ROBUST_AMO_SHARED_DATA",
                                   ROOT / ".." / "shared" / "data"))
