@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -46,6 +47,7 @@ from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, Unk
 from .methods import build_objective, method_options, method_spec
 from .models import create_model, is_registered, list_models
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
+from .tblog import FOLDER as TB_FOLDER
 from .tblog import TensorBoardLog
 from .version import SPLITS_SINCE, version_tuple
 
@@ -252,6 +254,11 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         for name in found:
             (run_dir / name).unlink()
             log.info("--overwrite: deleted %s", run_dir / name)
+        # the old run's pictures and TensorBoard events would mix with the new run's
+        (run_dir / "curves.png").unlink(missing_ok=True)
+        if (run_dir / TB_FOLDER).is_dir():
+            shutil.rmtree(run_dir / TB_FOLDER)
+            log.info("--overwrite: deleted %s", run_dir / TB_FOLDER)
 
 
 def _resume(

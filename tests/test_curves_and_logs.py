@@ -126,3 +126,16 @@ def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[tensorboard\]"'):
         TensorBoardLog(tmp_path, {})
+
+
+def test_overwrite_starts_the_pictures_and_events_afresh(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(_cfg(out, logging={"tensorboard": True}))
+    train(_cfg(out, epochs=2, logging={"tensorboard": True}), overwrite=True)
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("epoch/train_loss")] == [1, 2]  # the new run's only
+    assert len(list((out / "tb").iterdir())) == 1
