@@ -8,12 +8,15 @@ Agg backend: no screen is needed.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ def read_run(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no screen needed), imported on first use."""
     import matplotlib  # noqa: PLC0415 - heavy, only for pictures
 
     matplotlib.use("Agg")
@@ -57,7 +61,7 @@ def curves_figure(runs: Sequence[tuple[str, list[dict[str, Any]]]]):
     Returns:
         the matplotlib Figure (2 x 2 panels, in :data:`PANELS` order).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axs = plt.subplots(2, 2, figsize=(10, 6.5))
     for ax, (key, title) in zip(axs.flat, PANELS, strict=True):
         for name, rows in runs:
@@ -88,14 +92,17 @@ def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return names
 
 
+def png_bytes(fig) -> bytes:
+    """``fig`` as PNG bytes; closes it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
 def save_figure(fig, path: str | Path) -> Path:
-    """Save ``fig`` as PNG through a temporary file and a rename; closes it."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    _pyplot().close(fig)
-    tmp.replace(p)
-    return p
+    """Save ``fig`` as PNG, atomically (:func:`robust_amo.outputs.atomic_write`); closes it."""
+    return atomic_write(path, png_bytes(fig))
 
 
 def write_curves(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
@@ -110,7 +117,7 @@ def write_curves(run_dir: str | Path, path: str | Path | None = None) -> Path | 
 def restarts_figure(report: dict[str, Any]):
     """Robust accuracy after each restart of every multi-restart attack of an eval report:
     does it flatten (enough restarts) or still fall (more would find more)?"""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, a in report.get("attacks", {}).items():
         curve = list((a.get("curve") or {}).values())  # {"restart 1": acc, ...}, in order

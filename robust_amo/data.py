@@ -26,6 +26,7 @@ the critical path of adversarial training (10+ forward/backward passes per batch
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import zipfile
@@ -463,7 +464,9 @@ def load_dataset(
 
 def _label_names(splits: tuple[Split, Split], name: str) -> tuple[Split, Split]:
     classes = DATASETS[name].classes
-    return tuple(Split(s.x, s.y, s.origin, classes) for s in splits)  # type: ignore[return-value]
+    train, test = splits
+    return (dataclasses.replace(train, classes=classes),
+            dataclasses.replace(test, classes=classes))
 
 
 def take_subset(split: Split, size: int | None, seed: int) -> Split:

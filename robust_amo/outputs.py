@@ -69,6 +69,19 @@ def refuse_overwrite(folder: Path, names: Iterable[str], what: str, *, overwrite
     return found
 
 
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``path`` through a temporary file beside it and a rename: a kill leaves the old
+    file or the new one, never half of one (the temporary name matches :data:`TEMP_GLOB`)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, p)
+    return p
+
+
 def remove_temp_files(folder: Path) -> int:
     """Delete temporary files left in ``folder`` by a write cut short; returns how many."""
     n = 0

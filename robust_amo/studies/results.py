@@ -14,14 +14,15 @@ import io
 import json
 import logging
 import math
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from robust_amo.config import TrainConfig
+from robust_amo.curves import png_bytes, pyplot, read_run
 from robust_amo.errors import ConfigError
+from robust_amo.outputs import atomic_write
 
 from .spec import MetricSpec, Run, StudySpec
 
@@ -56,24 +57,9 @@ class RunState:
         return (self.folder / REPORT).is_file()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The readable lines of a metrics.jsonl (a line cut short by a kill is skipped)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for ln in path.read_text().splitlines():
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def refresh(state: RunState, by: str) -> RunState:
     """Re-read ``state``'s run folder: epochs done, best epoch by ``by``, eval report."""
-    rows = read_metrics(state.folder / "metrics.jsonl")
+    rows = read_run(state.folder)
     state.epochs_done = max((int(r.get("epoch", 0)) for r in rows), default=0)
     times = [r.get("train_time_s") for r in rows]
     state.train_s = sum(t for t in times if isinstance(t, (int, float))) if rows else math.nan
@@ -161,16 +147,6 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 def _fmt(x: float, digits: int = 2) -> str:
     return "—" if not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def atomic_write(path: Path, text: str | bytes) -> None:
-    """Write ``path`` through a temporary file and a rename: a kill leaves the old or the new."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def results_csv(spec: StudySpec, states: list[RunState], chosen: dict[str, Selection],
@@ -267,10 +243,7 @@ def table_md(spec: StudySpec, chosen: dict[str, Selection], select_split: str,
 def plot_png(spec: StudySpec, chosen: dict[str, Selection], select_split: str) -> bytes:
     """Bars per table row (one per column, ± std over seeds), the paper's value as a marker;
     one panel per metric. Returns PNG bytes."""
-    import matplotlib  # noqa: PLC0415 - a plotting backend, not a project import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     present = set(chosen)
     rows = _combos(spec, spec.table.rows, present)
@@ -309,10 +282,7 @@ def plot_png(spec: StudySpec, chosen: dict[str, Selection], select_split: str) -
         ax.grid(axis="y", alpha=0.3)
     axs[0, 0].set_title(spec.title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_results(out: Path, spec: StudySpec, states: list[RunState], select_split: str,

@@ -32,7 +32,7 @@ from robust_amo.errors import ConfigError, OutputError
 from robust_amo.outputs import folder_lock, writable_dir
 from robust_amo.train import RUN_FILES
 
-from .results import REPORT, RunState, metric_source, refresh, write_results
+from .results import REPORT, RunState, Selection, metric_source, refresh, write_results
 from .spec import EvalSpec, Grid, Run, SelectSplit, StudySpec, expand, resolve_run
 
 log = logging.getLogger(__name__)
@@ -213,18 +213,19 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
     ev = eval_spec(spec, select)
 
     scheduled: set[Path] = set()
+    seeds: dict[str, set[int]] = {}
+    for s in states:
+        seeds.setdefault(s.run.cell_key, set()).add(s.run.seed)
     # eval jobs a cell will need once its runs are done: one per seed, unless already evaluated
-    expected = {}
-    if ev is not None:
-        for s in states:
-            if not s.evaluated:
-                expected[s.run.cell_key] = len({t.run.seed for t in states
-                                                if t.run.cell_key == s.run.cell_key})
+    expected = {} if ev is None else {s.run.cell_key: len(seeds[s.run.cell_key])
+                                      for s in states if not s.evaluated}
 
-    def evals_due(cell: str) -> list[Job]:
-        """Rewrite the results; the eval jobs of ``cell`` once its selection is final."""
-        chosen = write_results(opts.out, spec, states, select, describe(spec, states, opts))
-        sel = chosen[cell]
+    def publish() -> dict[str, Selection]:
+        """Rewrite results.csv, table.md and the plot; the selection per cell."""
+        return write_results(opts.out, spec, states, select, describe(spec, states, opts))
+
+    def evals_due(sel: Selection) -> list[Job]:
+        """The eval jobs of a cell once its selection is final (all its runs finished)."""
         if ev is None or not sel.complete:
             return []
         jobs = [eval_job(s, spec, opts) for s in sel.runs
@@ -234,11 +235,10 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
 
     queue: deque[Job] = deque(train_job(s, opts) for s in states if not s.finished)
     n_train = len(queue)
-    for cell in dict.fromkeys(s.run.cell_key for s in states):
-        due = evals_due(cell)
-        if due or cell in expected and all(s.finished for s in states if s.run.cell_key == cell):
-            expected.pop(cell, None)
-        queue.extend(due)
+    for cell, sel in publish().items():
+        if sel.complete:
+            expected.pop(cell, None)  # its eval jobs are known now (or done)
+        queue.extend(evals_due(sel))
     bar = tqdm(total=len(queue) + sum(expected.values()), unit="job", desc=spec.name,
                disable=not opts.progress)
     log.info("%s: %d runs (%d to train), %d eval jobs ready, %d workers x %d threads; "
@@ -270,7 +270,7 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
                               proc.returncode, job.log_path)
                 bar.update(1)
                 cell = job.state.run.cell_key
-                new = evals_due(cell)
+                new = evals_due(publish()[cell])
                 if cell in expected and (new or all(s.finished or s.failed for s in states
                                                     if s.run.cell_key == cell)):
                     bar.total += len(new) - expected.pop(cell)  # the estimate becomes real
@@ -284,7 +284,7 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
         raise
     finally:
         bar.close()
-    write_results(opts.out, spec, states, select, describe(spec, states, opts))
+    publish()
     done = sum(s.finished for s in states)
     log.info("%s: %d/%d runs finished, %d failed jobs; %s", spec.name, done, len(states),
              failed, opts.out / "table.md")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from robust_amo.config import TrainConfig, check_keys, from_dict, load_yaml, merge, parse_float
+from robust_amo.config import TrainConfig, check_keys, from_dict, load_yaml, parse_float
 from robust_amo.errors import ConfigError
 from robust_amo.train import resolve
 
@@ -188,6 +188,17 @@ def _need(data: dict[str, Any], key: str, where: str) -> Any:
     return data[key]
 
 
+def _entries(raw: Any, where: str, keys: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """``(where[i], item)`` of a non-empty list of mappings with only ``keys``."""
+    shown = "{" + ", ".join(keys) + "}"
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where} must be a non-empty list of {shown}")
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) - set(keys):
+            raise ConfigError(f"{where}[{i}]: expected {shown}, got {item!r}")
+    return [(f"{where}[{i}]", item) for i, item in enumerate(raw)]
+
+
 def _label(text: Any, where: str) -> str:
     if not isinstance(text, str) or not LABEL.match(text):
         raise ConfigError(f"{where}: label {text!r} must be letters, digits and ._+- (it names "
@@ -223,23 +234,12 @@ def parse_study(data: dict[str, Any], source: str) -> StudySpec:
         raise ConfigError(f"{source}: unknown study key {unknown[0]}; valid keys: "
                           f"{', '.join(sorted(known))}")
     name = _label(_need(data, "name", source), f"{source}: name")
-    raw_axes = _need(data, "axes", source)
-    if not isinstance(raw_axes, list) or not raw_axes:
-        raise ConfigError(f"{source}: axes must be a non-empty list of {{name, levels}}")
     axes = []
-    for i, a in enumerate(raw_axes):
-        where = f"{source}: axes[{i}]"
-        if not isinstance(a, dict) or set(a) - {"name", "levels"}:
-            raise ConfigError(f"{where}: expected {{name: ..., levels: [...]}}, got {a!r}")
+    for where, a in _entries(_need(data, "axes", source), f"{source}: axes", ("name", "levels")):
         aname = _label(_need(a, "name", where), where)
-        levels_raw = _need(a, "levels", where)
-        if not isinstance(levels_raw, list) or not levels_raw:
-            raise ConfigError(f"{where}.levels: expected a non-empty list")
         levels = []
-        for j, lv in enumerate(levels_raw):
-            lw = f"{where}.levels[{j}]"
-            if not isinstance(lv, dict) or set(lv) - {"label", "set", "grid", "cost"}:
-                raise ConfigError(f"{lw}: expected {{label, set, grid, cost}}, got {lv!r}")
+        for lw, lv in _entries(_need(a, "levels", where), f"{where}.levels",
+                               ("label", "set", "grid", "cost")):
             lset = lv.get("set", {})
             if not isinstance(lset, dict):
                 raise ConfigError(f"{lw}.set: expected a mapping of config overrides")
@@ -257,9 +257,11 @@ def parse_study(data: dict[str, Any], source: str) -> StudySpec:
     raw_metrics = _need(data, "metrics", source)
     if not isinstance(raw_metrics, list) or not raw_metrics:
         raise ConfigError(f"{source}: metrics must be a non-empty list of {{name, source}}")
-    metrics = [from_dict(MetricSpec, m, prefix=f"metrics[{i}].") if isinstance(m, dict) else
-               _bad(f"{source}: metrics[{i}]: expected a mapping, got {m!r}")
-               for i, m in enumerate(raw_metrics)]
+    metrics = []
+    for i, m in enumerate(raw_metrics):
+        if not isinstance(m, dict):
+            raise ConfigError(f"{source}: metrics[{i}]: expected a mapping, got {m!r}")
+        metrics.append(from_dict(MetricSpec, m, prefix=f"metrics[{i}]."))
     for m in metrics:
         kind, _, key = m.source.partition(".")
         if kind not in ("best", "eval") or not key:
@@ -314,10 +316,6 @@ def parse_study(data: dict[str, Any], source: str) -> StudySpec:
                               f"is no table cell (cells are labels joined by /, e.g. "
                               f"{sorted(cells)[0]})")
     return spec
-
-
-def _bad(message: str) -> Any:
-    raise ConfigError(message)
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -414,10 +412,3 @@ def resolve_run(spec: StudySpec, run: Run, out: Path) -> TrainConfig:
     except ConfigError as e:
         raise ConfigError(f"{spec.path}: cell {run.cell_key} ({run.point_label}): {e}") from None
 
-
-def merged_overrides(run: Run) -> dict[str, Any]:
-    """The run's overrides as one mapping (for display)."""
-    out: dict[str, Any] = {}
-    for o in run.overrides:
-        out = merge(out, o)
-    return out

@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from robust_amo.cli import main
+from robust_amo.curves import read_run as read_metrics
 from robust_amo.errors import ConfigError
 from robust_amo.studies import Options, expand, load_study, plan, run_study, select
 from robust_amo.studies import runner as runner_mod
-from robust_amo.studies.results import RunState, read_metrics
+from robust_amo.studies.results import RunState
 from robust_amo.studies.spec import parse_only
 from tests.helpers import ROOT
 
