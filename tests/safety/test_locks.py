@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -54,3 +55,29 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder.wait()
     with folder_lock(tmp_path, "test"):  # the kernel dropped the dead process's lock
         pass
+
+
+def test_sigterm_stops_a_runner_and_its_training_process(tmp_path):
+    import yaml
+
+    from tests.studies.test_reproduce import TINY
+
+    study = write_study(tmp_path, {**TINY, "config": {**TINY["config"], "epochs": 500}})
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, "-m", "robust_amo.cli", "reproduce", str(study),
+                               "--out", str(out), "--device", "cpu", "--no-progress"],
+                              stderr=subprocess.PIPE, text=True)
+    logs = []
+    for _ in range(600):  # wait for the first training process to log an epoch
+        logs = list(out.glob("runs/*/*/*/metrics.jsonl"))
+        if logs or runner.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert logs, runner.stderr.read()
+    runner.terminate()  # SIGTERM
+    assert runner.wait(timeout=60) == 130
+    assert "rerun the same command" in runner.stderr.read()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    cell = str(logs[0].parent / "cell.yaml")
+    assert cell not in ps  # the training process went with the runner
+    assert yaml.safe_load((logs[0].parent / "cell.yaml").read_text())["epochs"] == 500
