@@ -24,9 +24,9 @@ SOURCES = {"robust_amo": ROOT / "robust_amo", "robust_amo.attacks": ROOT / "atta
 RANKS = {
     "robust_amo.errors": 0, "robust_amo.version": 0,
     "robust_amo.config": 1,
-    "robust_amo.runtime": 2, "robust_amo.outputs": 2, "robust_amo.curves": 2,
+    "robust_amo.runtime": 2, "robust_amo.outputs": 2,
     "robust_amo.tblog": 2,
-    "robust_amo.distributed": 3, "robust_amo.compiled": 3,
+    "robust_amo.distributed": 3, "robust_amo.compiled": 3, "robust_amo.curves": 3,
     "robust_amo.models": 4, "robust_amo.data": 4, "robust_amo.perturb": 4,
     "robust_amo.attacks": 5, "robust_amo.checkpoint": 5,
     "robust_amo.methods": 6, "robust_amo.margins": 6,
