@@ -24,10 +24,9 @@ from robust_amo.checkpoint import (
     resolve_path,
 )
 from robust_amo.config import AttackLoss, Norm, check_choice, parse_float
-from robust_amo.data import dataset_info, hold_out, load_dataset, take_subset
+from robust_amo.data import check_split_version, dataset_info, load_dataset, training_splits
 from robust_amo.errors import CheckpointError, ConfigError, DataError
 from robust_amo.models import build_external, normalize_name
-from robust_amo.version import SPLITS_SINCE, version_tuple
 
 SplitName = Literal["test", "val", "train"]
 """The examples to analyse: the test split, the run's held-out split, or the training split."""
@@ -189,13 +188,13 @@ def load_eval_data(
         if dataset is not None or int(data_cfg.get("val_size", 0)) <= 0:
             raise DataError("--split val needs the checkpoint's own dataset with a held-out "
                             "part (data.val_size > 0 in training); use --split test")
-        if version_tuple(meta.get("robust_amo_version")) < SPLITS_SINCE:
-            raise DataError("--split val cannot rebuild the held-out part of a run written by "
-                            f"robust-amo {meta.get('robust_amo_version')} (before 0.2.0 it was "
-                            "drawn differently); use --split test")
-        train = take_subset(train, data_cfg.get("train_subset"), int(data_cfg.get("subset_seed",
-                                                                                  0)))
-        _, part = hold_out(train, int(data_cfg["val_size"]), int(cfg.get("seed", 0)))
+        check_split_version(meta.get("robust_amo_version"), needed=True, refuse=lambda v: DataError(
+            f"--split val cannot rebuild the held-out part of a run written by robust-amo {v} "
+            "(before 0.2.0 it was drawn differently); use --split test"))
+        _, part = training_splits(
+            train, train_subset=data_cfg.get("train_subset"),
+            subset_seed=int(data_cfg.get("subset_seed", 0)), val_size=int(data_cfg["val_size"]),
+            seed=int(cfg.get("seed", 0)))
     n = len(part) if n_examples is None else min(n_examples, len(part))
     if n <= 0:
         raise DataError(f"no examples to evaluate (split {split} has {len(part)}, asked for "

@@ -36,12 +36,12 @@ from .config import TrainConfig, load_config, save_yaml
 from .curves import write_curves
 from .data import (
     Loader,
+    check_split_version,
     dataset_info,
-    hold_out,
     load_dataset,
     normalize_dataset_name,
     require_examples,
-    take_subset,
+    training_splits,
 )
 from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, UnknownModelError
 from .methods import build_objective, method_options, method_spec
@@ -49,7 +49,6 @@ from .models import create_model, is_registered, list_models
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
 from .tblog import FOLDER as TB_FOLDER
 from .tblog import TensorBoardLog
-from .version import SPLITS_SINCE, version_tuple
 
 log = logging.getLogger(__name__)
 
@@ -278,13 +277,14 @@ def _resume(
             f"{', '.join(differ)}; resume with the run's own settings (its config.yaml), or "
             "start a new run (another --out, or --overwrite)"
         )
-    redrawn = cfg.data.val_size > 0 or cfg.data.train_subset is not None
-    if redrawn and version_tuple(ck.get("robust_amo_version")) < SPLITS_SINCE:
-        raise CheckpointError(
-            f"cannot resume {path}: robust-amo {ck.get('robust_amo_version')} drew "
-            "data.train_subset/data.val_size differently, so the run would go on with other "
-            "training data; start a new run (another --out)"
-        )
+    check_split_version(
+        ck.get("robust_amo_version"),
+        needed=cfg.data.val_size > 0 or cfg.data.train_subset is not None,
+        refuse=lambda v: CheckpointError(
+            f"cannot resume {path}: robust-amo {v} drew data.train_subset/data.val_size "
+            "differently, so the run would go on with other training data; start a new run "
+            "(another --out)"),
+    )
     model.load_state_dict(ckpt_io.model_state(ck))
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
@@ -372,8 +372,9 @@ def _train(
     info = dataset_info(cfg.dataset, cfg.data.data_dir, cfg.data.image_size)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data.data_dir, cfg.data.download,
                                            cfg.data.image_size)
-    train_split = take_subset(train_split, cfg.data.train_subset, cfg.data.subset_seed)
-    train_split, val_split = hold_out(train_split, cfg.data.val_size, cfg.seed)
+    train_split, val_split = training_splits(
+        train_split, train_subset=cfg.data.train_subset, subset_seed=cfg.data.subset_seed,
+        val_size=cfg.data.val_size, seed=cfg.seed)
     use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)
     eval_split = val_split if use_val else test_split
     if cfg.eval.examples > 0:

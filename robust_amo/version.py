@@ -6,7 +6,8 @@ __version__ = "0.2.0"
 
 SPLITS_SINCE = (0, 2, 0)
 """The first version whose ``train_subset`` and held-out draws this one reproduces (0.2.0 seeds
-them through ``derive_seed``): a run written before cannot be resumed or re-split exactly."""
+them through ``derive_seed``): a run written before cannot be resumed or re-split exactly.
+``robust_amo.data.check_split_version`` is the one place that compares against it."""
 
 
 def version_tuple(text: object) -> tuple[int, ...]:

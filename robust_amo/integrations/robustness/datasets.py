@@ -63,7 +63,7 @@ def robustness_dataset(name: str, data_path: str | None = None,
     """A robustness dataset for a robust-amo dataset name (``digits``, ``mnist``, ``cifar10``...).
 
     Args:
-        name: robust-amo dataset name (``robust_amo.data.DATASETS``).
+        name: robust-amo dataset name (``robust_amo.data.dataset_names()``).
         data_path: folder with the data (not needed for ``digits``).
         device: where its loaders put batches (default CUDA when available).
     """
