@@ -78,6 +78,6 @@ def test_sigterm_stops_a_runner_and_its_training_process(tmp_path):
     assert runner.wait(timeout=60) == 130
     assert "rerun the same command" in runner.stderr.read()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    cell = str(logs[0].parent / "cell.yaml")
-    assert cell not in ps  # the training process went with the runner
+    request = str(logs[0].parent / "train-request.json")
+    assert request not in ps  # the training process went with the runner
     assert yaml.safe_load((logs[0].parent / "cell.yaml").read_text())["epochs"] == 500

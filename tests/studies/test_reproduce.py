@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from robust_amo.cli import main
-from robust_amo.curves import read_run as read_metrics
 from robust_amo.errors import ConfigError
+from robust_amo.runs import read_metrics
 from robust_amo.studies import Options, expand, load_study, plan, run_study, select
 from robust_amo.studies import runner as runner_mod
 from robust_amo.studies.results import RunState
@@ -192,7 +192,8 @@ def test_a_cut_short_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(runner_mod.subprocess, "Popen", CountingPopen)
     assert run_study(spec, Options(**opts, sets=[{"epochs": 2}])) == 0
     (argv,) = CountingPopen.started
-    assert "--resume" in argv
+    assert argv[1:3] == ["-m", "robust_amo.worker"]
+    assert json.loads(Path(argv[-1]).read_text())["resume"] is True
     lines = (state.folder / "metrics.jsonl").read_text()
     assert lines.startswith(first) and [m["epoch"] for m in read_metrics(
         state.folder / "metrics.jsonl")] == [1, 2]
@@ -202,7 +203,7 @@ def test_a_cut_short_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     CountingPopen.started = []
     assert run_study(spec, Options(**opts, sets=[{"epochs": 2}])) == 0
     (argv,) = CountingPopen.started
-    assert "--resume" not in argv
+    assert json.loads(Path(argv[-1]).read_text())["resume"] is False
     assert plan(spec, Options(**opts, sets=[{"epochs": 2}]))[0].finished
 
 
