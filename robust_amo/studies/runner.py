@@ -11,6 +11,7 @@ resumes where it stopped. ``workers`` processes run at once, each limited to ``t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -80,6 +81,14 @@ class Job:
     def request_path(self) -> Path:
         """RUN/KIND-request.json: the request of the job's latest start."""
         return self.state.folder / f"{self.kind}-request.json"
+
+    def describe(self) -> str:
+        """What the job runs, in one line (``--dry-run``): the request's fields, or the
+        command line after ``python -m robust_amo.cli``."""
+        if self.request is None:
+            return " ".join(self.argv[3:])
+        fields = dataclasses.asdict(self.request)
+        return " ".join([self.kind, *(f"{k}={v}" for k, v in fields.items())])
 
 
 def plan(spec: StudySpec, opts: Options) -> list[RunState]:

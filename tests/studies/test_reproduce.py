@@ -305,3 +305,17 @@ def test_val_selection_holds_examples_out_and_evaluates_on_test(tmp_path):
     ev = runner_mod.eval_spec(no_eval, "val")
     assert ev is not None and ev.attacks == ["clean"] and ev.n_examples is None
     assert runner_mod.eval_spec(no_eval, "test") is None
+
+
+def test_a_train_job_is_a_worker_request_and_says_what_it_runs(tmp_path):
+    spec = load_study(write_study(tmp_path))
+    opts = Options(out=tmp_path / "o", device="cpu", data_dir="/data")
+    state = plan(spec, opts)[0]
+    job = runner_mod.train_job(state, opts)
+    assert job.argv[1:] == ["-m", "robust_amo.worker", str(state.folder / "train-request.json")]
+    assert job.request == runner_mod.TrainRequest(
+        config=str(state.folder / "cell.yaml"), resume=False, device="cpu", data_dir="/data")
+    assert job.describe().startswith(f"train config={state.folder / 'cell.yaml'} resume=False")
+    assert not job.request_path.exists()  # written when the process starts, not when planned
+    ev = runner_mod.eval_job(state, spec, opts)
+    assert ev.request is None and ev.describe().startswith("eval --checkpoint")
