@@ -9,7 +9,6 @@ Agg backend: no screen is needed.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -17,28 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .outputs import atomic_write
+from .runs import RunDir, read_metrics
 
 log = logging.getLogger(__name__)
 
 PANELS = (("train_loss", "training loss"), ("clean_acc", "clean accuracy (check split)"),
           ("robust_acc", "robust accuracy (check split, PGD)"), ("lr", "learning rate"))
 """The panels of a curves figure: metrics.jsonl key and title."""
-
-
-def read_run(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The readable lines of ``RUN/metrics.jsonl`` (a run folder, or the file itself)."""
-    p = Path(run_dir)
-    path = p if p.is_file() else p / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for ln in path.read_text().splitlines():
-            try:
-                row = json.loads(ln)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "epoch" in row:
-                rows.append(row)
-    return rows
 
 
 def pyplot():
@@ -107,11 +91,11 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def write_curves(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
     """RUN/curves.png of one run (None when it has no metrics yet)."""
-    rows = read_run(run_dir)
+    rows = read_metrics(run_dir)
     if not rows:
         return None
     fig = curves_figure([(Path(run_dir).name, rows)])
-    return save_figure(fig, path or Path(run_dir) / "curves.png")
+    return save_figure(fig, path or RunDir(run_dir).curves)
 
 
 def restarts_figure(report: dict[str, Any]):

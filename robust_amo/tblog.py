@@ -16,9 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-
-FOLDER = "tb"
-"""The event files' folder inside the run folder."""
+from .runs import TB_FOLDER as FOLDER
 
 
 class TensorBoardLog:

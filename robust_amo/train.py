@@ -7,9 +7,8 @@ held-out examples, one JSON line of metrics, and an atomic checkpoint. A killed 
 every epoch's batch order, augmentation and attack starts depend only on ``(seed, epoch)``
 (each stream seeded through :func:`robust_amo.runtime.derive_seed`).
 
-:func:`resolve` turns a YAML file and overrides into a checked :class:`TrainConfig`: the schema
-(:func:`robust_amo.config.load_config`) and the names its registries hold (architecture,
-dataset, method options).
+The run folder's files and checks are :mod:`robust_amo.runs`'; a checked config comes from
+:func:`robust_amo.resolve.resolve`.
 """
 
 from __future__ import annotations
@@ -18,10 +17,9 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,66 +27,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
-from . import distributed, outputs
+from . import distributed
 from .attacks import PGD, AttackFn
 from .compiled import CompiledModel, probe
-from .config import TrainConfig, load_config, save_yaml
+from .config import TrainConfig
 from .curves import write_curves
 from .data import (
+    DatasetInfo,
     Loader,
+    Split,
     check_split_version,
     dataset_info,
     load_dataset,
-    normalize_dataset_name,
     require_examples,
     training_splits,
 )
-from .errors import CheckpointError, ConfigError, DataError, RobustAmoError, UnknownModelError
-from .methods import build_objective, method_options, method_spec
-from .models import create_model, is_registered, list_models
+from .errors import CheckpointError, ConfigError, RobustAmoError
+from .methods import build_objective, method_spec
+from .models import create_model
+from .resolve import check_names
+from .runs import RESUME_ADVICE, RunDir
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
-from .tblog import FOLDER as TB_FOLDER
 from .tblog import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
-
-
-def resolve(
-    config_file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None
-) -> TrainConfig:
-    """Defaults, then the YAML file, then each override mapping in order; fully checked.
-
-    Args:
-        config_file: a YAML file (``configs/*.yaml``) or None for the defaults.
-        overrides: mappings merged on top in order (the CLI's flags and ``--set``).
-
-    Raises:
-        ConfigError, UnknownModelError: naming the key and the allowed values.
-    """
-    cfg = load_config(config_file, overrides)
-    check_names(cfg)
-    return cfg
-
-
-def check_names(cfg: TrainConfig) -> None:
-    """The config's architecture, dataset and method (with its options) exist.
-
-    Raises:
-        UnknownModelError: an unknown ``arch`` (the message lists the known ones).
-        ConfigError: an unknown ``dataset`` or ``method``, or bad ``method_args``.
-    """
-    if not is_registered(cfg.arch):
-        raise UnknownModelError(
-            f"arch: unknown architecture {cfg.arch!r}; known architectures: "
-            f"{', '.join(list_models())} (see `robust-amo archs`)"
-        )
-    try:
-        normalize_dataset_name(cfg.dataset)
-    except DataError as e:
-        raise ConfigError(f"dataset: {e}") from None
-    method_options(cfg)
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -194,119 +158,63 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
-def _checkpoint_dict(cfg, model, optimizer, scheduler, epoch, best, metrics, info) -> dict:
-    return ckpt_io.build_checkpoint(
-        arch=cfg.arch, num_classes=info.num_classes, input_shape=info.input_shape,
-        mean=info.mean, std=info.std, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
-        method=cfg.method, model=model, epoch=epoch, optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(), best_robust_acc=best, metrics=metrics,
-        class_names=list(info.classes) if info.classes else None,
-        config=cfg.to_dict(), rng=ckpt_io.rng_state())
+@dataclass
+class _Session:
+    """What one :func:`train` call works with, in every part of the loop."""
+
+    cfg: TrainConfig
+    ctx: distributed.DistContext
+    device: torch.device
+    run: RunDir
+    resume: bool
+    overwrite: bool
+    unsafe_load: bool
+    progress: bool
+    callbacks: list[EpochCallback]
 
 
-RUN_FILES = (ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl")
-"""What makes a folder hold a run: ``train --out`` into it needs ``--resume`` or ``--overwrite``."""
+@dataclass
+class TrainData:
+    """The training set's loader and the per-epoch check's examples, on the device."""
 
-RESUME_FREE = frozenset({"epochs", "device", "out", "log_every", "logging.tensorboard",
-                         "data.data_dir",
-                         "data.download", "eval.batch_size", "compile", "compile_backend",
-                         "compile_mode"})
-"""Config keys a resumed run may change: more epochs, and what does not alter the trajectory
-(where the data lies and the run is written, the device, progress output, compilation, the
-evaluation batch size)."""
-
-RESUME_ADVICE = ("start over with --overwrite, or continue from the best epoch: copy best.pt "
-                 "over checkpoint.pt and --resume")
+    info: DatasetInfo
+    train_split: Split
+    eval_split: Split
+    loader: Loader
+    eval_loader: Loader
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("model_kwargs", "method_args"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+@dataclass
+class Optimisation:
+    """The plain model (whose weights checkpoints hold), its optimiser and schedule."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    amp: Amp
+    channels_last: bool
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The keys (dotted) in which ``now`` differs from the ``saved`` config of a run, except
-    :data:`RESUME_FREE`; keys a file of an older version lacks are not compared."""
-    a, b = _flatten(saved), _flatten(now)
-    return [f"{k} ({a[k]!r} -> {b.get(k)!r})" for k in sorted(a)
-            if k in b and k not in RESUME_FREE and a[k] != b[k]]
+@dataclass
+class Method:
+    """The forward the attacks call, the one the optimiser steps through (DDP-wrapped), the
+    method's objective and the two attack generators reseeded per epoch."""
+
+    fwd: nn.Module
+    model: nn.Module
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+    method_gen: torch.Generator
+    eval_attack: PGD
+    eval_gen: torch.Generator
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Check ``run_dir`` before any work: writable, not holding another run unless ``resume``
-    (continue it) or ``overwrite`` (delete its checkpoints and metrics first); temporary files a
-    kill left behind are removed."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: continue the run or "
-                          "start it over")
-    outputs.writable_dir(run_dir)
-    outputs.remove_temp_files(run_dir)
-    found = outputs.refuse_overwrite(
-        run_dir, RUN_FILES, "run", overwrite=overwrite or resume,
-        ways="pass --resume to continue it or --overwrite to start over (deletes it)")
-    if overwrite:
-        for name in found:
-            (run_dir / name).unlink()
-            log.info("--overwrite: deleted %s", run_dir / name)
-        # the old run's pictures and TensorBoard events would mix with the new run's
-        (run_dir / "curves.png").unlink(missing_ok=True)
-        if (run_dir / TB_FOLDER).is_dir():
-            shutil.rmtree(run_dir / TB_FOLDER)
-            log.info("--overwrite: deleted %s", run_dir / TB_FOLDER)
+@dataclass
+class Progress:
+    """Where the run stands: epochs done, best robust accuracy, the last epoch's metrics."""
 
-
-def _resume(
-    run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, unsafe_load: bool = False
-) -> tuple[int, float, dict[str, Any]]:
-    """Load the run's last checkpoint into the live objects; returns (start_epoch, best,
-    metrics of that epoch)."""
-    path = run_dir / ckpt_io.LAST
-    if not path.exists():
-        log.warning("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
-        return 0, -1.0, {}
-    ck = ckpt_io.load_native(path, unsafe_load=unsafe_load, advice=RESUME_ADVICE)
-    differ = config_differences(ck.get("config") or {}, cfg.to_dict())
-    if differ:
-        raise CheckpointError(
-            f"cannot resume {path}: this run's config differs from the checkpoint's in "
-            f"{', '.join(differ)}; resume with the run's own settings (its config.yaml), or "
-            "start a new run (another --out, or --overwrite)"
-        )
-    check_split_version(
-        ck.get("robust_amo_version"),
-        needed=cfg.data.val_size > 0 or cfg.data.train_subset is not None,
-        refuse=lambda v: CheckpointError(
-            f"cannot resume {path}: robust-amo {v} drew data.train_subset/data.val_size "
-            "differently, so the run would go on with other training data; start a new run "
-            "(another --out)"),
-    )
-    model.load_state_dict(ckpt_io.model_state(ck))
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    ckpt_io.set_rng_state(ck["rng"])
-    log.info("resumed from %s after epoch %d", path, ck["epoch"])
-    return ck["epoch"], ck["best_robust_acc"], dict(ck.get("metrics") or {})
-
-
-def _truncate_metrics(path: Path, after_epoch: int) -> None:
-    """Drop metric lines of epochs past the checkpoint (a run killed after logging them)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            epoch = json.loads(ln).get("epoch", 0) if ln.strip() else None
-        except json.JSONDecodeError:  # a line cut short by the kill (or a full disk)
-            log.warning("--resume: dropping an unreadable line of %s: %.80s", path, ln)
-            continue
-        if epoch is not None and epoch <= after_epoch:
-            keep.append(ln)
-    path.write_text("".join(ln + "\n" for ln in keep))
+    start_epoch: int = 0
+    best: float = -1.0
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def train(
@@ -326,12 +234,13 @@ def train(
     (``robust_amo.distributed``).
 
     Args:
-        cfg: the resolved configuration (:func:`resolve`).
+        cfg: the resolved configuration (:func:`robust_amo.resolve.resolve`).
         resume: continue from ``cfg.out/checkpoint.pt`` when it exists (also with another
             number of processes than the run that wrote it); the resolved config must equal
-            the checkpoint's but for :data:`RESUME_FREE` keys.
+            the checkpoint's but for :data:`robust_amo.runs.RESUME_FREE` keys.
         overwrite: start over in a folder that holds a run (its checkpoints and metrics are
-            deleted); without it, or ``resume``, such a folder is refused (:data:`RUN_FILES`).
+            deleted); without it, or ``resume``, such a folder is refused
+            (:data:`robust_amo.runs.RUN_FILES`).
         unsafe_load: read a checkpoint that needs full unpickling (runs code from the file).
         progress: show tqdm progress bars (the CLI turns them on; rank 0 only).
         callbacks: called as ``cb(epoch, metrics)`` after each epoch's checkpoint is written, on
@@ -341,34 +250,52 @@ def train(
     Returns:
         the last epoch's metrics (also the last line of ``metrics.jsonl``).
     """
+    run = RunDir(cfg.out)
     with distributed.session(resolve_device(cfg.device)) as (ctx, device), \
             contextlib.ExitStack() as stack:
         if ctx.is_main:  # one writer per run folder: a second train into it is refused
-            stack.enter_context(outputs.folder_lock(cfg.out, "robust-amo train"))
-        return _train(cfg, ctx, device, resume, overwrite, unsafe_load, progress,
-                      callbacks or [])
+            stack.enter_context(run.lock())
+        return _train(_Session(cfg, ctx, device, run, resume, overwrite, unsafe_load, progress,
+                               callbacks or []))
 
 
-def _train(
-    cfg: TrainConfig,
-    ctx: distributed.DistContext,
-    device: torch.device,
-    resume: bool,
-    overwrite: bool,
-    unsafe_load: bool,
-    progress: bool,
-    callbacks: list[EpochCallback],
-) -> dict[str, Any]:
+def _train(s: _Session) -> dict[str, Any]:
+    cfg, ctx = s.cfg, s.ctx
     check_names(cfg)  # a config built by hand: reject unknown names before any work
     local_batch = distributed.per_rank_batch(cfg.batch_size, ctx)
-    run_dir = Path(cfg.out)
     if ctx.is_main:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        s.run.prepare(resume=s.resume, overwrite=s.overwrite)
     # weight init and dropout only; attacks and methods use their own generators
     torch.manual_seed(derive_seed(cfg.seed, "init"))
+    data = _build_data(cfg, ctx, s.device, local_batch)
+    opt = _build_model_and_optimiser(s, data)
+    state = _start(s, opt)
+    method = _build_method(s, data, opt, state.start_epoch)
 
-    # data: subset, held-out split, loaders that keep the uint8 set on the device; each rank
-    # takes its share of every global batch and whole batches of the evaluation examples
+    tb = TensorBoardLog(s.run.path, cfg.to_dict()) if cfg.logging.tensorboard and ctx.is_main \
+        else None
+    if ctx.is_main:
+        log.info("training %s on %s with %s for %d epochs on %s x %d (%d train, %d eval "
+                 "examples, global batch %d)", cfg.arch, cfg.dataset, cfg.method, cfg.epochs,
+                 s.device, ctx.world_size, len(data.train_split), len(data.eval_split),
+                 cfg.batch_size)
+    for epoch in range(state.start_epoch, cfg.epochs):
+        metrics = _run_epoch(s, epoch, data, opt, method, tb)
+        _check_and_checkpoint(s, epoch, metrics, state, data, opt, method, tb)
+        distributed.barrier()  # the checkpoint exists before any rank goes on
+        for cb in s.callbacks:
+            cb(epoch + 1, state.metrics)
+    if tb is not None:
+        tb.close()
+    if ctx.is_main:
+        write_curves(s.run.path)  # RUN/curves.png: loss, accuracy and learning rate per epoch
+    return state.metrics
+
+
+def _build_data(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device,
+                local_batch: int) -> TrainData:
+    """Subset, held-out split, loaders that keep the uint8 set on the device; each rank takes
+    its share of every global batch and whole batches of the evaluation examples."""
     info = dataset_info(cfg.dataset, cfg.data.data_dir, cfg.data.image_size)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data.data_dir, cfg.data.download,
                                            cfg.data.image_size)
@@ -386,16 +313,20 @@ def _train(
     eval_shard = distributed.shard_batches(len(eval_split), cfg.eval.batch_size, ctx.rank,
                                            ctx.world_size)
     eval_loader = Loader(eval_split.subset(eval_shard), cfg.eval.batch_size, device)
+    return TrainData(info, train_split, eval_split, loader, eval_loader)
 
-    # model and optimisation (on the plain model, whose weights checkpoints hold)
+
+def _build_model_and_optimiser(s: _Session, data: TrainData) -> Optimisation:
+    """The model (from ``init_weights`` when fine-tuning), optimiser, schedule, autocast."""
+    cfg, device, info = s.cfg, s.device, data.info
     try:
         net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape,
                            mean=info.mean, std=info.std, **cfg.model_kwargs).to(device)
     except TypeError as e:  # an option the architecture's constructor does not take
         raise ConfigError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.arch}: {e}") from None
-    if cfg.init_weights and not (resume and (run_dir / ckpt_io.LAST).exists()):
+    if cfg.init_weights and not (s.resume and s.run.last.exists()):
         # fine-tuning: start from these weights (a resumed run continues from its checkpoint)
-        ckpt_io.load_weights(net, cfg.init_weights, unsafe_load=unsafe_load)
+        ckpt_io.load_weights(net, cfg.init_weights, unsafe_load=s.unsafe_load)
         log.info("initial weights from %s", cfg.init_weights)
     channels_last = cfg.channels_last and device.type == "cuda"
     if device.type == "cuda" and cfg.cudnn_benchmark:
@@ -403,38 +334,67 @@ def _train(
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
-    amp = amp_factory(device, cfg.bf16)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(data.loader)))
+    return Optimisation(net, optimizer, scheduler, amp_factory(device, cfg.bf16), channels_last)
 
-    start_epoch, best = (0, -1.0)
-    metrics: dict[str, Any] = {}  # a finished run that is resumed returns its last epoch's
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        start_epoch, best, metrics = _resume(run_dir, cfg, net, optimizer, scheduler,
-                                             unsafe_load)
-        found = distributed.gather_objects(start_epoch)
+
+def _start(s: _Session, opt: Optimisation) -> Progress:
+    """A fresh start, or the resumed run's state (the live objects loaded, metric lines past
+    its checkpoint dropped); then the run's config.yaml."""
+    state = Progress()  # a finished run that is resumed returns its last epoch's metrics
+    if s.resume:
+        state = _resume(s, opt)
+        found = distributed.gather_objects(state.start_epoch)
         if len(set(found)) > 1:
             raise CheckpointError(
-                f"--resume: the processes found different checkpoints in {run_dir} (epochs "
+                f"--resume: the processes found different checkpoints in {s.run.path} (epochs "
                 f"{found} by rank); put --out on storage every machine sees"
             )
-        if ctx.is_main:
-            _truncate_metrics(metrics_path, start_epoch)
-    if ctx.is_main:  # after the resume check, which must not replace the run's own config
-        save_yaml(cfg, run_dir / "config.yaml")
+        if s.ctx.is_main:
+            s.run.truncate_metrics(state.start_epoch)
+    if s.ctx.is_main:  # after the resume check, which must not replace the run's own config
+        s.run.write_config(s.cfg)
+    return state
 
-    # the forward attacks and objectives call: compiled if asked (CompiledModel falls back to
-    # eager under perturbation hooks), and DDP-wrapped for the gradient all-reduce
-    fwd: nn.Module = net
+
+def _resume(s: _Session, opt: Optimisation) -> Progress:
+    """Load the run's last checkpoint into the live objects."""
+    path = s.run.last
+    if not path.exists():
+        log.warning("--resume: no checkpoint in %s yet, starting from scratch", s.run.path)
+        return Progress()
+    ck = ckpt_io.load_native(path, unsafe_load=s.unsafe_load, advice=RESUME_ADVICE)
+    s.run.check_resume(ck, s.cfg)
+    check_split_version(
+        ck.get("robust_amo_version"),
+        needed=s.cfg.data.val_size > 0 or s.cfg.data.train_subset is not None,
+        refuse=lambda v: CheckpointError(
+            f"cannot resume {path}: robust-amo {v} drew data.train_subset/data.val_size "
+            "differently, so the run would go on with other training data; start a new run "
+            "(another --out)"),
+    )
+    opt.net.load_state_dict(ckpt_io.model_state(ck))
+    opt.optimizer.load_state_dict(ck["optimizer"])
+    opt.scheduler.load_state_dict(ck["scheduler"])
+    ckpt_io.set_rng_state(ck["rng"])
+    log.info("resumed from %s after epoch %d", path, ck["epoch"])
+    return Progress(ck["epoch"], ck["best_robust_acc"], dict(ck.get("metrics") or {}))
+
+
+def _build_method(s: _Session, data: TrainData, opt: Optimisation, start_epoch: int) -> Method:
+    """The forward attacks and objectives call (compiled if asked: CompiledModel falls back to
+    eager under perturbation hooks), the training attack if the method needs one, its objective
+    and the per-epoch check's attack; the forward DDP-wrapped for the gradient all-reduce."""
+    cfg = s.cfg
+    fwd: nn.Module = opt.net
     if cfg.compile:
         try:
-            fwd = CompiledModel(net, cfg.compile_backend, cfg.compile_mode)
+            fwd = CompiledModel(opt.net, cfg.compile_backend, cfg.compile_mode)
         except RuntimeError as e:  # torch._dynamo's InvalidBackend for an unknown backend
             raise ConfigError(f"compile_backend {cfg.compile_backend!r}: {e}") from None
 
-    # the method: training attack if it needs one and its own randomness (one generator,
-    # reseeded per epoch and rank) and objective; attacks need no gradient sync, so they run
-    # on the unwrapped forward
+    # the method's randomness is one generator, reseeded per epoch and rank; attacks need no
+    # gradient sync, so they run on the unwrapped forward
     a = cfg.attack
     method_gen = torch.Generator()
     attack = None
@@ -445,85 +405,98 @@ def _train(
     eval_gen = torch.Generator()
     eval_attack = PGD(fwd, a.eps, cfg.eval.step_size or a.step_size, cfg.eval.steps, a.norm,
                       a.random_start, cfg.eval.restarts, a.loss, eval_gen, early_stop=True)
+    loader = data.loader
     if isinstance(fwd, CompiledModel) and start_epoch < cfg.epochs and len(loader) > 0:
         loader.set_epoch(start_epoch)
         x0, y0 = next(iter(loader))
-        probe(fwd, objective, _memory_format(x0, channels_last), y0, amp)
-    model = distributed.wrap_ddp(fwd, ctx, device)
+        probe(fwd, objective, _memory_format(x0, opt.channels_last), y0, opt.amp)
+    model = distributed.wrap_ddp(fwd, s.ctx, s.device)
+    return Method(fwd, model, objective, method_gen, eval_attack, eval_gen)
 
-    tb = TensorBoardLog(run_dir, cfg.to_dict()) if cfg.logging.tensorboard and ctx.is_main \
-        else None
-    if ctx.is_main:
-        log.info("training %s on %s with %s for %d epochs on %s x %d (%d train, %d eval "
-                 "examples, global batch %d)", cfg.arch, cfg.dataset, cfg.method, cfg.epochs,
-                 device, ctx.world_size, len(train_split), len(eval_split), cfg.batch_size)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        loader.set_epoch(epoch)
-        method_gen.manual_seed(derive_seed(cfg.seed, "method", epoch, ctx.rank))
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (progress and ctx.is_main), leave=False)
-        for step, (x, y) in enumerate(bar):
-            loss, logits = train_step(model, objective, optimizer,
-                                      _memory_format(x, channels_last), y, amp)
-            scheduler.step()
-            # accumulate on the device: no host sync inside the loop
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if step % cfg.log_every == 0 and (tb is not None or progress and ctx.is_main):
-                value = loss.item()  # one host sync per log_every steps
-                if progress and ctx.is_main:
-                    bar.set_postfix(loss=f"{value:.3f}")
-                if tb is not None:
-                    tb.step(epoch * len(loader) + step, value)
-        totals = torch.stack([loss_sum.double(), correct.double(),
-                              torch.tensor(float(seen), device=device, dtype=torch.float64)])
-        loss_sum_all, correct_all, seen_all = distributed.all_reduce_sum(totals).tolist()
-        train_time = time.perf_counter() - t0
-        train_loss = loss_sum_all / max(seen_all, 1)
-        if not math.isfinite(train_loss):
-            raise RobustAmoError(
-                f"training diverged: the loss is {train_loss} in epoch {epoch + 1}; lower "
-                "optim.lr or check the method's options"
-            )
 
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss,
-                   "train_acc": correct_all / max(seen_all, 1),
-                   "lr": optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
-                   "images_per_s": round(seen_all / train_time, 1)}
-        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
-            # the same starts every epoch
-            eval_gen.manual_seed(derive_seed(cfg.seed, "eval-attack", ctx.rank))
-            metrics.update(evaluate(fwd, eval_loader, eval_attack, amp,
-                                    reduce_ranks=ctx.enabled))
+def _run_epoch(s: _Session, epoch: int, data: TrainData, opt: Optimisation, method: Method,
+               tb: TensorBoardLog | None) -> dict[str, Any]:
+    """One pass over the training set; its loss, accuracy, learning rate and speed.
 
-        robust = metrics.get("robust_acc", float("nan"))
-        is_best = math.isfinite(robust) and robust > best
-        best = robust if is_best else best
-        if ctx.is_main:
-            log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+    Raises:
+        RobustAmoError: the loss is not finite.
+    """
+    cfg, ctx, device, loader = s.cfg, s.ctx, s.device, data.loader
+    method.model.train()
+    loader.set_epoch(epoch)
+    method.method_gen.manual_seed(derive_seed(cfg.seed, "method", epoch, ctx.rank))
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    t0 = time.perf_counter()
+    show = s.progress and ctx.is_main
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
+    for step, (x, y) in enumerate(bar):
+        loss, logits = train_step(method.model, method.objective, opt.optimizer,
+                                  _memory_format(x, opt.channels_last), y, opt.amp)
+        opt.scheduler.step()
+        # accumulate on the device: no host sync inside the loop
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % cfg.log_every == 0 and (tb is not None or show):
+            value = loss.item()  # one host sync per log_every steps
+            if show:
+                bar.set_postfix(loss=f"{value:.3f}")
             if tb is not None:
-                tb.epoch(metrics)
-            state = _checkpoint_dict(cfg, net, optimizer, scheduler, epoch + 1, best, metrics,
-                                     info)
-            ckpt_io.atomic_save(state, run_dir / ckpt_io.LAST)
-            if is_best:
-                ckpt_io.atomic_save(state, run_dir / ckpt_io.BEST)
-        distributed.barrier()  # the checkpoint exists before any rank goes on
-        for cb in callbacks:
-            cb(epoch + 1, metrics)
-    if tb is not None:
-        tb.close()
+                tb.step(epoch * len(loader) + step, value)
+    totals = torch.stack([loss_sum.double(), correct.double(),
+                          torch.tensor(float(seen), device=device, dtype=torch.float64)])
+    loss_sum_all, correct_all, seen_all = distributed.all_reduce_sum(totals).tolist()
+    train_time = time.perf_counter() - t0
+    train_loss = loss_sum_all / max(seen_all, 1)
+    if not math.isfinite(train_loss):
+        raise RobustAmoError(
+            f"training diverged: the loss is {train_loss} in epoch {epoch + 1}; lower "
+            "optim.lr or check the method's options"
+        )
+    return {"epoch": epoch + 1, "train_loss": train_loss,
+            "train_acc": correct_all / max(seen_all, 1),
+            "lr": opt.optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
+            "images_per_s": round(seen_all / train_time, 1)}
+
+
+def _check_and_checkpoint(s: _Session, epoch: int, metrics: dict[str, Any], state: Progress,
+                          data: TrainData, opt: Optimisation, method: Method,
+                          tb: TensorBoardLog | None) -> None:
+    """The per-epoch check when due, then (rank 0) the metrics line, the last checkpoint and,
+    on a new best robust accuracy, best.pt; ``state`` moves to this epoch."""
+    cfg, ctx = s.cfg, s.ctx
+    if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
+        # the same starts every epoch
+        method.eval_gen.manual_seed(derive_seed(cfg.seed, "eval-attack", ctx.rank))
+        metrics.update(evaluate(method.fwd, data.eval_loader, method.eval_attack, opt.amp,
+                                reduce_ranks=ctx.enabled))
+
+    robust = metrics.get("robust_acc", float("nan"))
+    is_best = math.isfinite(robust) and robust > state.best
+    state.best = robust if is_best else state.best
+    state.metrics = metrics
     if ctx.is_main:
-        write_curves(run_dir)  # RUN/curves.png: loss, accuracy and learning rate per epoch
-    return metrics
+        log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
+        s.run.append_metrics(metrics)
+        if tb is not None:
+            tb.epoch(metrics)
+        ckpt = _checkpoint_dict(cfg, data.info, opt, epoch + 1, state.best, metrics)
+        ckpt_io.atomic_save(ckpt, s.run.last)
+        if is_best:
+            ckpt_io.atomic_save(ckpt, s.run.best)
+
+
+def _checkpoint_dict(cfg: TrainConfig, info: DatasetInfo, opt: Optimisation, epoch: int,
+                     best: float, metrics: dict[str, Any]) -> dict[str, Any]:
+    return ckpt_io.build_checkpoint(
+        arch=cfg.arch, num_classes=info.num_classes, input_shape=info.input_shape,
+        mean=info.mean, std=info.std, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
+        method=cfg.method, model=opt.net, epoch=epoch, optimizer=opt.optimizer.state_dict(),
+        scheduler=opt.scheduler.state_dict(), best_robust_acc=best, metrics=metrics,
+        class_names=list(info.classes) if info.classes else None,
+        config=cfg.to_dict(), rng=ckpt_io.rng_state())
 
 
 def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

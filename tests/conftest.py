@@ -72,7 +72,8 @@ def digits():
 def trained_tiny(digits, tmp_path_factory):
     """A tiny-cnn trained with standard training on digits for a few seconds (eval mode)."""
     from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint
-    from robust_amo.train import resolve, train
+    from robust_amo.resolve import resolve
+    from robust_amo.train import train
 
     out = tmp_path_factory.mktemp("trained_tiny")
     cfg = resolve(None, [{

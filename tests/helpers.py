@@ -9,8 +9,8 @@ from torch import nn
 
 from robust_amo.config import TrainConfig, merge
 from robust_amo.models import create_model
+from robust_amo.resolve import resolve
 from robust_amo.runtime import eval_mode
-from robust_amo.train import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root (configs/, bench/, docs/)."""

@@ -17,7 +17,8 @@ from robust_amo.checkpoint import model_state
 from robust_amo.compiled import CompiledModel, has_hooks, probe
 from robust_amo.models import create_model
 from robust_amo.perturb import perturb
-from robust_amo.train import resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import train
 
 BACKEND = "aot_eager"
 

@@ -2,7 +2,7 @@ import pytest
 
 from robust_amo import ConfigError, UnknownModelError
 from robust_amo.config import load_yaml, parse_float, parse_override
-from robust_amo.train import resolve
+from robust_amo.resolve import resolve
 from tests.helpers import ROOT
 
 

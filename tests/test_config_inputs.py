@@ -19,7 +19,7 @@ from robust_amo.config import (
     parse_float,
     parse_override,
 )
-from robust_amo.train import resolve
+from robust_amo.resolve import resolve
 
 
 def _one_line_error(fn, *args, match: str) -> str:

@@ -9,9 +9,10 @@ import sys
 import pytest
 
 from robust_amo.cli import main
-from robust_amo.curves import PANELS, curves_figure, read_run, restarts_figure
+from robust_amo.curves import PANELS, curves_figure, restarts_figure
 from robust_amo.errors import ConfigError
 from robust_amo.evaluation.report import eps_text, robustbench_entry
+from robust_amo.runs import read_metrics
 from robust_amo.tblog import TensorBoardLog
 from robust_amo.train import train
 from tests.helpers import tiny_run
@@ -46,14 +47,14 @@ def test_train_writes_curves_png(runs):
 
 def test_curves_figure_has_one_line_per_run_and_the_logged_epochs(runs):
     a, b = runs
-    fig = curves_figure([("a", read_run(a)), ("b", read_run(b))])
+    fig = curves_figure([("a", read_metrics(a)), ("b", read_metrics(b))])
     assert [ax.get_title() for ax in fig.axes] == [t for _, t in PANELS]
     assert _line_counts(fig) == [2, 2, 2, 2]
     loss, clean = fig.axes[0].get_lines()[0], fig.axes[1].get_lines()[0]
     assert list(loss.get_xdata()) == [1, 2, 3]
     # eval.every 2 of 3 epochs: the check ran after epochs 2 and 3 only
     assert list(clean.get_xdata()) == [2, 3]
-    rows = read_run(a)
+    rows = read_metrics(a)
     assert list(loss.get_ydata()) == [r["train_loss"] for r in rows]
     assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["a", "b"]
 
@@ -111,7 +112,7 @@ def test_tensorboard_holds_the_metrics(tmp_path):
     train(_cfg(out, logging={"tensorboard": True}))
     ea = EventAccumulator(str(out / "tb"))
     ea.Reload()
-    rows = read_run(out)
+    rows = read_metrics(out)
     for key in ("train_loss", "train_acc", "lr", "clean_acc", "robust_acc"):
         logged = [(e.step, e.value) for e in ea.Scalars(f"epoch/{key}")]
         want = [(r["epoch"], r[key]) for r in rows if key in r]

@@ -153,7 +153,8 @@ def test_empty_test_split_fails_where_it_is_measured(tmp_path):
 
 
 def test_training_on_an_empty_test_split_is_refused(tmp_path):
-    from robust_amo.train import resolve, train
+    from robust_amo.resolve import resolve
+    from robust_amo.train import train
     a = _arrays()
     path = _npz(tmp_path, x_test=a["x_test"][:0], y_test=a["y_test"][:0])
     cfg = resolve(None, [{"arch": "tiny-mlp", "dataset": "mnist", "method": "standard",

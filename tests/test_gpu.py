@@ -5,7 +5,8 @@ import torch
 
 from robust_amo import create_model
 from robust_amo.attacks import PGD
-from robust_amo.train import resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import train
 
 pytestmark = pytest.mark.gpu
 

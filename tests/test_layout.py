@@ -23,17 +23,18 @@ SOURCES = {"robust_amo": ROOT / "robust_amo", "robust_amo.attacks": ROOT / "atta
 # LOWER rank, never of the same or a higher one
 RANKS = {
     "robust_amo.errors": 0, "robust_amo.version": 0,
-    "robust_amo.config": 1,
+    "robust_amo.config": 1, "robust_amo.jobs": 1,
     "robust_amo.runtime": 2, "robust_amo.outputs": 2,
-    "robust_amo.tblog": 2,
-    "robust_amo.distributed": 3, "robust_amo.compiled": 3, "robust_amo.curves": 3,
+    "robust_amo.distributed": 3, "robust_amo.compiled": 3, "robust_amo.runs": 3,
     "robust_amo.models": 4, "robust_amo.data": 4, "robust_amo.perturb": 4,
+    "robust_amo.curves": 4, "robust_amo.tblog": 4,
     "robust_amo.attacks": 5, "robust_amo.checkpoint": 5,
     "robust_amo.methods": 6, "robust_amo.margins": 6,
-    "robust_amo.train": 7, "robust_amo.evaluation": 7,
-    "robust_amo.integrations": 8, "robust_amo.studies": 8,
-    "robust_amo.cli": 9,
-    "robust_amo": 10,  # the facade: `import robust_amo` re-exports the registry and errors
+    "robust_amo.resolve": 7,
+    "robust_amo.train": 8, "robust_amo.evaluation": 8,
+    "robust_amo.integrations": 9, "robust_amo.studies": 9, "robust_amo.worker": 9,
+    "robust_amo.cli": 10,
+    "robust_amo": 11,  # the facade: `import robust_amo` re-exports the registry and errors
 }
 
 

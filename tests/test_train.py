@@ -6,7 +6,8 @@ import torch
 
 from robust_amo import CheckpointError
 from robust_amo import checkpoint as ckpt_io
-from robust_amo.train import lr_lambda, resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import lr_lambda, train
 from tests.helpers import tiny_run
 
 
@@ -159,17 +160,6 @@ def test_rng_state_touches_only_this_process_gpu(monkeypatch):
     ckpt_io.set_rng_state({**state, "cuda": [torch.tensor([i], dtype=torch.uint8)
                                              for i in range(8)]})
     assert calls == [[7], [0]]
-
-
-def test_truncate_metrics_survives_a_half_written_line(tmp_path):
-    from robust_amo.train import _truncate_metrics
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"epoch": 1, "a": 1}\n{"epoch": 2, "a": 2}\n{"epoch": 3, "a"')
-    _truncate_metrics(path, 2)
-    assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [1, 2]
-    _truncate_metrics(path, 1)
-    assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [1]
 
 
 def test_no_evaluation_examples_means_no_best_checkpoint(tmp_path):

@@ -26,6 +26,7 @@ from torch import nn
 
 from robust_amo.errors import CheckpointError
 from robust_amo.models import create_model
+from robust_amo.runs import BEST, LAST
 from robust_amo.version import __version__
 
 FORMAT = "robust-amo-checkpoint"
@@ -36,9 +37,6 @@ VERSION = 2
 MODEL_PREFIX = "module.model."
 ATTACKER_PREFIX = "module.attacker.model."
 log = logging.getLogger(__name__)
-
-LAST = "checkpoint.pt"
-BEST = "best.pt"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

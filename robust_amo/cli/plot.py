@@ -11,9 +11,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from robust_amo.curves import curves_figure, read_run, run_names, save_figure
+from robust_amo.curves import curves_figure, run_names, save_figure
 from robust_amo.errors import ConfigError, OutputError
 from robust_amo.outputs import writable_dir
+from robust_amo.runs import RunDir, read_metrics
 
 from .common import add_overwrite
 
@@ -37,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
     """Read every run's metrics.jsonl, draw, save."""
     runs = []
     for r in args.runs:
-        rows = read_run(r)
+        rows = read_metrics(r)
         if not rows:
             raise ConfigError(f"{r} holds no metrics.jsonl with epochs; pass a run folder of "
                               "robust-amo train")
         runs.append(rows)
-    default = Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 and Path(
-        args.runs[0]).is_dir() else Path("curves.png")
+    one_run = len(args.runs) == 1 and Path(args.runs[0]).is_dir()
+    default = RunDir(args.runs[0]).curves if one_run else Path("curves.png")
     out = Path(args.out) if args.out else default
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the picture is a PNG; name it FILE.png")

@@ -118,13 +118,12 @@ def run(args: argparse.Namespace) -> int:
             state = ("done" if s.finished else
                      f"resume at epoch {s.epochs_done}" if s.epochs_done else "to train")
             print(f"{s.run.cell_key:32s} {s.run.point_label:36s} seed {s.run.seed}  {state:20s}"
-                  f" {' '.join(train_job(s, opts).argv[3:])}")
+                  f" {train_job(s, opts).describe()}")
         left = sum(not s.finished for s in states)
         print(f"{len(states)} runs, {left} to train; then robust-amo eval of the selected runs"
               if spec.eval else f"{len(states)} runs, {left} to train")
         if spec.eval and states:
-            print("eval of each selected run:", " ".join(eval_job(states[0], spec, opts)
-                                                          .argv[3:]))
+            print("eval of each selected run:", eval_job(states[0], spec, opts).describe())
         print(f"estimated {_hours(estimate_s(spec, states))} on {spec.cost.device}"
               f" ({os.cpu_count()} cores here)")
         return 0

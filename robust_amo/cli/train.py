@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from robust_amo.config import parse_override
-from robust_amo.train import resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import train
 
 from .common import DEVICES, add_overwrite, add_unsafe_load
 

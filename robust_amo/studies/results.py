@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from robust_amo.config import TrainConfig
-from robust_amo.curves import png_bytes, pyplot, read_run
+from robust_amo.curves import png_bytes, pyplot
 from robust_amo.errors import ConfigError
 from robust_amo.outputs import atomic_write
+from robust_amo.runs import RunDir, epochs_done
 
 from .spec import MetricSpec, Run, StudySpec
 
@@ -59,8 +60,8 @@ class RunState:
 
 def refresh(state: RunState, by: str) -> RunState:
     """Re-read ``state``'s run folder: epochs done, best epoch by ``by``, eval report."""
-    rows = read_run(state.folder)
-    state.epochs_done = max((int(r.get("epoch", 0)) for r in rows), default=0)
+    rows = RunDir(state.folder).read_metrics()
+    state.epochs_done = epochs_done(rows)
     times = [r.get("train_time_s") for r in rows]
     state.train_s = sum(t for t in times if isinstance(t, (int, float))) if rows else math.nan
     best, best_row = -math.inf, {}

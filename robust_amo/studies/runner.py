@@ -1,15 +1,17 @@
-"""Run a study: every run is a ``robust-amo train`` process in its own run folder, then
-``robust-amo eval`` of each cell's selected runs; results are rewritten after every finished job.
+"""Run a study: every run is a worker process (``python -m robust_amo.worker``, given a typed
+:class:`robust_amo.jobs.TrainRequest`) training in its own run folder, then ``robust-amo eval``
+of each cell's selected runs; results are rewritten after every finished job.
 
 Finished runs (all epochs in metrics.jsonl) and finished evaluations (a report) are skipped; a
-run with a checkpoint or metrics is continued with ``--resume``, so a killed study resumes where
-it stopped. ``workers`` processes run at once, each limited to ``threads`` CPU threads
+run with a checkpoint or metrics is continued (the request's ``resume``), so a killed study
+resumes where it stopped. ``workers`` processes run at once, each limited to ``threads`` CPU threads
 (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), so N workers do not oversubscribe the cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -29,8 +31,9 @@ from tqdm import tqdm
 
 from robust_amo.config import save_yaml
 from robust_amo.errors import ConfigError, OutputError
+from robust_amo.jobs import Request, TrainRequest, write_request
 from robust_amo.outputs import folder_lock, writable_dir
-from robust_amo.train import RUN_FILES
+from robust_amo.runs import RunDir
 
 from .results import REPORT, RunState, Selection, metric_source, refresh, write_results
 from .spec import EvalSpec, Grid, Run, SelectSplit, StudySpec, expand, resolve_run
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 CELL_CONFIG = "cell.yaml"
 """The resolved config the runner writes into a run folder and trains with."""
+WORKER = "robust_amo.worker"
+"""The module a job's process runs with its request file."""
 
 
 @dataclass
@@ -65,10 +70,25 @@ class Job:
     kind: str  # "train" | "eval"
     state: RunState
     argv: list[str]
+    request: Request | None = None
+    """What a worker process runs, written to :attr:`request_path` as it starts."""
 
     @property
     def log_path(self) -> Path:
         return self.state.folder / f"{self.kind}.log"
+
+    @property
+    def request_path(self) -> Path:
+        """RUN/KIND-request.json: the request of the job's latest start."""
+        return self.state.folder / f"{self.kind}-request.json"
+
+    def describe(self) -> str:
+        """What the job runs, in one line (``--dry-run``): the request's fields, or the
+        command line after ``python -m robust_amo.cli``."""
+        if self.request is None:
+            return " ".join(self.argv[3:])
+        fields = dataclasses.asdict(self.request)
+        return " ".join([self.kind, *(f"{k}={v}" for k, v in fields.items())])
 
 
 def plan(spec: StudySpec, opts: Options) -> list[RunState]:
@@ -105,12 +125,13 @@ def _common_flags(opts: Options) -> list[str]:
 
 
 def train_job(state: RunState, opts: Options) -> Job:
-    """``robust-amo train --config RUN/cell.yaml`` (``--resume`` when the folder holds a run)."""
-    argv = [sys.executable, "-m", "robust_amo.cli", "train",
-            "--config", str(state.folder / CELL_CONFIG), *_common_flags(opts)]
-    if any((state.folder / n).exists() for n in RUN_FILES):
-        argv.append("--resume")
-    return Job("train", state, argv)
+    """A worker training the run from RUN/cell.yaml, resuming when the folder holds a run."""
+    request = TrainRequest(config=str(state.folder / CELL_CONFIG),
+                           resume=RunDir(state.folder).holds_run(), device=opts.device,
+                           data_dir=opts.data_dir, progress=False)
+    job = Job("train", state, [], request)
+    job.argv = [sys.executable, "-m", WORKER, str(job.request_path)]
+    return job
 
 
 def eval_job(state: RunState, spec: StudySpec, opts: Options) -> Job:
@@ -251,6 +272,8 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
             while queue and len(running) < max(1, opts.workers):
                 job = queue.popleft()
                 job.log_path.parent.mkdir(parents=True, exist_ok=True)
+                if job.request is not None:
+                    write_request(job.request, job.request_path)
                 with job.log_path.open("ab") as f:
                     f.write(f"$ {' '.join(job.argv)}\n".encode())
                     f.flush()

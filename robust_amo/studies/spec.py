@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from robust_amo.config import TrainConfig, check_keys, from_dict, load_yaml, parse_float
 from robust_amo.errors import ConfigError
-from robust_amo.train import resolve
+from robust_amo.resolve import resolve
 
 Grid = Literal["quick", "paper"]
 SelectSplit = Literal["test", "val"]

@@ -63,7 +63,8 @@ def test_robustness_plugin_step(run_script):
 
 
 def test_eval_agreement(run_script, tmp_path):
-    from robust_amo.train import resolve, train
+    from robust_amo.resolve import resolve
+    from robust_amo.train import train
 
     train(resolve(None, [{"arch": "tiny-cnn", "dataset": "digits", "method": "standard",
                           "epochs": 1, "batch_size": 64, "out": str(tmp_path),

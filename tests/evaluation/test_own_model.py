@@ -17,7 +17,8 @@ from robust_amo.cli import main
 from robust_amo.data import load_dataset
 from robust_amo.errors import CheckpointError, ConfigError
 from robust_amo.models import ExternalModel, build_external, default_points
-from robust_amo.train import resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import train
 
 MODELS = textwrap.dedent('''
     import torch

@@ -20,7 +20,8 @@ from robust_amo.evaluation import (
     threat_model,
 )
 from robust_amo.evaluation.attacks import attack_help
-from robust_amo.train import resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import train
 
 
 @pytest.fixture(scope="module")

@@ -365,7 +365,8 @@ def test_robust_amo_eval_reads_a_robustness_run(robust_amo_run, tmp_path):
 
 
 def test_robust_amo_checkpoint_loads_in_robustness(no_cuda, tmp_path):
-    from robust_amo.train import resolve, train
+    from robust_amo.resolve import resolve
+    from robust_amo.train import train
 
     cfg = resolve(None, [{"arch": "tiny-mlp", "dataset": "digits", "method": "pgd",
                           "epochs": 1, "batch_size": 32, "out": str(tmp_path / "run"),

@@ -161,7 +161,8 @@ def trained(tmp_path_factory):
     """tiny-mlp trained for 3 epochs on the bundled digits; (run folder, model, x, y)."""
     from robust_amo.checkpoint import load_checkpoint, model_from_checkpoint
     from robust_amo.data import load_dataset
-    from robust_amo.train import resolve, train
+    from robust_amo.resolve import resolve
+    from robust_amo.train import train
 
     run = tmp_path_factory.mktemp("margins") / "run"
     cfg = resolve(None, [{"arch": "tiny-mlp", "dataset": "digits", "method": "standard",

@@ -10,7 +10,8 @@ import pytest
 from robust_amo.cli import main
 from robust_amo.errors import ConfigError
 from robust_amo.methods import build_objective, method_options
-from robust_amo.train import lr_lambda, resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import lr_lambda, train
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,6 +12,7 @@ import pytest
 
 from robust_amo.errors import OutputError
 from robust_amo.outputs import fcntl, folder_lock
+from robust_amo.runs import RunDir
 from robust_amo.studies import Options, load_study, run_study
 from robust_amo.train import train
 from tests.helpers import tiny_run
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(fcntl is None, reason="no advisory locks on this
 
 def test_train_into_a_folder_in_use_is_refused(tmp_path):
     run = tmp_path / "run"
-    with folder_lock(run, "robust-amo train"):
+    with RunDir(run).lock():
         with pytest.raises(OutputError, match=r"is in use by another robust-amo train \(pid \d+"):
             train(tiny_run(run, epochs=1))
     assert not (run / "metrics.jsonl").exists()
@@ -78,6 +79,6 @@ def test_sigterm_stops_a_runner_and_its_training_process(tmp_path):
     assert runner.wait(timeout=60) == 130
     assert "rerun the same command" in runner.stderr.read()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    cell = str(logs[0].parent / "cell.yaml")
-    assert cell not in ps  # the training process went with the runner
+    request = str(logs[0].parent / "train-request.json")
+    assert request not in ps  # the training process went with the runner
     assert yaml.safe_load((logs[0].parent / "cell.yaml").read_text())["epochs"] == 500

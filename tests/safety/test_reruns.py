@@ -14,7 +14,8 @@ from robust_amo.checkpoint import format as ckpt_format
 from robust_amo.cli import main
 from robust_amo.errors import CheckpointError
 from robust_amo.models import create_model
-from robust_amo.train import config_differences, train
+from robust_amo.runs import config_differences
+from robust_amo.train import train
 from tests.helpers import tiny_run
 
 TRAIN = ["train", "--arch", "tiny-cnn", "--dataset", "digits", "--method", "standard",

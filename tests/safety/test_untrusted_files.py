@@ -18,7 +18,8 @@ from robust_amo import checkpoint as ckpt_io
 from robust_amo.cli import main
 from robust_amo.errors import CheckpointError
 from robust_amo.evaluation.runner import EvalState
-from robust_amo.train import resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import train
 
 
 class Payload:

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from robust_amo.cli import main
-from robust_amo.curves import read_run as read_metrics
 from robust_amo.errors import ConfigError
+from robust_amo.runs import read_metrics
 from robust_amo.studies import Options, expand, load_study, plan, run_study, select
 from robust_amo.studies import runner as runner_mod
 from robust_amo.studies.results import RunState
@@ -192,7 +192,8 @@ def test_a_cut_short_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(runner_mod.subprocess, "Popen", CountingPopen)
     assert run_study(spec, Options(**opts, sets=[{"epochs": 2}])) == 0
     (argv,) = CountingPopen.started
-    assert "--resume" in argv
+    assert argv[1:3] == ["-m", "robust_amo.worker"]
+    assert json.loads(Path(argv[-1]).read_text())["resume"] is True
     lines = (state.folder / "metrics.jsonl").read_text()
     assert lines.startswith(first) and [m["epoch"] for m in read_metrics(
         state.folder / "metrics.jsonl")] == [1, 2]
@@ -202,7 +203,7 @@ def test_a_cut_short_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     CountingPopen.started = []
     assert run_study(spec, Options(**opts, sets=[{"epochs": 2}])) == 0
     (argv,) = CountingPopen.started
-    assert "--resume" not in argv
+    assert json.loads(Path(argv[-1]).read_text())["resume"] is False
     assert plan(spec, Options(**opts, sets=[{"epochs": 2}]))[0].finished
 
 
@@ -304,3 +305,17 @@ def test_val_selection_holds_examples_out_and_evaluates_on_test(tmp_path):
     ev = runner_mod.eval_spec(no_eval, "val")
     assert ev is not None and ev.attacks == ["clean"] and ev.n_examples is None
     assert runner_mod.eval_spec(no_eval, "test") is None
+
+
+def test_a_train_job_is_a_worker_request_and_says_what_it_runs(tmp_path):
+    spec = load_study(write_study(tmp_path))
+    opts = Options(out=tmp_path / "o", device="cpu", data_dir="/data")
+    state = plan(spec, opts)[0]
+    job = runner_mod.train_job(state, opts)
+    assert job.argv[1:] == ["-m", "robust_amo.worker", str(state.folder / "train-request.json")]
+    assert job.request == runner_mod.TrainRequest(
+        config=str(state.folder / "cell.yaml"), resume=False, device="cpu", data_dir="/data")
+    assert job.describe().startswith(f"train config={state.folder / 'cell.yaml'} resume=False")
+    assert not job.request_path.exists()  # written when the process starts, not when planned
+    ev = runner_mod.eval_job(state, spec, opts)
+    assert ev.request is None and ev.describe().startswith("eval --checkpoint")
