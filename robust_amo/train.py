@@ -32,7 +32,7 @@ from . import checkpoint as ckpt_io
 from . import distributed, outputs
 from .attacks import PGD, AttackFn
 from .compiled import CompiledModel, probe
-from .config import TrainConfig, load_config, save_yaml
+from .config import TrainConfig, load_config, rename_deprecated, save_yaml
 from .curves import write_curves
 from .data import (
     Loader,
@@ -233,7 +233,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The keys (dotted) in which ``now`` differs from the ``saved`` config of a run, except
     :data:`RESUME_FREE`; keys a file of an older version lacks are not compared."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = _flatten(rename_deprecated(saved, warn=False)), _flatten(now)
     return [f"{k} ({a[k]!r} -> {b.get(k)!r})" for k in sorted(a)
             if k in b and k not in RESUME_FREE and a[k] != b[k]]
 
@@ -376,9 +376,9 @@ def _train(
     train_split, val_split = hold_out(train_split, cfg.data.val_size, cfg.seed)
     use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)
     eval_split = val_split if use_val else test_split
-    if cfg.eval.examples > 0:
+    if cfg.eval.n_examples > 0:
         require_examples(eval_split, "the per-epoch check")
-    eval_split = eval_split.subset(torch.arange(min(cfg.eval.examples, len(eval_split))))
+    eval_split = eval_split.subset(torch.arange(min(cfg.eval.n_examples, len(eval_split))))
     loader = Loader(train_split, local_batch, device, shuffle=True, augment=cfg.data.augment,
                     seed=cfg.seed, drop_last=len(train_split) > cfg.batch_size,
                     rank=ctx.rank, world_size=ctx.world_size)
