@@ -313,7 +313,13 @@ def _check(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    A whole :class:`TrainConfig` mapping may hold the old names of :data:`RENAMED` (a config
+    dict saved by an earlier version): they are read under the new names with a warning.
+    """
+    if cls is TrainConfig:
+        data = rename_deprecated(data, "config")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     check_keys({k: None for k in data}, prefix.rstrip("."))

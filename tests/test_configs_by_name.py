@@ -18,9 +18,11 @@ from robust_amo.config import (
     CheckSplit,
     HeldOutSplit,
     SplitName,
+    TrainConfig,
     check_choice,
     choices,
     config_path,
+    from_dict,
     load_config,
     parse_override,
 )
@@ -168,6 +170,12 @@ def test_eval_examples_is_a_deprecated_alias(tmp_path, caplog):
     override = {"eval": {"examples": 5}}
     load_config(None, [override])
     assert override == {"eval": {"examples": 5}}  # the caller's mapping is left alone
+
+
+def test_a_saved_config_dict_with_the_old_name_builds(caplog):
+    with caplog.at_level(logging.WARNING, logger="robust_amo"):
+        cfg = from_dict(TrainConfig, {"epochs": 2, "eval": {"examples": 5, "steps": 1}})
+    assert cfg.eval.n_examples == 5 and cfg.eval.steps == 1 and "eval.n_examples" in caplog.text
 
 
 def test_both_names_at_once_is_one_line(tmp_path):
