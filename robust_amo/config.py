@@ -202,10 +202,11 @@ class AttackConfig:
 class EvalConfig:
     """Per-epoch check on held-out examples: clean and PGD accuracy.
 
-    ``n_examples``: how many examples of the split are checked (the first ones; ``eval.examples``
-    until this version, still read with a warning: :data:`RENAMED`). ``split``: ``val`` (needs
-    ``data.val_size > 0``), ``test`` or ``auto`` (:data:`CheckSplit`); ``steps``/``restarts`` of
-    the PGD used (its eps/norm/step are the training attack's; ``step_size`` may override).
+    ``n_examples``: how many examples of the split are checked, the first ones (called
+    ``eval.examples`` up to robust-amo 0.2.0, a name still read with a warning: :data:`RENAMED`).
+    ``split``: ``val`` (needs ``data.val_size > 0``), ``test`` or ``auto`` (:data:`CheckSplit`);
+    ``steps``/``restarts`` of the PGD used (its eps/norm/step are the training attack's;
+    ``step_size`` may override).
     """
 
     every: int = 1
@@ -397,7 +398,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def known_configs() -> str:
     """The shipped configs' names as one line: each top-level name, then each subfolder with
-    its number of configs (``sokolic_table1/... (36)``)."""
+    its number of configs (``sokolic_table1/NAME (36 configs)``)."""
     names = configs.config_names()
     folders: dict[str, int] = {}
     for n in names:
