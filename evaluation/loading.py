@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,13 +23,10 @@ from robust_amo.checkpoint import (
     model_from_checkpoint,
     resolve_path,
 )
-from robust_amo.config import AttackLoss, Norm, check_choice, parse_float
+from robust_amo.config import AttackLoss, Norm, SplitName, check_choice, parse_float
 from robust_amo.data import check_split_version, dataset_info, load_dataset, training_splits
 from robust_amo.errors import CheckpointError, ConfigError, DataError
 from robust_amo.models import build_external, normalize_name
-
-SplitName = Literal["test", "val", "train"]
-"""The examples to analyse: the test split, the run's held-out split, or the training split."""
 
 
 def load_model(

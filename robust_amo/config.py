@@ -17,6 +17,7 @@ options exist is checked by :func:`robust_amo.train.resolve`, which builds on
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -27,7 +28,10 @@ from typing import Any, Literal
 
 import yaml
 
+from . import configs
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 Norm = Literal["linf", "l2"]
 """Threat model of an input attack: L∞ or L2 ball."""
@@ -36,7 +40,14 @@ AttackLoss = Literal["ce", "cw"]
 DeltaGrad = Literal["mean", "sum"]
 """(Robust) AMO δ step from ∇δ of the batch-mean loss or of the batch-sum loss."""
 Schedule = Literal["multistep", "cosine", "constant"]
-EvalSplit = Literal["auto", "val", "test"]
+HeldOutSplit = Literal["val", "test"]
+"""Examples a model did not train on: the run's held-out part (``data.val_size``) or the test
+split. A study selects hyperparameters on one of them (``select.split``)."""
+SplitName = Literal["train", HeldOutSplit]
+"""A dataset's split names: the one Literal of splits (``eval``/``margins`` ``--split``)."""
+CheckSplit = Literal["auto", HeldOutSplit]
+"""``eval.split`` of the per-epoch check: a held-out split, or ``auto`` (``val`` when
+``data.val_size > 0``, else ``test``)."""
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -191,13 +202,16 @@ class AttackConfig:
 class EvalConfig:
     """Per-epoch check on held-out examples: clean and PGD accuracy.
 
-    ``split``: ``val`` (needs ``data.val_size > 0``) or ``test``; ``steps``/``restarts`` of the
-    PGD used (its eps/norm/step are the training attack's; ``step_size`` may override).
+    ``n_examples``: how many examples of the split are checked, the first ones (called
+    ``eval.examples`` up to robust-amo 0.2.0, a name still read with a warning: :data:`RENAMED`).
+    ``split``: ``val`` (needs ``data.val_size > 0``), ``test`` or ``auto`` (:data:`CheckSplit`);
+    ``steps``/``restarts`` of the PGD used (its eps/norm/step are the training attack's;
+    ``step_size`` may override).
     """
 
     every: int = 1
-    examples: int = 1000
-    split: EvalSplit = "auto"
+    n_examples: int = 1000
+    split: CheckSplit = "auto"
     steps: int = 10
     restarts: int = 1
     step_size: float | None = None
@@ -300,7 +314,13 @@ def _check(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    A whole :class:`TrainConfig` mapping may hold the old names of :data:`RENAMED` (a config
+    dict saved by an earlier version): they are read under the new names with a warning.
+    """
+    if cls is TrainConfig:
+        data = rename_deprecated(data, "config")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     check_keys({k: None for k in data}, prefix.rstrip("."))
@@ -347,10 +367,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"config file {p} is a directory; pass a YAML file such as "
-                          "configs/quickstart.yaml")
+        raise ConfigError(f"config file {p} is a directory; pass a YAML file, or a shipped "
+                          "config by name such as quickstart")
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist (see the files in configs/)")
+        raise ConfigError(f"config file {p} does not exist; shipped configs: {known_configs()}")
     try:
         raw = p.read_bytes()
     except OSError as e:
@@ -369,11 +389,88 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is nested too deeply to be a config") from None
     if data is None:
         raise ConfigError(f"config file {p} is empty; write options such as `epochs: 10` "
-                          "(see configs/), or leave out --config for the defaults")
+                          "(as the shipped configs do), or leave out --config for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
     check_keys(data, source=f"config file {p}")
     return data
+
+
+def known_configs() -> str:
+    """The shipped configs' names as one line: each top-level name, then each subfolder with
+    its number of configs (``sokolic_table1/NAME (36 configs)``)."""
+    names = configs.config_names()
+    folders: dict[str, int] = {}
+    for n in names:
+        if "/" in n:
+            folder = n.split("/", 1)[0]
+            folders[folder] = folders.get(folder, 0) + 1
+    shown = [n for n in names if "/" not in n]
+    shown += [f"{folder}/NAME ({count} configs)" for folder, count in folders.items()]
+    return ", ".join(shown) or "none"
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """The YAML file that ``--config`` names: an existing path, else a shipped config by name.
+
+    A path that exists wins (a directory too, which :func:`load_yaml` then refuses). Otherwise
+    the name is looked up among the configs shipped with the package, from any folder:
+    ``quickstart``, ``sokolic_table1/mnist_cnn2_256_ce_lm`` (``.yaml`` optional), or the
+    repository path ``configs/quickstart.yaml``.
+
+    Raises:
+        ConfigError: neither a file nor a shipped name; the message lists the shipped names.
+    """
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    found = configs.find_config(str(name_or_path))
+    if found is not None:
+        return found
+    raise ConfigError(f"config {str(name_or_path)!r} does not exist: no such file and no shipped "
+                      f"config of that name; give a YAML path or one of: {known_configs()}")
+
+
+RENAMED: dict[str, str] = {"eval.examples": "eval.n_examples"}
+"""Old config keys and their new names (same section): read with a warning for one version,
+then unknown keys."""
+
+
+def rename_deprecated(data: dict[str, Any], source: str = "config", *,
+                      warn: bool = True) -> dict[str, Any]:
+    """``data`` with every :data:`RENAMED` key under its new name; ``data`` itself is unchanged.
+
+    Args:
+        data: a config mapping (a file, an override, or a saved run's config).
+        source: where it came from, for the messages.
+        warn: log a warning naming the new key; a saved run's config is read quietly (runs
+            written before the rename keep their old key and still resume).
+
+    Raises:
+        ConfigError: both the old and the new name are given.
+    """
+    out = data
+    for old, new in RENAMED.items():
+        *path, old_key = old.split(".")
+        new_key = new.rsplit(".", 1)[-1]
+        node: Any = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        if new_key in node:
+            raise ConfigError(f"{source}: {old} is the old name of {new}; give only {new}")
+        if warn:
+            log.warning("%s: config key %s is deprecated and will be refused in the next "
+                        "version; call it %s", source, old, new)
+        # copies along the path: the caller's mapping (a file's, a study's) stays as it was
+        out = dict(out)
+        node = out
+        for part in path:
+            node[part] = dict(node[part])
+            node = node[part]
+        node[new_key] = node.pop(old_key)
+    return out
 
 
 def parse_override(item: str) -> dict[str, Any]:
@@ -399,13 +496,19 @@ def load_config(
 ) -> TrainConfig:
     """Defaults, then the YAML file, then each override mapping in order; schema-checked.
 
+    ``config_file`` is a path or the name of a shipped config (:func:`config_path`); keys of
+    :data:`RENAMED` are read under their new names with a warning.
+
     Use :func:`robust_amo.train.resolve` to also check the architecture, dataset and method
     options against their registries (what the CLI does).
     """
-    data: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    data: dict[str, Any] = {}
+    if config_file:
+        path = config_path(config_file)
+        data = rename_deprecated(load_yaml(path), f"config file {path}")
     for o in overrides or []:
         check_keys(o, source="override (a flag or --set)")
-        data = merge(data, o)
+        data = merge(data, rename_deprecated(o, "override (a flag or --set)"))
     cfg = from_dict(TrainConfig, data)
     validate(cfg)
     return cfg
@@ -429,7 +532,7 @@ def validate(cfg: TrainConfig) -> None:
                     "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
                     "optim.momentum": cfg.optim.momentum,
                     "optim.warmup_epochs": cfg.optim.warmup_epochs,
-                    "eval.examples": cfg.eval.examples, "data.val_size": cfg.data.val_size}
+                    "eval.n_examples": cfg.eval.n_examples, "data.val_size": cfg.data.val_size}
     if cfg.eval.step_size is not None:
         non_negative["eval.step_size"] = cfg.eval.step_size
     for key, v in non_negative.items():

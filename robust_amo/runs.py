@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, save_yaml
+from .config import TrainConfig, rename_deprecated, save_yaml
 from .errors import CheckpointError, ConfigError
 from .outputs import LOCK_NAME, folder_lock, refuse_overwrite, remove_temp_files, writable_dir
 
@@ -74,7 +74,7 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
     Returns:
         ``"KEY (SAVED -> NOW)"`` per differing key, sorted.
     """
-    a, b = _flatten(saved), _flatten(now)
+    a, b = _flatten(rename_deprecated(saved, warn=False)), _flatten(now)
     return [f"{k} ({a[k]!r} -> {b.get(k)!r})" for k in sorted(a)
             if k in b and k not in RESUME_FREE and a[k] != b[k]]
 

@@ -304,9 +304,9 @@ def _build_data(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.de
         val_size=cfg.data.val_size, seed=cfg.seed)
     use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)
     eval_split = val_split if use_val else test_split
-    if cfg.eval.examples > 0:
+    if cfg.eval.n_examples > 0:
         require_examples(eval_split, "the per-epoch check")
-    eval_split = eval_split.subset(torch.arange(min(cfg.eval.examples, len(eval_split))))
+    eval_split = eval_split.subset(torch.arange(min(cfg.eval.n_examples, len(eval_split))))
     loader = Loader(train_split, local_batch, device, shuffle=True, augment=cfg.data.augment,
                     seed=cfg.seed, drop_last=len(train_split) > cfg.batch_size,
                     rank=ctx.rank, world_size=ctx.world_size)

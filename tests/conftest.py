@@ -80,7 +80,7 @@ def trained_tiny(digits, tmp_path_factory):
         "arch": "tiny-cnn", "dataset": "digits", "method": "standard", "epochs": 6,
         "batch_size": 64, "out": str(out), "data": {"augment": False},
         "optim": {"lr": 0.05, "schedule": "constant"},
-        "eval": {"examples": 100, "steps": 0},
+        "eval": {"n_examples": 100, "steps": 0},
     }])
     train(cfg)
     return model_from_checkpoint(load_checkpoint(out))

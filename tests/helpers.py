@@ -19,7 +19,7 @@ TINY_RUN = {"arch": "tiny-cnn", "dataset": "digits", "method": "pgd", "epochs": 
             "batch_size": 64, "data": {"augment": False, "train_subset": 200},
             "optim": {"lr": 0.05, "schedule": "cosine"},
             "attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
-            "eval": {"examples": 32, "steps": 2}}
+            "eval": {"n_examples": 32, "steps": 2}}
 """A training run of seconds on the bundled digits: Madry PGD-2 on a tiny CNN."""
 
 

@@ -90,7 +90,7 @@ def test_train_with_compile_matches_eager(tmp_path, caplog):
             "compile": compile_, "compile_backend": BACKEND,
             "data": {"train_subset": 96, "augment": False, "val_size": 32},
             "attack": {"eps": 0.1, "step_size": 0.03, "steps": 1, "random_start": False},
-            "eval": {"examples": 32, "batch_size": 32, "steps": 1},
+            "eval": {"n_examples": 32, "batch_size": 32, "steps": 1},
         }])
         return train(cfg)
 

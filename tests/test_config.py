@@ -28,7 +28,7 @@ def test_fraction_and_defaults():
     ({"attack": "strong"}, "attack"),
     ({"eval": {"split": "val"}}, "val_size"),
     ({"eval": {"step_size": -0.1}}, "eval.step_size"),
-    ({"eval": {"examples": -1}}, "eval.examples"),
+    ({"eval": {"n_examples": -1}}, "eval.n_examples"),
     ({"optim": {"momentum": -1}}, "optim.momentum"),
     ({"data": {"val_size": -3}}, "data.val_size"),
     ({"optim": {"warmup_epochs": -1}}, "optim.warmup_epochs"),

@@ -109,7 +109,7 @@ def test_train_and_eval_an_image_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--arch", "tiny-cnn", "--dataset", "imagefolder", "--data-dir",
                  str(root), "--image-size", "16", "--method", "pgd", "--epochs", "2",
-                 "--eps", "4/255", "--set", "attack.steps=2", "--set", "eval.examples=9",
+                 "--eps", "4/255", "--set", "attack.steps=2", "--set", "eval.n_examples=9",
                  "--set", "data.augment=true", "--batch-size", "6", "--out", str(run),
                  "--no-progress", "--device", "cpu"]) == 0
     ck = read_file(run / "checkpoint.pt")

@@ -88,7 +88,7 @@ def test_train_resume_and_eval_val_refuse_through_the_one_check(digits, tmp_path
     def train_args(epochs: int) -> list[str]:
         return ["train", "--arch", "tiny-cnn", "--dataset", "digits", "--method", "standard",
                 "--epochs", str(epochs), "--batch-size", "256", "--set", "data.val_size=40",
-                "--set", "data.augment=false", "--set", "eval.examples=8", "--out", str(out),
+                "--set", "data.augment=false", "--set", "eval.n_examples=8", "--out", str(out),
                 "--no-progress"]
 
     assert main(train_args(1)) == 0

@@ -61,7 +61,7 @@ def _cfg(out: Path, epochs: int) -> dict:
         "data": {"train_subset": 256, "augment": True, "val_size": 50},
         "optim": {"lr": 0.05, "schedule": "constant"},
         "attack": {"eps": 0.1, "step_size": 0.03, "steps": 2, "random_start": False},
-        "eval": {"examples": 50, "batch_size": 16, "steps": 3},
+        "eval": {"n_examples": 50, "batch_size": 16, "steps": 3},
     }
 
 

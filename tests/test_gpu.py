@@ -29,7 +29,7 @@ def test_bf16_channels_last_training_runs(tmp_path):
     cfg = resolve(None, [{"arch": "tiny-wrn", "dataset": "digits", "method": "pgd", "epochs": 2,
                           "batch_size": 128, "device": "cuda", "out": str(tmp_path),
                           "model_kwargs": {}, "data": {"augment": False},
-                          "optim": {"lr": 0.05}, "eval": {"examples": 128}}])
+                          "optim": {"lr": 0.05}, "eval": {"n_examples": 128}}])
     # digits are 1x8x8: a WRN stem accepts any channel count and size
     m = train(cfg)
     assert m["train_loss"] < 2.3 and m["clean_acc"] > 0.3

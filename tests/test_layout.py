@@ -17,12 +17,13 @@ from tests.helpers import ROOT
 
 # where each subpackage's source lives (pyproject.toml's package-dir)
 SOURCES = {"robust_amo": ROOT / "robust_amo", "robust_amo.attacks": ROOT / "attacks",
-           "robust_amo.evaluation": ROOT / "evaluation"}
+           "robust_amo.evaluation": ROOT / "evaluation", "robust_amo.configs": ROOT / "configs"}
 
 # the layers, bottom first: a module may import modules of its own unit, or of a unit of a
 # LOWER rank, never of the same or a higher one
 RANKS = {
     "robust_amo.errors": 0, "robust_amo.version": 0,
+    "robust_amo.configs": 0,  # finds the shipped YAML files; imports nothing of the project
     "robust_amo.config": 1, "robust_amo.jobs": 1,
     "robust_amo.runtime": 2, "robust_amo.outputs": 2,
     "robust_amo.distributed": 3, "robust_amo.compiled": 3, "robust_amo.runs": 3,
@@ -47,8 +48,8 @@ def _modules() -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             name = ".".join([root_name, *parts])
-            if root_name == "robust_amo" and len(parts) > 0 and parts[0] in ("attacks",
-                                                                             "evaluation"):
+            if root_name == "robust_amo" and len(parts) > 0 and parts[0] in (
+                    "attacks", "evaluation", "configs"):
                 raise AssertionError(f"{f}: robust_amo/{parts[0]} shadows the mapped folder")
             out[name] = f
     return out
@@ -193,3 +194,9 @@ def test_the_wheel_installs_only_robust_amo(tmp_path):
     # the mapped folders are inside, under the one root
     assert "robust_amo/attacks/pgd.py" in names and "robust_amo/evaluation/runner.py" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    # the shipped configs and studies are package data: found by name after a wheel install
+    shipped = {f.relative_to(ROOT).as_posix() for f in (ROOT / "configs").rglob("*.yaml")}
+    assert len(shipped) > 60 and "configs/quickstart.yaml" in shipped
+    assert {f"robust_amo/{n}" for n in shipped} <= set(names)
+    assert {"robust_amo/configs/__init__.py", "robust_amo/configs/studies/sokolic-table1.yaml",
+            "robust_amo/configs/sokolic_table1/mnist_cnn2_256_ce_lm.yaml"} <= set(names)

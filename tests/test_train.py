@@ -13,7 +13,7 @@ from tests.helpers import tiny_run
 
 def _cfg(out, **kw):
     base = {"epochs": 3, "data": {"train_subset": 900}, "optim": {"lr": 0.1},
-            "eval": {"examples": 64}}
+            "eval": {"n_examples": 64}}
     return tiny_run(out, **{**base, **kw})
 
 
@@ -163,7 +163,7 @@ def test_rng_state_touches_only_this_process_gpu(monkeypatch):
 
 
 def test_no_evaluation_examples_means_no_best_checkpoint(tmp_path):
-    """eval.examples: 0 measures nothing: NaN accuracies, so best.pt is never chosen by a 0."""
-    metrics = train(_cfg(tmp_path, epochs=1, eval={"examples": 0}))
+    """eval.n_examples: 0 measures nothing: NaN accuracies, so best.pt is never chosen by a 0."""
+    metrics = train(_cfg(tmp_path, epochs=1, eval={"n_examples": 0}))
     assert metrics["n"] == 0 and math.isnan(metrics["robust_acc"])
     assert not (tmp_path / "best.pt").exists()

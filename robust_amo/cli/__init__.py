@@ -21,15 +21,29 @@ from . import eval as evaluate
 
 COMMANDS = (train, evaluate, margins, plot, reproduce, archs, convert)
 
+DESCRIPTION = ("Adversarial training (PGD, robust AMO, clean AMO, Jacobian large-margin),\n"
+               "trustworthy robustness evaluation and margin analysis for PyTorch.")
+"""What ``robust-amo --help`` says first (the module docstring is for developers)."""
+
+EPILOG = """examples:
+  robust-amo train --config quickstart --out runs/quickstart
+  robust-amo eval --checkpoint runs/quickstart --attack pgd50 --attack autoattack
+  robust-amo reproduce --list
+
+robust-amo COMMAND --help lists a command's options; the shipped configs and studies
+(quickstart, sokolic-table1, ...) are found by name from any folder."""
+
 log = logging.getLogger("robust_amo")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="robust-amo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="robust-amo", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"robust-amo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
         command.add_arguments(p)

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
-from robust_amo.config import parse_float
+from robust_amo.config import SplitName, choices, parse_float
 from robust_amo.errors import ConfigError
 
-DEVICES = ["auto", "cpu", "cuda"]
+DEVICE_HELP = "auto|cpu|cuda[:N]; auto is cuda when a CUDA device is available, else cpu"
+"""What ``--device`` takes, said the same way by every command."""
+
+
+def device(text: str) -> str:
+    """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (e.g. cuda:1), "
+                                         f"got {text!r}")
+    return text
+
+
+def refuse_renamed(args: argparse.Namespace, old: str, new: str) -> None:
+    """ConfigError naming ``new`` when the renamed flag ``old`` (its dest) was given."""
+    if getattr(args, old, None) is not None:
+        flag = "--" + old.replace("_", "-")
+        raise ConfigError(f"{flag} was renamed {new}; pass {new} N")
 
 
 def at_least(name: str, value: int | None, minimum: int = 1) -> None:
@@ -77,26 +94,28 @@ def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None
     own.add_argument("--input-shape", type=input_shape,
                      help="C,H,W of the model's inputs (default: the dataset's)")
     p.add_argument("--which", type=str, choices=["last", "best"], default="last",
-                   help="checkpoint of a run folder: last (checkpoint.pt) or best (best.pt)")
+                   help="checkpoint of a run folder: last (checkpoint.pt, default) or best "
+                        "(best.pt)")
     p.add_argument("--arch", type=str,
                    help="architecture of a robustness-library checkpoint (robust-amo archs)")
     p.add_argument("--dataset", type=str, help="dataset (default: the checkpoint's)")
     p.add_argument("--data-dir", type=str, help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--split", type=str, choices=["test", "val", "train"], default="test",
+    p.add_argument("--split", type=str, choices=choices(SplitName), default="test",
                    help="test split, the run's held-out val split, or the training split "
                         "(default: test)")
     shown = "all" if n_examples is None else str(n_examples)
     p.add_argument("--n-examples", type=int, default=n_examples,
-                   help=f"use the first N examples of the split (default: {shown})")
+                   metavar="N", help=f"use the first N examples of the split (default: {shown})")
     p.add_argument("--eps", type=str,
                    help="radius, e.g. 8/255 (default: the checkpoint's training attack)")
     p.add_argument("--norm", type=str, choices=["linf", "l2"],
                    help="threat model (default: the checkpoint's training norm)")
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"examples per batch (default {batch_size})")
-    p.add_argument("--device", type=str, choices=DEVICES, default="auto",
-                   help="device (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    p.add_argument("--device", type=device, default="auto", metavar="DEVICE",
+                   help=f"{DEVICE_HELP} (default auto)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the attacks' random starts (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_unsafe_load(p)
     add_overwrite(p, "report")

@@ -78,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PGD/AutoAttack disagreement flagged above this (default 0.03)")
     p.add_argument("--format", type=str, choices=["robust-amo", "robustbench"],
                    default="robust-amo",
-                   help="robustbench: also write REPORT.robustbench.json, the fields of a "
-                        "RobustBench model-info entry (needs --attack autoattack)")
+                   help="robust-amo (default): report.json and report.md; robustbench: also "
+                        "write REPORT.robustbench.json, the fields of a RobustBench model-info "
+                        "entry (needs --attack autoattack)")
     p.add_argument("--no-sanity", action="store_true",
                    help="skip the large-eps gradient-masking check (other checks still run)")
 

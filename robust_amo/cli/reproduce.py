@@ -7,7 +7,8 @@ Example::
 
 trains every run as ``robust-amo train`` in ``OUT/runs/CELL/POINT/seedS``, evaluates the
 selected runs (the study's ``eval:``) and writes OUT/results.csv, OUT/table.md and OUT/STUDY.png
-after every finished job. Rerun the same command to resume. docs/reproductions.md.
+after every finished job. Rerun the same command to resume. The shipped studies are found by name
+from any folder (``--list`` shows them). docs/reproductions.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from robust_amo.config import check_int, parse_override
+from robust_amo.config import HeldOutSplit, check_int, choices, parse_override
 from robust_amo.errors import ConfigError
 from robust_amo.studies import (
     Options,
@@ -31,10 +32,10 @@ from robust_amo.studies import (
 )
 from robust_amo.studies.runner import eval_job, train_job
 
-from .common import DEVICES, at_least
+from .common import DEVICE_HELP, at_least, device, refuse_renamed
 
 NAME = "reproduce"
-HELP = "reproduce a paper table or figure (configs/studies/): train, select, evaluate, tabulate"
+HELP = "reproduce a paper table or figure (a study): train, select, evaluate, tabulate"
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +43,36 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The study, what of it to run, and how many processes at once."""
     p.add_argument("study", type=str, nargs="?",
-                   help="study name in --studies-dir (see --list) or a study .yaml file")
+                   help="a study's name, e.g. sokolic-table1 (see --list), or a study .yaml file")
     p.add_argument("--list", action="store_true",
                    help="list the studies with their run counts and estimated cost")
     p.add_argument("--dry-run", action="store_true",
                    help="print the runs (and what is done) without starting any")
-    p.add_argument("--studies-dir", type=str, default="configs/studies",
-                   help="folder of study files (default configs/studies)")
+    p.add_argument("--studies-dir", type=str, metavar="DIR",
+                   help="folder of your own study files (default: the studies shipped with "
+                        "robust-amo, found from any folder)")
     p.add_argument("--grid", type=str, choices=["quick", "paper"], default="quick",
-                   help="hyperparameter grid: quick (three values) or paper (the paper's)")
+                   help="hyperparameter grid: quick (three values, default) or paper (the "
+                        "paper's)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's)")
     p.add_argument("--only", type=str, action="append", default=[], metavar="AXIS=LABEL",
                    help="keep only these levels of an axis (repeat; e.g. --only arch=cnn2)")
     p.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every run, e.g. --set epochs=30 (use a new "
                         "--out: the runs of another config are other runs)")
-    p.add_argument("--eval-examples", type=int,
+    p.add_argument("--n-examples", type=int, metavar="N",
                    help="test images of the eval step (default: the study's eval.n_examples)")
-    p.add_argument("--select", type=str, choices=["test", "val"],
-                   help="select hyperparameters on the test set (the papers' protocol, "
-                        "default) or on held-out training examples")
+    p.add_argument("--eval-examples", type=str, help=argparse.SUPPRESS)
+    p.add_argument("--select", type=str, choices=choices(HeldOutSplit),
+                   help="select hyperparameters on the test set (the papers' protocol) or on "
+                        "held-out training examples (val) (default: the study's select.split)")
     p.add_argument("--out", type=str, help="study folder (default runs/studies/STUDY)")
     p.add_argument("--data-dir", type=str, help="dataset folder passed to every run")
     p.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--threads", type=int,
                    help="CPU threads per worker (default: cores / workers)")
-    p.add_argument("--device", type=str, choices=DEVICES, default="auto",
-                   help="device of every run (default: cuda when available)")
+    p.add_argument("--device", type=device, default="auto", metavar="DEVICE",
+                   help=f"device of every run: {DEVICE_HELP} (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -76,10 +80,11 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def _list(studies_dir: str) -> int:
+def _list(studies_dir: str | None) -> int:
     files = list_study_files(studies_dir)
     if not files:
-        raise ConfigError(f"no study files in {studies_dir}; pass --studies-dir")
+        raise ConfigError(f"no study files in {studies_dir}; pass a folder of study .yaml "
+                          "files, or leave out --studies-dir for the shipped studies")
     rows = []
     for f in files:
         spec = load_study(f)
@@ -95,6 +100,7 @@ def _list(studies_dir: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """List, dry-run or run a study."""
+    refuse_renamed(args, "eval_examples", "--n-examples")
     if args.list:
         return _list(args.studies_dir)
     if not args.study:
@@ -103,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
     at_least("--threads", args.threads)
     for s in args.seeds or []:
         check_int("--seeds seed", s)
-    at_least("--eval-examples", args.eval_examples)
+    at_least("--n-examples", args.n_examples)
     spec = load_study(find_study(args.study, args.studies_dir))
-    if args.eval_examples is not None and spec.eval is not None:
-        spec.eval.n_examples = args.eval_examples
+    if args.n_examples is not None and spec.eval is not None:
+        spec.eval.n_examples = args.n_examples
     opts = Options(out=Path(args.out or Path("runs/studies") / spec.name), grid=args.grid,
                    seeds=args.seeds, only=parse_only(args.only, spec), select=args.select,
                    sets=[parse_override(x) for x in args.set],

@@ -1,7 +1,8 @@
 """``robust-amo train``: resolve the config (file, flags, ``--set``), train, say where the run is.
 
-Flags override the config file; ``--set KEY=VALUE`` reaches every key
-(``--set attack.eps=8/255``). docs/config.md lists the keys.
+``--config`` is a shipped config's name (``quickstart``) or a YAML file. Flags override the
+config file; ``--set KEY=VALUE`` reaches every key (``--set attack.eps=8/255``). docs/config.md
+lists the keys.
 """
 
 from __future__ import annotations
@@ -10,34 +11,63 @@ import argparse
 import logging
 from typing import Any
 
-from robust_amo.config import parse_override
+from robust_amo.config import Norm, TrainConfig, choices, parse_override
+from robust_amo.methods import METHODS
 from robust_amo.resolve import resolve
 from robust_amo.train import train
 
-from .common import DEVICES, add_overwrite, add_unsafe_load
+from .common import DEVICE_HELP, add_overwrite, add_unsafe_load, device, refuse_renamed
 
 NAME = "train"
 HELP = "train a model (standard, PGD, robust AMO, clean AMO, Jacobian-LM)"
 
 log = logging.getLogger(__name__)
 
+DEFAULTS = TrainConfig()
+"""What a flag left out (and absent from --config) trains with; the help shows it."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The common config keys as flags, plus ``--set`` for every other key."""
-    p.add_argument("--config", type=str, help="YAML config file (see configs/)")
-    p.add_argument("--arch", type=str, help="architecture, e.g. wrn28-10 (robust-amo archs)")
+    """The common config keys as flags, plus ``--set`` for every other key.
+
+    A flag's default is the config's (``--config``, else :class:`TrainConfig`'s), so none is
+    set here; the help says the built-in one.
+    """
+    d = DEFAULTS
+    p.epilog = ("The defaults shown are the built-in ones; a --config file's values replace "
+                "them, and flags replace both. Example: robust-amo train --config quickstart "
+                "--out runs/qs")
+    p.add_argument("--config", type=str, metavar="NAME|FILE",
+                   help="a shipped config by name (quickstart, "
+                        "sokolic_table1/mnist_cnn2_256_ce_lm, ...: found from any folder) or a "
+                        "YAML file; flags and --set override it")
+    p.add_argument("--arch", type=str,
+                   help=f"architecture, e.g. wrn28-10; robust-amo archs lists them "
+                        f"(default {d.arch})")
     p.add_argument("--dataset", type=str,
                    help="cifar10, cifar100, svhn, mnist, fashion-mnist, digits, or imagefolder "
-                        "(--data-dir with train/CLASS/*.png and test/CLASS/...)")
-    p.add_argument("--image-size", type=int,
+                        "(--data-dir with train/CLASS/*.png and test/CLASS/...) "
+                        f"(default {d.dataset})")
+    p.add_argument("--image-size", type=int, metavar="PIXELS",
                    help="imagefolder: side the images are resized and centre-cropped to")
-    p.add_argument("--data-dir", type=str, help="folder with the dataset (.npz or torchvision)")
-    p.add_argument("--method", type=str, help="standard, pgd, ... (docs/methods.md)")
-    p.add_argument("--epochs", type=int, help="number of epochs")
-    p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument("--lr", type=str, help="initial learning rate (e.g. 0.1)")
-    p.add_argument("--eps", type=str, help="training attack radius, e.g. 8/255")
-    p.add_argument("--out", type=str, help="run folder for checkpoints, config and metrics")
+    p.add_argument("--data-dir", type=str, metavar="DIR",
+                   help="folder with the dataset (.npz or torchvision)")
+    p.add_argument("--method", type=str, metavar="METHOD",
+                   help=f"{', '.join(sorted(METHODS))} (docs/methods.md; default {d.method})")
+    p.add_argument("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"training batch size (default {d.batch_size})")
+    p.add_argument("--lr", type=str, help=f"initial learning rate (default {d.optim.lr})")
+    p.add_argument("--eps", type=str,
+                   help="training attack radius, e.g. 8/255 (default 8/255)")
+    p.add_argument("--norm", type=str, choices=choices(Norm),
+                   help=f"training attack's threat model, attack.norm (default {d.attack.norm})")
+    p.add_argument("--n-examples", type=int, metavar="N",
+                   help="examples of the per-epoch check, eval.n_examples "
+                        f"(default {d.eval.n_examples})")
+    p.add_argument("--eval-examples", type=str, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=str, metavar="DIR",
+                   help=f"run folder for checkpoints, config and metrics (default {d.out})")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its config must match, epochs may grow)")
     add_overwrite(p, "run (checkpoints and metrics)")
@@ -47,11 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "robustness, read safely): fine-tuning")
     p.add_argument("--download", action="store_true",
                    help="let torchvision download the dataset into --data-dir")
-    p.add_argument("--device", type=str, choices=DEVICES, help="device")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--device", type=device, metavar="DEVICE",
+                   help=f"{DEVICE_HELP} (default {d.device})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 on CUDA")
     p.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set optim.milestones=[50,100]")
+                   help="override any config key (docs/config.md), e.g. "
+                        "--set optim.milestones=[50,100]; repeat for several")
     p.add_argument("--tensorboard", action="store_true",
                    help="log to RUN/tb for TensorBoard (logging.tensorboard; needs the "
                         "tensorboard extra)")
@@ -76,6 +108,10 @@ def overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
         o.setdefault("optim", {})["lr"] = args.lr
     if args.eps is not None:
         o.setdefault("attack", {})["eps"] = args.eps
+    if args.norm is not None:
+        o.setdefault("attack", {})["norm"] = args.norm
+    if args.n_examples is not None:
+        o.setdefault("eval", {})["n_examples"] = args.n_examples
     if args.tensorboard:
         o.setdefault("logging", {})["tensorboard"] = True
     if args.no_bf16:
@@ -85,6 +121,7 @@ def overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve, train, report where the run is."""
+    refuse_renamed(args, "eval_examples", "--n-examples")
     cfg = resolve(args.config, overrides(args))
     metrics = train(cfg, resume=args.resume, overwrite=args.overwrite,
                     unsafe_load=args.unsafe_load, progress=not args.no_progress)

@@ -3,7 +3,8 @@
 A study names a base config, the axes of the table (each level a set of config overrides, some
 with a hyperparameter grid that is searched and selected per table cell), the seeds, how a cell's
 hyperparameter is selected, the metrics to report and the paper's values. docs/reproductions.md
-describes the format key by key; configs/studies/ holds the shipped studies.
+describes the format key by key; configs/studies/ holds the shipped studies, found by name from
+any folder (:func:`find_study`), and a study's ``base`` is a path or a shipped config's name.
 
 Files are read with ``yaml.safe_load``; unknown keys, wrong types and names that are not safe as
 folder names are one-line :class:`~robust_amo.errors.ConfigError`\\ s, as for configs.
@@ -18,12 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from robust_amo.config import TrainConfig, check_keys, from_dict, load_yaml, parse_float
+from robust_amo import configs
+from robust_amo.config import (
+    HeldOutSplit,
+    TrainConfig,
+    check_keys,
+    config_path,
+    from_dict,
+    load_yaml,
+    parse_float,
+)
 from robust_amo.errors import ConfigError
 from robust_amo.resolve import resolve
 
 Grid = Literal["quick", "paper"]
-SelectSplit = Literal["test", "val"]
+SelectSplit = HeldOutSplit
+"""Where a study selects hyperparameters: ``test`` (the papers' protocol) or ``val``."""
 MetricKind = Literal["accuracy", "error"]
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -287,7 +298,8 @@ def parse_study(data: dict[str, Any], source: str) -> StudySpec:
         path=source,
     )
     if spec.base is not None and not isinstance(spec.base, str):
-        raise ConfigError(f"{source}: base must be a config file path, got {spec.base!r}")
+        raise ConfigError(f"{source}: base must be a config file path or a shipped config's "
+                          f"name, got {spec.base!r}")
     if not isinstance(spec.config, dict):
         raise ConfigError(f"{source}: config must be a mapping of config overrides")
     if not spec.table.rows and not spec.table.columns:
@@ -324,24 +336,42 @@ def load_study(path: str | Path) -> StudySpec:
     return parse_study(load_yaml(p), str(p))
 
 
-def find_study(name_or_path: str, studies_dir: str | Path) -> Path:
-    """The study file for ``name_or_path``: a YAML path, or a name in ``studies_dir``."""
+def find_study(name_or_path: str, studies_dir: str | Path | None = None) -> Path:
+    """The study file for ``name_or_path``: an existing file, else a study of that name.
+
+    Args:
+        name_or_path: a study file's path (an existing path wins), or a name such as
+            ``sokolic-table1`` (``.yaml`` optional).
+        studies_dir: the folder whose studies the names are; None: the studies shipped with
+            the package, found from any folder.
+
+    Raises:
+        ConfigError: no such file or study; the message lists the known names.
+    """
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
+    if p.is_file():
         return p
-    d = Path(studies_dir)
-    for cand in (d / f"{name_or_path}.yaml", d / f"{name_or_path}.yml"):
-        if cand.is_file():
-            return cand
-    known = ", ".join(s.stem for s in list_study_files(d)) or "none"
-    raise ConfigError(f"no study {name_or_path!r} in {d} (known: {known}); pass a study file "
-                      "or --studies-dir")
+    if studies_dir is None:
+        found = configs.find_study(name_or_path)
+        where = "the shipped studies"
+    else:
+        d = Path(studies_dir)
+        found = next((c for c in (d / name_or_path, d / f"{name_or_path}.yaml",
+                                  d / f"{name_or_path}.yml") if c.suffix in configs.SUFFIXES
+                      and c.is_file()), None)
+        where = str(d)
+    if found is not None:
+        return found
+    known = ", ".join(s.stem for s in list_study_files(studies_dir)) or "none"
+    raise ConfigError(f"no study {name_or_path!r}: no such file, nor a study in {where} "
+                      f"(known: {known}); pass a study file or --studies-dir")
 
 
-def list_study_files(studies_dir: str | Path) -> list[Path]:
-    """The study files of a folder, sorted by name."""
-    d = Path(studies_dir)
-    return sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))) if d.is_dir() else []
+def list_study_files(studies_dir: str | Path | None = None) -> list[Path]:
+    """The study files of a folder (None: the shipped studies), sorted by name."""
+    d = configs.root() / configs.STUDIES if studies_dir is None else Path(studies_dir)
+    return sorted(f for f in d.iterdir() if f.suffix in configs.SUFFIXES and f.is_file()) \
+        if d.is_dir() else []
 
 
 def parse_only(items: list[str], spec: StudySpec) -> dict[str, set[str]]:
@@ -397,11 +427,17 @@ def expand(spec: StudySpec, grid: Grid = "quick", seeds: list[int] | None = None
 
 
 def base_path(spec: StudySpec) -> Path | None:
-    """The study's base config file, relative to the study file."""
+    """The study's base config file: a path (absolute, or relative to the study file) when it
+    exists, else a shipped config's name (:func:`robust_amo.config.config_path`).
+
+    Raises:
+        ConfigError: neither; the message lists the shipped configs.
+    """
     if spec.base is None:
         return None
     p = Path(spec.base)
-    return p if p.is_absolute() else Path(spec.path).parent / p
+    beside = p if p.is_absolute() else Path(spec.path).parent / p
+    return beside if beside.exists() else config_path(spec.base)
 
 
 def resolve_run(spec: StudySpec, run: Run, out: Path) -> TrainConfig:

@@ -68,7 +68,7 @@ def test_eval_agreement(run_script, tmp_path):
 
     train(resolve(None, [{"arch": "tiny-cnn", "dataset": "digits", "method": "standard",
                           "epochs": 1, "batch_size": 64, "out": str(tmp_path),
-                          "data": {"augment": False}, "eval": {"examples": 16, "steps": 0},
+                          "data": {"augment": False}, "eval": {"n_examples": 16, "steps": 0},
                           "attack": {"eps": 0.1, "step_size": 0.025}}]))
     lines = run_script("eval_agreement", "--checkpoint", str(tmp_path), "--n-examples", "16",
                        "--steps", "2", "--restarts", "2", "--repeats", "1", "--device", "cpu")

@@ -26,7 +26,7 @@ def test_flags_override_config(tmp_path):
     out = tmp_path / "run"
     rc = main(["train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--out", str(out),
                "--epochs", "1", "--method", "standard", "--eps", "2/255", "--no-progress",
-               "--set", "data.train_subset=300", "--set", "eval.examples=20"])
+               "--set", "data.train_subset=300", "--set", "eval.n_examples=20"])
     assert rc == 0
     saved = (out / "config.yaml").read_text()
     assert "epochs: 1" in saved and "method: standard" in saved and "train_subset: 300" in saved

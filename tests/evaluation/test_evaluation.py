@@ -362,7 +362,7 @@ def test_cli_train_then_eval_writes_json_and_markdown(tmp_path, capsys):
     config = str(ROOT / "configs" / "quickstart.yaml")
     assert main(["train", "--config", config, "--epochs", "1", "--out", str(run),
                  "--no-progress", "--set", "data.train_subset=300",
-                 "--set", "eval.examples=50", "--set", "eval.steps=5"]) == 0
+                 "--set", "eval.n_examples=50", "--set", "eval.steps=5"]) == 0
     out = tmp_path / "report.json"
     assert main(["eval", "--checkpoint", str(run), "--attack", "pgd20", "--n-examples", "50",
                  "--no-progress", "--out", str(out)]) == 0

@@ -193,7 +193,7 @@ def test_weights_that_hold_no_state_dict(tmp_path):
 def test_train_init_weights_starts_from_the_file(tmp_path, capsys):
     base = {"arch": "tiny-cnn", "dataset": "digits", "method": "standard", "epochs": 1,
             "batch_size": 64, "data": {"augment": False, "train_subset": 128},
-            "optim": {"lr": 0.05, "schedule": "constant"}, "eval": {"examples": 32, "steps": 0}}
+            "optim": {"lr": 0.05, "schedule": "constant"}, "eval": {"n_examples": 32, "steps": 0}}
     train(resolve(None, [base, {"out": str(tmp_path / "a")}]))
     # lr 0 and no weight decay: the weights do not move, so the run's weights are the file's
     frozen = {"optim": {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.0},

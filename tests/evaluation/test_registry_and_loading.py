@@ -32,7 +32,7 @@ def run(tmp_path_factory):
                           "batch_size": 64, "out": str(out),
                           "data": {"augment": False, "val_size": 40},
                           "attack": {"eps": 0.2, "step_size": 0.05, "steps": 1},
-                          "eval": {"examples": 16, "steps": 1}}]))
+                          "eval": {"n_examples": 16, "steps": 1}}]))
     return out
 
 
@@ -129,7 +129,7 @@ def test_runs_written_before_0_2_cannot_be_resplit_or_resumed(run, tmp_path, cap
                "--epochs", "2", "--batch-size", "64", "--set", "data.val_size=40",
                "--set", "data.augment=false", "--set", "attack.eps=0.2",
                "--set", "attack.step_size=0.05", "--set", "attack.steps=1",
-               "--set", "eval.examples=16", "--set", "eval.steps=1",
+               "--set", "eval.n_examples=16", "--set", "eval.steps=1",
                "--out", str(old), "--resume", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "other training data" in err and err.count("\n") == 1

@@ -373,7 +373,7 @@ def test_robust_amo_checkpoint_loads_in_robustness(no_cuda, tmp_path):
                           "device": "cpu",
                           "data": {"train_subset": 64, "augment": False},
                           "attack": {"eps": 0.1, "step_size": 0.05, "steps": 1},
-                          "eval": {"examples": 8, "steps": 1}}])
+                          "eval": {"n_examples": 8, "steps": 1}}])
     train(cfg)
     native = ckpt_io.model_from_checkpoint(ckpt_io.load_checkpoint(tmp_path / "run"))
     x = torch.rand(6, *INFO.input_shape)

@@ -170,7 +170,7 @@ def trained(tmp_path_factory):
                           "data": {"augment": False},
                           "optim": {"lr": 0.05, "schedule": "constant"},
                           "attack": {"eps": 0.1, "step_size": 0.025, "steps": 3},
-                          "eval": {"examples": 20, "steps": 1}}])
+                          "eval": {"n_examples": 20, "steps": 1}}])
     train(cfg)
     model = model_from_checkpoint(load_checkpoint(run))
     _, test = load_dataset("digits")

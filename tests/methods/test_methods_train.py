@@ -22,7 +22,7 @@ COMMON = {
     "data": {"augment": False, "train_subset": 600},
     "optim": {"lr": 0.1, "schedule": "constant", "weight_decay": 0.0},
     "attack": {"eps": 0.1, "step_size": 0.04, "steps": 3},
-    "eval": {"examples": 150, "steps": 3, "batch_size": 150},
+    "eval": {"n_examples": 150, "steps": 3, "batch_size": 150},
 }
 
 CASES = [
@@ -49,7 +49,7 @@ def test_cli_trains_each_method(tmp_path, method, capsys):
     out = tmp_path / method
     rc = main(["train", "--dataset", "digits", "--arch", "tiny-mlp", "--method", method,
                "--epochs", "1", "--batch-size", "100", "--device", "cpu", "--out", str(out),
-               "--no-progress", "--set", "data.train_subset=300", "--set", "eval.examples=50",
+               "--no-progress", "--set", "data.train_subset=300", "--set", "eval.n_examples=50",
                "--set", "eval.steps=2", "--set", "attack.steps=2",
                "--set", "data.augment=false"])
     assert rc == 0
@@ -168,7 +168,7 @@ def test_a_method_that_needs_no_attack_gets_none(monkeypatch, tmp_path):
 
     monkeypatch.setattr("robust_amo.train.PGD", recording_pgd)
     cfg = resolve(None, [{"arch": "tiny-mlp", "dataset": "digits", "method": "spy",
-                          "epochs": 1, "out": str(tmp_path), "eval": {"examples": 0}}])
+                          "epochs": 1, "out": str(tmp_path), "eval": {"n_examples": 0}}])
     train(cfg)
     assert seen and seen[0].attack is None and seen[0].generator is not None
     assert built == [True]  # only the per-epoch check's attack (early stop), no training attack

@@ -20,7 +20,7 @@ from tests.helpers import tiny_run
 
 TRAIN = ["train", "--arch", "tiny-cnn", "--dataset", "digits", "--method", "standard",
          "--epochs", "1", "--batch-size", "64", "--no-progress", "--set", "data.augment=false",
-         "--set", "data.train_subset=200", "--set", "eval.examples=32", "--set", "eval.steps=0"]
+         "--set", "data.train_subset=200", "--set", "eval.n_examples=32", "--set", "eval.steps=0"]
 
 
 def _cfg(out, **kw):

@@ -35,7 +35,7 @@ class Payload:
 def _cfg(out, **kw):
     base = {"arch": "tiny-cnn", "dataset": "digits", "method": "standard", "epochs": 1,
             "batch_size": 64, "out": str(out), "data": {"augment": False, "train_subset": 200},
-            "optim": {"lr": 0.05, "schedule": "constant"}, "eval": {"examples": 32, "steps": 0}}
+            "optim": {"lr": 0.05, "schedule": "constant"}, "eval": {"n_examples": 32, "steps": 0}}
     base.update(kw)
     return resolve(None, [base])
 

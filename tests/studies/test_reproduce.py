@@ -33,7 +33,7 @@ TINY = {
         "data": {"augment": False, "train_subset": 300},
         "optim": {"lr": 0.05, "schedule": "constant"},
         "attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
-        "eval": {"examples": 100, "steps": 2},
+        "eval": {"n_examples": 100, "steps": 2},
         "bf16": False,
     },
     "axes": [
