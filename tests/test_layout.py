@@ -19,24 +19,26 @@ from tests.helpers import ROOT
 SOURCES = {"robust_amo": ROOT / "robust_amo", "robust_amo.attacks": ROOT / "attacks",
            "robust_amo.evaluation": ROOT / "evaluation", "robust_amo.configs": ROOT / "configs"}
 
-# the layers, bottom first: a module may import modules of its own unit, or of a unit of a
-# LOWER rank, never of the same or a higher one
-RANKS = {
-    "robust_amo.errors": 0, "robust_amo.version": 0,
-    "robust_amo.configs": 0,  # finds the shipped YAML files; imports nothing of the project
-    "robust_amo.config": 1, "robust_amo.jobs": 1,
-    "robust_amo.runtime": 2, "robust_amo.outputs": 2,
-    "robust_amo.distributed": 3, "robust_amo.compiled": 3, "robust_amo.runs": 3,
-    "robust_amo.models": 4, "robust_amo.data": 4, "robust_amo.perturb": 4,
-    "robust_amo.curves": 4, "robust_amo.tblog": 4,
-    "robust_amo.attacks": 5, "robust_amo.checkpoint": 5,
-    "robust_amo.methods": 6, "robust_amo.margins": 6,
-    "robust_amo.resolve": 7,
-    "robust_amo.train": 8, "robust_amo.evaluation": 8,
-    "robust_amo.integrations": 9, "robust_amo.studies": 9, "robust_amo.worker": 9,
-    "robust_amo.cli": 10,
-    "robust_amo": 11,  # the facade: `import robust_amo` re-exports the registry and errors
+# The tiers, bottom first (docs/architecture.md). A module may import its own unit, any unit of a
+# lower tier, and a unit of its own tier as long as the units of a tier form no circle; never a
+# unit of a higher tier.
+TIERS: dict[str, tuple[str, ...]] = {
+    # errors, the config schema and the shipped YAML files, seeds and devices, output folders
+    # and the run-folder layout, typed job requests
+    "foundation": ("errors", "version", "configs", "config", "jobs", "runtime", "outputs",
+                   "runs"),
+    # tensors and modules that know no algorithm: architectures, datasets, δ hooks, torchrun,
+    # torch.compile, pictures, TensorBoard
+    "components": ("models", "data", "perturb", "distributed", "compiled", "curves", "tblog"),
+    # the papers' algorithms and the checkpoint format
+    "algorithms": ("attacks", "checkpoint", "methods", "margins"),
+    # what a user runs, as library calls: training, evaluation, studies, robustness
+    "workflows": ("resolve", "train", "evaluation", "integrations", "studies", "worker"),
+    # flags and the package facade
+    "interfaces": ("cli", ""),
 }
+RANKS = {("robust_amo." + unit).rstrip("."): rank
+         for rank, units in enumerate(TIERS.values()) for unit in units}
 
 
 def _modules() -> dict[str, Path]:
@@ -116,10 +118,12 @@ for _name, _file in MODULES.items():
 
 
 def _unit(name: str) -> str:
-    """The ranked unit a module belongs to ("" if none)."""
-    while name and name not in RANKS:
-        name = name.rpartition(".")[0]
-    return name
+    """The ranked unit a module belongs to ("" if none: a module missing from TIERS)."""
+    unit = name
+    while unit and unit not in RANKS:
+        unit = unit.rpartition(".")[0]
+    # the facade is the package's __init__ alone, not a home for unlisted modules
+    return "" if unit == "robust_amo" and name != "robust_amo" else unit
 
 
 def test_the_module_walk_sees_the_package():
@@ -155,8 +159,30 @@ def test_layers_only_point_down():
     unranked = sorted(n for n in MODULES if not _unit(n))
     assert not unranked
     upward = sorted(f"{a} -> {b}" for a, targets in GRAPH.items() for b in targets
-                    if _unit(a) != _unit(b) and RANKS[_unit(b)] >= RANKS[_unit(a)])
+                    if RANKS[_unit(b)] > RANKS[_unit(a)])
     assert upward == []
+
+
+def test_units_of_a_tier_form_no_circle():
+    """Units of one tier may import each other, one way only."""
+    units: dict[str, set[str]] = {}
+    for a, targets in GRAPH.items():
+        units.setdefault(_unit(a), set()).update(_unit(b) for b in targets if _unit(b) != _unit(a))
+    state: dict[str, int] = {}
+
+    def dfs(u: str, path: list[str]) -> list[str] | None:
+        state[u] = 1
+        for v in sorted(units.get(u, ())):
+            if state.get(v) == 1:
+                return [*path, u, v]
+            if v not in state and (cycle := dfs(v, [*path, u])):
+                return cycle
+        state[u] = 2
+        return None
+
+    for u in sorted(units):
+        if u not in state and (cycle := dfs(u, [])):
+            pytest.fail("units import each other: " + " -> ".join(cycle))
 
 
 def test_no_project_import_inside_a_function():
