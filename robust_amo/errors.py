@@ -25,7 +25,18 @@ class RobustAmoError(Exception):
 
 
 class ConfigError(RobustAmoError, ValueError):
-    """A config key or value is unknown or has the wrong type."""
+    """A config key or value is unknown or has the wrong type.
+
+    Args:
+        message: one line naming the problem and the fix, in the library's parameter names.
+        params: the parameters the message names (first occurrence of each as a word), so
+            that a front end can say them its own way: the CLI writes ``--step-size`` for
+            ``step_size`` (:func:`robust_amo.cli.common.flag_message`).
+    """
+
+    def __init__(self, message: str, *, params: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.params = tuple(params)
 
 
 class UnknownModelError(RobustAmoError, KeyError):
