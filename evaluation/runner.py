@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robust_amo.checkpoint import atomic_save, read_file
-from robust_amo.config import Norm
+from robust_amo.config import Norm, ThreatModel
 from robust_amo.errors import CheckpointError, RobustAmoError
 from robust_amo.runtime import amp_factory
 
@@ -216,7 +216,7 @@ def large_eps_accuracy(
     device = torch.device(device)
     x, y = x[:n_max], y[:n_max]
     eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
-    settings = PGDSettings(eps, 2.5 * eps / 20, 20, 1, norm, seed=seed)
+    settings = PGDSettings(ThreatModel(norm, eps, 2.5 * eps / 20, 20), seed=seed)
     robust = 0
     for sl in chunks(len(y), batch_size):
         r = pgd_robust(model, x[sl].to(device), y[sl].to(device), torch.arange(sl.start, sl.stop),

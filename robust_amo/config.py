@@ -71,7 +71,7 @@ def parse_float(value: Any, key: str = "value") -> float:
             ``inf`` and ``nan``, as numbers or as strings.
     """
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {value!r}", params=(key,))
     out: float | None = None
     try:
         if isinstance(value, (int, float)):
@@ -89,10 +89,12 @@ def parse_float(value: Any, key: str = "value") -> float:
     except (ValueError, ZeroDivisionError):
         out = None
     if out is None:
-        raise ConfigError(f"{key}: expected a number such as 0.1, 2e-4 or 8/255, got {value!r}")
+        raise ConfigError(f"{key}: expected a number such as 0.1, 2e-4 or 8/255, got {value!r}",
+                          params=(key,))
     if not math.isfinite(out):
         raise ConfigError(f"{key}: {value!r} is not a finite number (floats must be finite, "
-                          "below about 1.8e308); use a value such as 0.1, 2e-4 or 8/255")
+                          "below about 1.8e308); use a value such as 0.1, 2e-4 or 8/255",
+                          params=(key,))
     return out
 
 
@@ -112,10 +114,10 @@ def check_int(key: str, value: int) -> int:
     if key.rsplit(".", 1)[-1].endswith("seed"):
         if not 0 <= value <= SEED_MAX:
             raise ConfigError(f"{key}: {value} is out of range; a seed is an integer with "
-                              "0 <= seed < 2**63 (9223372036854775808)")
+                              "0 <= seed < 2**63 (9223372036854775808)", params=(key,))
     elif not INT_MIN <= value <= INT_MAX:
         raise ConfigError(f"{key}: {value} does not fit in 64 bits; use an integer with "
-                          f"|{key}| < 2**63")
+                          f"|{key}| < 2**63", params=(key,))
     return value
 
 
