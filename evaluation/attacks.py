@@ -265,8 +265,9 @@ def _pgd(name: str, opts: EvalOptions) -> EvalAttack | None:
         return None
     steps = int(m.group(1))
     if steps < 1:
-        raise ConfigError(f"attacks {name}: PGD needs at least one step (pgd1, pgd20, ...); "
-                          "`clean` is the accuracy without an attack", params=("attacks",))
+        # parse_attack puts the name in front
+        raise ConfigError("PGD needs at least one step (pgd1, pgd20, ...); `clean` is the "
+                          "accuracy without an attack")
     restarts = opts.restarts if opts.restarts is not None else PGD_DEFAULT_RESTARTS.get(steps, 1)
     return PGDAttack(name, PGDSettings(opts.threat.replace(steps=steps), restarts, opts.seed))
 
