@@ -68,20 +68,20 @@ class EvalState:
         if path is None or not path.exists():
             return
         if not resume:
-            log.info("ignoring the earlier evaluation state %s (no --resume)", path)
+            log.info("ignoring the earlier evaluation state %s (resume not asked for)", path)
             return
         try:
             old = read_file(path)
         except CheckpointError as e:
             raise CheckpointError(f"evaluation state {path} is unreadable ({e}); delete it and "
-                                  "run again without --resume") from None
+                                  "run again without resume", params=("resume",)) from None
         if not isinstance(old, dict) or old.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path} is not an evaluation state file; delete it")
         if old.get("fingerprint") != fingerprint:
             raise RobustAmoError(
                 f"evaluation state {path} was written for another model, data or batch size "
-                f"({old.get('fingerprint')} vs {fingerprint}); run without --resume to start "
-                "afresh, or use another --out")
+                f"({old.get('fingerprint')} vs {fingerprint}); run without resume to start "
+                "afresh, or use another out", params=("resume", "out"))
         self.data = old
         log.info("resuming the evaluation from %s", path)
 
