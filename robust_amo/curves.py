@@ -1,5 +1,6 @@
-"""Pictures of runs: training curves from metrics.jsonl (``robust-amo plot``, RUN/curves.png)
-and the per-restart robust accuracy of an evaluation (beside its report).
+"""Pictures of runs: training curves from metrics.jsonl (``robust-amo plot``, RUN/curves.png),
+and the pyplot helpers the evaluation's restart picture uses
+(:func:`robust_amo.evaluation.report.restarts_figure`).
 
 The figures are built and returned before they are saved, so tests can inspect them (how many
 lines, which labels). matplotlib is imported when a picture is drawn (it is heavy), with the
