@@ -112,8 +112,8 @@ class CheckpointRequest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):  # noqa: ANN206 - the subclass
-        """The request of :meth:`to_dict`'s output.
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """The request (of the class it is called on) from :meth:`to_dict`'s output.
 
         Raises:
             ConfigError: a key that is not a field.
