@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust_amo.config import AttackLoss, Norm
+from robust_amo.config import AttackLoss, Norm, ThreatModel
 from robust_amo.runtime import eval_mode
 
-from .core import check_threat_model, random_start
+from .core import random_start
 
 
 class Attack:
@@ -47,21 +47,42 @@ class InputAttack(Attack):
 
     Args:
         model, generator: see :class:`Attack`.
-        eps: radius in pixel units. step_size: α. steps: iterations.
-        norm: ``"linf"`` or ``"l2"``. random_start: start from a uniform point of the ball.
-        loss: ``"ce"`` or ``"cw"``, the per-example loss ascended.
+        threat: the :class:`~robust_amo.config.ThreatModel` (norm, eps, step size, steps,
+            random start, loss), validated when it was built.
 
-    Raises:
-        ConfigError: a value outside its closed set or range (a ValueError).
+    Attributes:
+        threat: as given; ``eps``, ``step_size``, ``steps``, ``norm``, ``random_start`` and
+            ``loss`` read its fields.
     """
 
-    def __init__(self, model: nn.Module, eps: float, step_size: float, steps: int, norm: Norm,
-                 random_start: bool, loss: AttackLoss,
+    def __init__(self, model: nn.Module, threat: ThreatModel,
                  generator: torch.Generator | None = None) -> None:
-        check_threat_model(eps, step_size, steps, norm, loss)
         super().__init__(model, generator)
-        self.eps, self.step_size, self.steps = float(eps), float(step_size), int(steps)
-        self.norm, self.random_start, self.loss = norm, random_start, loss
+        self.threat = threat
+
+    @property
+    def eps(self) -> float:  # noqa: D102
+        return self.threat.eps
+
+    @property
+    def step_size(self) -> float:  # noqa: D102
+        return self.threat.step_size
+
+    @property
+    def steps(self) -> int:  # noqa: D102
+        return self.threat.steps
+
+    @property
+    def norm(self) -> Norm:  # noqa: D102
+        return self.threat.norm
+
+    @property
+    def random_start(self) -> bool:  # noqa: D102
+        return self.threat.random_start
+
+    @property
+    def loss(self) -> AttackLoss:  # noqa: D102
+        return self.threat.loss
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
         """x_0: a random point of the eps-ball from the attack's generator, or a copy of x."""

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_amo.config import AttackLoss, Norm, check_choice
-from robust_amo.errors import ConfigError
 from robust_amo.runtime import to_device
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -174,13 +173,3 @@ def pgd_iteration(
     x_next = step(x_adv.detach(), grads[0])
     return Iterate(x_next, loss.detach(), None if logits is None else logits.detach(),
                    tuple(grads[1:]))
-
-
-def check_threat_model(eps: float, step_size: float, steps: int, norm: Norm,
-                       loss: AttackLoss) -> None:
-    """Validate an attack's hyperparameters (ConfigError, a ValueError, naming the bad one)."""
-    check_choice("norm", norm, Norm)
-    check_choice("loss", loss, AttackLoss)
-    if not (eps >= 0 and step_size >= 0 and steps >= 0):
-        raise ConfigError("an attack needs eps >= 0, step_size >= 0 and steps >= 0, got "
-                          f"eps={eps}, step_size={step_size}, steps={steps}")

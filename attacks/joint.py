@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robust_amo.config import AttackLoss, DeltaGrad, Norm, check_choice
+from robust_amo.config import AllLayerOptions, AttackLoss, DeltaGrad, Norm, ThreatModel
 from robust_amo.distributed import global_batch
 from robust_amo.errors import ConfigError
 from robust_amo.perturb import delta_step, perturb
@@ -61,11 +61,24 @@ class RobustAMOAttack(InputAttack):
         eta_delta: float = 6.4e-3,
         delta_grad: DeltaGrad = "mean",
     ) -> None:
-        check_choice("delta_grad", delta_grad, DeltaGrad)
-        if not (rho >= 0 and eta_delta >= 0):
-            raise ConfigError(f"robust AMO needs rho, eta_delta >= 0, got {rho}, {eta_delta}")
-        super().__init__(model, eps, step_size, steps, norm, random_start, loss, generator)
-        self.rho, self.eta_delta, self.delta_grad = float(rho), float(eta_delta), delta_grad
+        self._setup(model, ThreatModel(norm, eps, step_size, steps, random_start, loss),
+                    AllLayerOptions(rho, eta_delta, delta_grad), generator)
+
+    @classmethod
+    def from_threat(cls, model: nn.Module, threat: ThreatModel,
+                    options: AllLayerOptions | None = None,
+                    generator: torch.Generator | None = None) -> RobustAMOAttack:
+        """The joint attack of a threat model and δ options (default :class:`AllLayerOptions`).
+
+        Args:
+            model: a registered model (declares ``perturbation_points()``), inputs in [0, 1].
+            threat: the input attack's norm, eps, step size, steps, random start and loss.
+            options: ρ, η_δ and ``delta_grad``.
+            generator: source of the random start (default: a CPU generator seeded 0).
+        """
+        attack = cls.__new__(cls)
+        attack._setup(model, threat, options or AllLayerOptions(), generator)
+        return attack
 
     @classmethod
     def from_pgd(
@@ -82,8 +95,15 @@ class RobustAMOAttack(InputAttack):
         """
         if pgd.restarts != 1 or pgd.early_stop:
             raise ConfigError("robust AMO trains on one PGD run: restarts=1, early_stop=False")
-        return cls(pgd.model, pgd.eps, pgd.step_size, pgd.steps, pgd.norm, pgd.random_start,
-                   pgd.loss, pgd.generator, rho, eta_delta, delta_grad)
+        return cls.from_threat(pgd.model, pgd.threat, AllLayerOptions(rho, eta_delta, delta_grad),
+                               pgd.generator)
+
+    def _setup(self, model: nn.Module, threat: ThreatModel, options: AllLayerOptions,
+               generator: torch.Generator | None) -> None:
+        InputAttack.__init__(self, model, threat, generator)
+        self.options = options
+        self.rho, self.eta_delta, self.delta_grad = options.rho, options.eta_delta, \
+            options.delta_grad
 
     def __repr__(self) -> str:
         return (f"RobustAMOAttack(norm={self.norm}, eps={self.eps:.5g}, steps={self.steps}, "

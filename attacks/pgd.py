@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from robust_amo.config import AttackLoss, Norm
+from robust_amo.config import AttackLoss, Norm, ThreatModel
 from robust_amo.errors import ConfigError
 from robust_amo.runtime import eval_mode
 
@@ -83,9 +83,33 @@ class PGD(InputAttack):
         generator: torch.Generator | None = None,
         early_stop: bool = False,
     ) -> None:
+        self._setup(model, ThreatModel(norm, eps, step_size, steps, random_start, loss),
+                    restarts, generator, early_stop)
+
+    @classmethod
+    def from_threat(cls, model: nn.Module, threat: ThreatModel, *, restarts: int = 1,
+                    generator: torch.Generator | None = None, early_stop: bool = False) -> PGD:
+        """The PGD of a :class:`~robust_amo.config.ThreatModel` (what the trainer, the
+        evaluation and the margins hold); the keyword constructor builds one from its numbers.
+
+        Args:
+            model: classifier returning logits for inputs in [0, 1].
+            threat: norm, eps, step size, steps, random start and loss.
+            restarts, generator, early_stop: as in the constructor.
+
+        Raises:
+            ConfigError: ``restarts < 1``.
+        """
+        attack = cls.__new__(cls)
+        attack._setup(model, threat, restarts, generator, early_stop)
+        return attack
+
+    def _setup(self, model: nn.Module, threat: ThreatModel, restarts: int,
+               generator: torch.Generator | None, early_stop: bool) -> None:
         if restarts < 1:
-            raise ConfigError(f"PGD needs restarts >= 1, got {restarts}")
-        super().__init__(model, eps, step_size, steps, norm, random_start, loss, generator)
+            raise ConfigError(f"restarts must be >= 1 for PGD, got {restarts}",
+                              params=("restarts",))
+        InputAttack.__init__(self, model, threat, generator)
         self.restarts, self.early_stop = restarts, early_stop
 
     def __repr__(self) -> str:

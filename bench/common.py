@@ -119,7 +119,7 @@ class NativeTrainer:
         self.device = device
         cfg = TrainConfig(arch=args.arch, method="pgd", batch_size=args.batch_size,
                           bf16=not args.no_bf16)
-        cfg.attack.eps, cfg.attack.step_size, cfg.attack.steps = args.eps, args.step_size, steps
+        cfg.attack = cfg.attack.replace(eps=args.eps, step_size=args.step_size, steps=steps)
         self.net = model if model is not None else make_model(args, device)
         self.channels_last = device.type == "cuda"
         if self.channels_last:

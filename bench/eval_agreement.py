@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from bench.common import ZeroOneDataset, best_time, chunks, cuda_noop_patch, fraction
-from robust_amo.config import parse_float
+from robust_amo.config import ThreatModel, parse_float
 from robust_amo.evaluation import PGDSettings, load_eval_data, load_model, pgd_robust
 from robust_amo.runtime import resolve_device
 
@@ -57,8 +57,9 @@ def _attacker(model, x, s: PGDSettings, restarts):
 
     # identity normaliser: our models normalise their input themselves
     am = AttackerModel(model, ZeroOneDataset(x.shape[1])).to(x.device).eval()
-    kw = dict(constraint="inf" if s.norm == "linf" else "2", eps=s.eps, step_size=s.step_size,
-              iterations=s.steps, random_start=True, random_restarts=restarts, use_best=True,
+    t = s.threat
+    kw = dict(constraint="inf" if t.norm == "linf" else "2", eps=t.eps, step_size=t.step_size,
+              iterations=t.steps, random_start=True, random_restarts=restarts, use_best=True,
               should_normalize=False)
     return am, kw
 
@@ -94,11 +95,12 @@ def run_robustness_looped(model, x, y, s: PGDSettings, bs: int,
 def run_torchattacks(model, x, y, s: PGDSettings, bs: int, clean: torch.Tensor) -> torch.Tensor:
     import torchattacks
 
-    if s.norm == "linf":
-        atk = torchattacks.PGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps,
+    t = s.threat
+    if t.norm == "linf":
+        atk = torchattacks.PGD(model, eps=t.eps, alpha=t.step_size, steps=t.steps,
                                random_start=True)
     else:
-        atk = torchattacks.PGDL2(model, eps=s.eps, alpha=s.step_size, steps=s.steps,
+        atk = torchattacks.PGDL2(model, eps=t.eps, alpha=t.step_size, steps=t.steps,
                                  random_start=True)
     torch.manual_seed(s.seed)  # torchattacks draws its starts from the global RNG
     robust = clean.clone()
@@ -139,7 +141,7 @@ def main() -> None:
     eps = a.eps if a.eps is not None else parse_float(att.get("eps", 8 / 255), "attack.eps")
     norm = a.norm or att.get("norm", "linf")
     step = a.step_size if a.step_size is not None else eps / 4
-    s = PGDSettings(eps, step, a.steps, a.restarts, norm, seed=a.seed)
+    s = PGDSettings(ThreatModel(norm, eps, step, a.steps), a.restarts, seed=a.seed)
     with torch.no_grad():
         clean = model(x).argmax(1) == y
 

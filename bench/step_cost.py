@@ -129,10 +129,8 @@ def _setup(args: Settings, name: str):
         x = x.contiguous(memory_format=torch.channels_last)
     method, margs, fused = ALL_METHODS[name]
     cfg = TrainConfig(arch=args.arch, method=method, method_args=dict(margs))
-    cfg.attack.steps = args.pgd_steps
-    a = cfg.attack
-    attack = PGD(model, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss,
-                 torch.Generator().manual_seed(2))
+    cfg.attack = cfg.attack.replace(steps=args.pgd_steps)
+    attack = PGD.from_threat(model, cfg.attack, generator=torch.Generator().manual_seed(2))
     objective = build_objective(cfg, attack)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     amp = (torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and args.cpu_bf16

@@ -1,5 +1,9 @@
 """Robustness evaluation (``robust_amo.evaluation``): PGD-K × R, AutoAttack, reports.
 
+One call: :func:`evaluate` (any ``nn.Module``), :func:`evaluate_checkpoint` (an
+:class:`EvalRequest`: what ``robust-amo eval`` runs) and :func:`measure_checkpoint` (margins),
+each returning a typed result (:class:`Report`); :mod:`.api`.
+
 The per-example evaluators take tensors and return boolean masks (:func:`pgd_robust`,
 :func:`autoattack_robust`); the registry of evaluation attacks (:mod:`.attacks`) names what
 ``--attack`` can run; :func:`evaluate_attacks` runs a list of them chunk by chunk with a
@@ -8,13 +12,26 @@ writes the report; :func:`load_for_analysis` turns any checkpoint into model + e
 model. ``robust-amo eval`` is :mod:`robust_amo.cli.eval`. Protocol: docs/evaluation.md.
 """
 
+from robust_amo.config import ThreatModel
+
+from .api import (
+    CheckpointRequest,
+    EvalRequest,
+    MarginsRequest,
+    evaluate,
+    evaluate_checkpoint,
+    measure_checkpoint,
+    run_evaluation,
+)
 from .attacks import (
     EVAL_ATTACKS,
+    EVAL_STEP_FRACTION,
     AutoAttackEval,
     CleanAccuracy,
     EvalAttack,
     EvalOptions,
     PGDAttack,
+    eval_step_size,
     parse_attack,
     register_eval_attack,
 )
@@ -22,7 +39,6 @@ from .autoattack_adapter import AutoAttackResult, AutoAttackSettings, autoattack
 from .loading import (
     Analysis,
     EvalData,
-    ThreatModel,
     load_eval_data,
     load_external,
     load_for_analysis,
@@ -31,12 +47,20 @@ from .loading import (
 )
 from .outcome import AttackOutcome, summarize
 from .pgd_eval import PGDResult, PGDSettings, pgd_robust
+from .report import AttackReport, Report, SanityCheck
 from .runner import evaluate_attacks, large_eps_accuracy, model_digest
 
 __all__ = [
     "EVAL_ATTACKS",
+    "EVAL_STEP_FRACTION",
     "Analysis",
     "AttackOutcome",
+    "AttackReport",
+    "CheckpointRequest",
+    "EvalRequest",
+    "MarginsRequest",
+    "Report",
+    "SanityCheck",
     "AutoAttackEval",
     "AutoAttackResult",
     "AutoAttackSettings",
@@ -49,16 +73,21 @@ __all__ = [
     "PGDSettings",
     "ThreatModel",
     "autoattack_robust",
+    "eval_step_size",
+    "evaluate",
     "evaluate_attacks",
+    "evaluate_checkpoint",
     "large_eps_accuracy",
     "load_eval_data",
     "load_external",
     "load_for_analysis",
     "load_model",
+    "measure_checkpoint",
     "model_digest",
     "parse_attack",
     "pgd_robust",
     "register_eval_attack",
+    "run_evaluation",
     "summarize",
     "threat_model",
 ]

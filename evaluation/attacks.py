@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robust_amo.config import AttackLoss, Norm
+from robust_amo.config import AttackLoss, Norm, ThreatModel
 from robust_amo.errors import ConfigError
 from robust_amo.runtime import Amp, eval_mode
 
@@ -34,29 +34,59 @@ SavePartial = Callable[[dict[str, Any]], None]
 """Called with a chunk's partial entry after each finished sub-step (AutoAttack's attacks)."""
 
 
+EVAL_STEP_FRACTION = 0.25
+"""The evaluation PGD's default step as a fraction of eps: eps / 4 (2/255 at 8/255)."""
+
+
+def eval_step_size(eps: float, step_size: float | None = None) -> float:
+    """The step of an evaluation PGD: ``step_size`` when given, else ``eps · EVAL_STEP_FRACTION``.
+
+    The one default of ``robust-amo eval`` and :func:`robust_amo.evaluate`: it never takes the
+    training attack's step, so one eps gives one attack whatever the checkpoint. (The margins'
+    PGD neighbourhood is the training attack's, so ``margins`` keeps the training step:
+    :func:`robust_amo.evaluation.threat_model`; docs/evaluation.md, "Step size".)
+    """
+    return float(step_size) if step_size is not None else eps * EVAL_STEP_FRACTION
+
+
 @dataclass(frozen=True)
 class EvalOptions:
-    """The ``robust-amo eval`` options every attack may read.
+    """The evaluation options every attack may read.
 
     Attributes:
-        eps: radius of the threat model in [0, 1] pixel units.
-        norm: ``"linf"`` or ``"l2"``.
-        step_size: PGD step (None: eps / 4, i.e. 2/255 at 8/255).
+        threat: norm, eps, PGD step (already resolved by :func:`eval_step_size`) and loss; its
+            ``steps`` is replaced by each PGD's own (``pgd20``: 20).
         restarts: PGD restarts (None: the attack's default, 10 for pgd50, else 1).
-        loss: PGD loss, ``"ce"`` or ``"cw"``.
         seed: seed of the random starts (PGD) and of AutoAttack.
         aa_attacks: the attacks of ``autoattack-custom``.
         aa_backend: ``"autoattack"``, ``"pyautoattack"`` or None (the first installed).
     """
 
-    eps: float
-    norm: Norm = "linf"
-    step_size: float | None = None
+    threat: ThreatModel
     restarts: int | None = None
-    loss: AttackLoss = "ce"
     seed: int = 0
     aa_attacks: tuple[str, ...] = ()
     aa_backend: str | None = None
+
+    @property
+    def eps(self) -> float:
+        """The threat model's radius (what most registered attacks read)."""
+        return self.threat.eps
+
+    @property
+    def norm(self) -> Norm:
+        """The threat model's norm."""
+        return self.threat.norm
+
+    @property
+    def step_size(self) -> float:
+        """The PGD step, already resolved by :func:`eval_step_size`."""
+        return self.threat.step_size
+
+    @property
+    def loss(self) -> AttackLoss:
+        """The PGD loss."""
+        return self.threat.loss
 
 
 class EvalAttack:
@@ -208,15 +238,16 @@ def parse_attack(name: str, *, eps: float, norm: Norm = "linf", step_size: float
         ConfigError: an unknown name or bad values.
     """
     key = name.strip().lower()
-    opts = EvalOptions(eps, norm, step_size, restarts, loss, seed, tuple(aa_attacks), aa_backend)
+    threat = ThreatModel(norm, eps, eval_step_size(eps, step_size), loss=loss)
+    opts = EvalOptions(threat, restarts, seed, tuple(aa_attacks), aa_backend)
     for entry in EVAL_ATTACKS.values():
         try:
             attack = entry.parse(key, opts)
         except ValueError as e:  # the settings' own checks (ConfigError is one too)
-            raise ConfigError(f"--attack {name}: {e}") from None
+            raise ConfigError(f"attacks {name}: {e}", params=("attacks",)) from None
         if attack is not None:
             return attack
-    raise ConfigError(f"unknown attack {name!r}; use {attack_usage()}")
+    raise ConfigError(f"unknown attack {name!r}; use {attack_usage()}", params=("attacks",))
 
 
 @register_eval_attack("clean", "accuracy without attack (always reported)")
@@ -234,12 +265,11 @@ def _pgd(name: str, opts: EvalOptions) -> EvalAttack | None:
         return None
     steps = int(m.group(1))
     if steps < 1:
-        raise ConfigError(f"--attack {name}: PGD needs at least one step (pgd1, pgd20, ...); "
-                          "`clean` is the accuracy without an attack")
+        # parse_attack puts the name in front
+        raise ConfigError("PGD needs at least one step (pgd1, pgd20, ...); `clean` is the "
+                          "accuracy without an attack")
     restarts = opts.restarts if opts.restarts is not None else PGD_DEFAULT_RESTARTS.get(steps, 1)
-    alpha = opts.step_size if opts.step_size is not None else opts.eps / 4
-    return PGDAttack(name, PGDSettings(opts.eps, alpha, steps, restarts, opts.norm, opts.loss,
-                                       seed=opts.seed))
+    return PGDAttack(name, PGDSettings(opts.threat.replace(steps=steps), restarts, opts.seed))
 
 
 AA_VERSIONS = {"autoattack": "standard", "autoattack-plus": "plus", "autoattack-rand": "rand",
@@ -253,5 +283,5 @@ def _autoattack(name: str, opts: EvalOptions) -> EvalAttack | None:
     if version is None:
         return None
     attacks = opts.aa_attacks if version == "custom" else ()
-    return AutoAttackEval(name, AutoAttackSettings(opts.eps, opts.norm, version, attacks,
-                                                   opts.seed, opts.aa_backend))
+    return AutoAttackEval(name, AutoAttackSettings(opts.threat.eps, opts.threat.norm, version,
+                                                   attacks, opts.seed, opts.aa_backend))

@@ -85,7 +85,8 @@ class AutoAttackSettings:
             if not self.attacks or bad:
                 raise RobustAmoError(
                     f"AutoAttack custom version needs a list of attacks from {', '.join(ATTACKS)}"
-                    f" (e.g. --aa-attacks apgd-ce,square); got {list(self.attacks)}")
+                    f" (e.g. aa_attacks apgd-ce,square); got {list(self.attacks)}",
+                    params=("aa_attacks",))
         elif self.attacks:
             raise RobustAmoError(f"AutoAttack version {self.version!r} fixes its attacks; use "
                                  "the custom version to choose them")

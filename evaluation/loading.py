@@ -23,7 +23,7 @@ from robust_amo.checkpoint import (
     model_from_checkpoint,
     resolve_path,
 )
-from robust_amo.config import AttackLoss, Norm, SplitName, check_choice, parse_float
+from robust_amo.config import Norm, SplitName, ThreatModel, check_choice, parse_float
 from robust_amo.data import check_split_version, dataset_info, load_dataset, training_splits
 from robust_amo.errors import CheckpointError, ConfigError, DataError
 from robust_amo.models import build_external, normalize_name
@@ -65,9 +65,9 @@ def load_model(
                            unsafe_load=unsafe_load)
     if arch is not None and normalize_name(arch) != normalize_name(str(ckpt.get("arch"))):
         raise ConfigError(
-            f"--arch {arch} disagrees with the checkpoint, which records arch "
-            f"{ckpt.get('arch')}; drop --arch (it is only needed for robustness checkpoints "
-            "that record none)"
+            f"arch {arch} disagrees with the checkpoint, which records arch "
+            f"{ckpt.get('arch')}; drop arch (it is only needed for robustness checkpoints "
+            "that record none)", params=("arch",)
         )
     model = model_from_checkpoint(ckpt).to(device).eval()
     file = resolve_path(p, which)
@@ -120,7 +120,8 @@ def load_external(
         CheckpointError: weights that are unreadable or do not fit.
     """
     if not dataset:
-        raise ConfigError("--model needs --dataset (the data it was trained for)")
+        raise ConfigError("model needs dataset (the data it was trained for)",
+                          params=("model", "dataset"))
     side = int(input_shape[-1]) if input_shape is not None else None
     info = dataset_info(dataset, data_dir, side)
     shape = list(input_shape) if input_shape is not None else list(info.input_shape)
@@ -172,7 +173,7 @@ def load_eval_data(
     name = dataset or meta.get("dataset") or cfg.get("dataset")
     if not name:
         raise DataError("the checkpoint does not say which dataset it was trained on; pass "
-                        "--dataset (and --data-dir)")
+                        "dataset (and data_dir)", params=("dataset", "data_dir"))
     root = data_dir if data_dir is not None else data_cfg.get("data_dir")
     size = data_cfg.get("image_size") or _side(meta)
     _check_fits(meta, name, root, size)  # before reading any file: the dataset's facts suffice
@@ -214,26 +215,12 @@ def _check_fits(meta: dict[str, Any], name: str, root: str | Path | None = None,
     if shape is not None and tuple(info.input_shape) != tuple(shape):
         raise CheckpointError(
             f"the model expects inputs of shape {tuple(shape)} but {name} images have shape "
-            f"{tuple(info.input_shape)}; pass the --dataset it was trained on")
+            f"{tuple(info.input_shape)}; pass the dataset it was trained on",
+            params=("dataset",))
     if meta.get("num_classes") not in (None, info.num_classes):
         raise CheckpointError(f"the model has {meta['num_classes']} classes but {name} has "
-                              f"{info.num_classes}; pass the --dataset it was trained on")
-
-
-@dataclass(frozen=True)
-class ThreatModel:
-    """The attack settings an analysis uses, from the options and the training attack.
-
-    Attributes:
-        eps: radius in [0, 1] pixel units. norm: ``"linf"`` or ``"l2"``.
-        step_size: the step given, else the training attack's, else eps / 4.
-        loss: the training attack's loss (``"ce"`` unless it used ``"cw"``).
-    """
-
-    eps: float
-    norm: Norm
-    step_size: float
-    loss: AttackLoss
+                              f"{info.num_classes}; pass the dataset it was trained on",
+                              params=("dataset",))
 
 
 def threat_model(
@@ -243,26 +230,32 @@ def threat_model(
     norm: Norm | None = None,
     step_size: str | float | None = None,
 ) -> ThreatModel:
-    """Resolve the threat model: each value given wins, else the checkpoint's training attack.
+    """The threat model of an analysis: each value given wins, else the checkpoint's training
+    attack (its norm, eps, step size, steps and loss; random start on).
+
+    The step size defaults to the training attack's, else eps / 4: the PGD neighbourhood of
+    ``margins``. An evaluation takes its own default instead
+    (:func:`robust_amo.evaluation.attacks.eval_step_size`).
 
     Raises:
-        ConfigError: a bad number, or a norm other than the training norm without an eps.
+        ConfigError: a bad number, a step size given as 0, or a norm other than the training
+            norm without an eps.
     """
     train_attack = (meta.get("config") or {}).get("attack") or {}
     train_norm = train_attack.get("norm", "linf")
-    e = parse_float(eps if eps is not None else train_attack.get("eps", 8 / 255), "--eps")
+    e = parse_float(eps if eps is not None else train_attack.get("eps", 8 / 255), "eps")
     n = norm or train_norm
     if eps is None and n != train_norm:
-        raise ConfigError(f"--norm {n} differs from the training norm {train_norm}: give --eps "
-                          "for it too")
+        raise ConfigError(f"norm {n} differs from the training norm {train_norm}: give eps "
+                          "for it too", params=("norm", "eps"))
     if step_size is not None:
-        step = parse_float(step_size, "--step-size")
+        step = parse_float(step_size, "step_size")
+        if not step > 0:
+            raise ConfigError(f"step_size must be > 0, got {step}", params=("step_size",))
     else:
         step = float(train_attack.get("step_size", e / 4))
-    if not (0 <= e < float("inf")) or not (step > 0 if step_size is not None else step >= 0):
-        raise ConfigError(f"--eps must be a finite number >= 0 and --step-size > 0, got {e} "
-                          f"and {step}")
-    return ThreatModel(e, n, step, train_attack.get("loss", "ce"))
+    return ThreatModel(n, e, step, int(train_attack.get("steps", 10)), True,
+                       train_attack.get("loss", "ce"))
 
 
 @dataclass
@@ -304,8 +297,9 @@ def load_for_analysis(
     """
     if external is not None:
         if eps is None:
-            raise ConfigError("--model needs --eps (the radius to evaluate, e.g. 8/255): a "
-                              "model of your own records no training attack")
+            raise ConfigError("model needs eps (the radius to evaluate, e.g. 8/255): a "
+                              "model of your own records no training attack",
+                              params=("model", "eps"))
         model, meta = load_external(dataset=dataset, data_dir=data_dir, device=device,
                                     unsafe_load=unsafe_load, **external)
     else:
@@ -318,7 +312,7 @@ def load_for_analysis(
     if recorded is not None and list(recorded) != list(data.x.shape[1:]):
         raise CheckpointError(
             f"the checkpoint's model takes inputs of shape {tuple(recorded)}, but "
-            f"{data.dataset} examples have shape {tuple(data.x.shape[1:])}; evaluate it on the "
-            "dataset it was trained on (--dataset)"
+            f"{data.dataset} examples have shape {tuple(data.x.shape[1:])}; pass the dataset "
+            "it was trained on", params=("dataset",)
         )
     return Analysis(model, meta, data, threat)

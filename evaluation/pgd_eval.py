@@ -19,53 +19,48 @@ kernels).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from robust_amo.attacks import PGD, random_start
-from robust_amo.attacks.core import check_threat_model
-from robust_amo.config import AttackLoss, Norm
+from robust_amo.config import ThreatModel
+from robust_amo.errors import ConfigError
 from robust_amo.runtime import Amp, derive_seed, eval_mode
 
 
 @dataclass(frozen=True)
 class PGDSettings:
-    """Hyperparameters of one PGD evaluation.
+    """Hyperparameters of one PGD evaluation: a threat model plus restarts and seed.
 
     Attributes:
-        eps: radius of the threat model in [0, 1] pixel units (8/255 for CIFAR-10).
-        step_size: α per step (default in the CLI: eps / 4, i.e. 2/255 at 8/255).
-        steps: iterations per restart (50 for PGD-50).
-        restarts: random restarts (10 for PGD-50 × 10).
-        norm: ``"linf"`` or ``"l2"``.
-        loss: ``"ce"`` (cross-entropy) or ``"cw"`` (margin).
-        random_start: start from a uniform point of the ball (default True).
-        seed: base seed of the per-example starts.
+        threat: norm, eps (8/255 for CIFAR-10), step size (the evaluation's default:
+            :func:`robust_amo.evaluation.attacks.eval_step_size`), steps (50 for PGD-50), random
+            start and loss (``"ce"`` or ``"cw"``).
+        restarts: random restarts (10 for PGD-50 × 10; default 1).
+        seed: base seed of the per-example starts (default 0).
         early_exit: run restart r only on the examples still robust (default True); False runs
             every restart on every clean-correct example (same result, more work; for checks).
     """
 
-    eps: float
-    step_size: float
-    steps: int
+    threat: ThreatModel
     restarts: int = 1
-    norm: Norm = "linf"
-    loss: AttackLoss = "ce"
-    random_start: bool = True
     seed: int = 0
     early_exit: bool = True
 
     def __post_init__(self) -> None:
-        check_threat_model(self.eps, self.step_size, self.steps, self.norm, self.loss)
         if self.restarts < 1:
-            raise ValueError(f"PGD evaluation needs restarts >= 1, got {self.restarts}")
+            raise ConfigError(f"restarts must be >= 1 for a PGD evaluation, got {self.restarts}",
+                              params=("restarts",))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for reports and state files."""
-        return asdict(self)
+        """The flat dict of reports and state files (keys of robust-amo-eval/1)."""
+        t = self.threat
+        return {"eps": t.eps, "step_size": t.step_size, "steps": t.steps,
+                "restarts": self.restarts, "norm": t.norm, "loss": t.loss,
+                "random_start": t.random_start, "seed": self.seed, "early_exit": self.early_exit}
 
 
 @dataclass
@@ -99,14 +94,14 @@ def restart_starts(
     Each example's start comes from its own generator, seeded by :func:`example_seed`; the noise
     is drawn on the CPU and moved to x's device in one transfer.
     """
-    if not settings.random_start:
+    if not settings.threat.random_start:
         return x.clone()
     xc = x.detach().float().cpu()
     g = torch.Generator()
     out = torch.empty_like(xc)
     for k, i in enumerate(index.tolist()):
         g.manual_seed(example_seed(settings.seed, int(i), restart))
-        out[k] = random_start(xc[k : k + 1], settings.eps, settings.norm, g)[0]
+        out[k] = random_start(xc[k : k + 1], settings.threat.eps, settings.threat.norm, g)[0]
     return out.to(device=x.device, dtype=x.dtype)
 
 
@@ -138,9 +133,9 @@ def pgd_robust(
     with eval_mode(model):
         with torch.no_grad(), amp():
             clean = model(x).argmax(1) == y
-        attack = PGD(model, settings.eps, settings.step_size, settings.steps, settings.norm,
-                     random_start=False, restarts=settings.restarts, loss=settings.loss,
-                     early_stop=True)
+        # the random starts are drawn per example by `start` below, not by the attack
+        attack = PGD.from_threat(model, settings.threat.replace(random_start=False),
+                                 restarts=settings.restarts, early_stop=True)
 
         def start(active: torch.Tensor, r: int) -> torch.Tensor:
             return restart_starts(x[active], index[active.cpu()], settings, r)

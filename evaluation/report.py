@@ -12,13 +12,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from robust_amo.curves import restarts_figure, save_figure
+from robust_amo.curves import pyplot, save_figure
+from robust_amo.errors import OutputError
 
 from .outcome import AttackOutcome, summarize
 
@@ -31,6 +33,193 @@ REQUIRED_KEYS = (
 ATTACK_KEYS = ("kind", "settings", "robust_accuracy", "n_robust", "curve", "warnings",
                "wall_time_s")
 DEFAULT_TOLERANCE = 0.03
+
+
+@dataclass
+class SanityCheck:
+    """One check against gradient masking (:func:`sanity_checks`).
+
+    Attributes:
+        name: ``robust<=clean``, ``restarts-monotone``, ``more-steps``, ``large-eps``,
+            ``pgd-vs-autoattack`` or ``autoattack-checks``.
+        passed: False flags the evaluation. detail: the figures behind the verdict.
+        attack: the attack it is about, for the per-attack checks (else None).
+    """
+
+    name: str
+    passed: bool
+    detail: str
+    attack: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "passed", ["attack"], "detail"}`` as report.json holds it."""
+        out: dict[str, Any] = {"name": self.name, "passed": self.passed}
+        if self.attack is not None:
+            out["attack"] = self.attack
+        out["detail"] = self.detail
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SanityCheck:
+        """The check of a report.json entry."""
+        return cls(d["name"], bool(d["passed"]), d.get("detail", ""), d.get("attack"))
+
+
+@dataclass
+class AttackReport:
+    """One attack's section of a report (``attacks.NAME``; docs/evaluation.md).
+
+    Attributes:
+        kind: ``clean``, ``pgd`` or ``autoattack``. settings: the attack's settings as run
+            (PGD: eps, step_size, steps, restarts, norm, loss, random_start, seed, early_exit).
+        robust_accuracy: fraction of the examples correct under this attack. n_robust: count.
+        curve: robust accuracy after each restart (PGD: ``restart r``) or AutoAttack attack.
+        warnings: AutoAttack's own checks. wall_time_s: seconds, work before a resume included.
+        resumed_chunks: chunks read back from the state file. backend: package and version
+            that ran it (AutoAttack), else None.
+    """
+
+    kind: str
+    settings: dict[str, Any]
+    robust_accuracy: float
+    n_robust: int
+    curve: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    resumed_chunks: int = 0
+    backend: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as report.json holds it (``backend`` only when set)."""
+        out = {"kind": self.kind, "settings": self.settings,
+               "robust_accuracy": self.robust_accuracy, "n_robust": self.n_robust,
+               "curve": self.curve, "warnings": self.warnings, "wall_time_s": self.wall_time_s,
+               "resumed_chunks": self.resumed_chunks}
+        if self.backend:
+            out["backend"] = self.backend
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttackReport:
+        """The section of a report.json."""
+        return cls(d["kind"], dict(d["settings"]), d["robust_accuracy"], d["n_robust"],
+                   dict(d.get("curve") or {}), list(d.get("warnings") or []),
+                   d.get("wall_time_s", 0.0), d.get("resumed_chunks", 0), d.get("backend"))
+
+
+@dataclass
+class Report:
+    """The result of one evaluation (schema ``robust-amo-eval/1``; docs/evaluation.md).
+
+    :meth:`to_dict` gives report.json, :meth:`from_dict` and :meth:`read` read it back.
+
+    Attributes:
+        dataset, split, data_dir: the examples (the first ``n_examples`` of the split).
+        model: checkpoint and training facts (path, arch, dataset, method, epoch, ...).
+        norm, eps: the threat model.
+        seed: of the random starts. device, precision, bf16: where and how it ran.
+        clean_accuracy: fraction correct without attack.
+        attacks: one :class:`AttackReport` per attack run, in order, ``clean`` first.
+        robust_accuracy, n_robust: per example, the worst case over every attack.
+        sanity_checks: :class:`SanityCheck` list. wall_time_s: of the whole evaluation.
+        versions: Python, torch and the packages that ran it. created: ISO time (UTC).
+        extra: fields of a report.json this version does not know (kept for a round trip).
+    """
+
+    dataset: str
+    split: str
+    n_examples: int
+    model: dict[str, Any]
+    norm: str
+    eps: float
+    seed: int
+    device: str
+    precision: str
+    bf16: bool
+    clean_accuracy: float
+    attacks: dict[str, AttackReport]
+    robust_accuracy: float
+    n_robust: int
+    sanity_checks: list[SanityCheck]
+    wall_time_s: float
+    versions: dict[str, str]
+    created: str
+    data_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sanity_ok(self) -> bool:
+        """Every sanity check passed."""
+        return all(c.passed for c in self.sanity_checks)
+
+    @property
+    def threat_model(self) -> dict[str, Any]:
+        """``{"norm", "eps"}`` as report.json holds it."""
+        return {"norm": self.norm, "eps": self.eps}
+
+    def robust_accuracies(self) -> dict[str, float]:
+        """Robust accuracy of each attack but ``clean``, by name."""
+        return {k: a.robust_accuracy for k, a in self.attacks.items() if a.kind != "clean"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json: the documented keys, in their order."""
+        out = {
+            "schema": SCHEMA, "created": self.created, "dataset": self.dataset,
+            "data_dir": self.data_dir, "split": self.split, "n_examples": self.n_examples,
+            "model": self.model, "threat_model": self.threat_model, "seed": self.seed,
+            "device": self.device, "precision": self.precision, "bf16": self.bf16,
+            "clean_accuracy": self.clean_accuracy,
+            "attacks": {k: a.to_dict() for k, a in self.attacks.items()},
+            "robust_accuracy": self.robust_accuracy, "n_robust": self.n_robust,
+            "sanity_checks": [c.to_dict() for c in self.sanity_checks],
+            "sanity_ok": self.sanity_ok, "wall_time_s": self.wall_time_s,
+            "versions": self.versions,
+        }
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        """The report of a report.json document.
+
+        Raises:
+            ValueError: a missing field or another schema (:func:`validate_report`).
+        """
+        validate_report(d)
+        known = {"schema", "created", "dataset", "data_dir", "split", "n_examples", "model",
+                 "threat_model", "seed", "device", "precision", "bf16", "clean_accuracy",
+                 "attacks", "robust_accuracy", "n_robust", "sanity_checks", "sanity_ok",
+                 "wall_time_s", "versions"}
+        attacks = {k: AttackReport.from_dict(a) for k, a in d["attacks"].items()}
+        worst = d.get("n_robust")
+        if worst is None:
+            worst = round(d["robust_accuracy"] * d["n_examples"])
+        return cls(
+            dataset=d["dataset"], split=d["split"], n_examples=d["n_examples"],
+            model=dict(d["model"]), norm=d["threat_model"]["norm"],
+            eps=d["threat_model"]["eps"], seed=d["seed"], device=d["device"],
+            precision=d["precision"], bf16=bool(d.get("bf16", False)),
+            clean_accuracy=d["clean_accuracy"], attacks=attacks,
+            robust_accuracy=d["robust_accuracy"], n_robust=int(worst),
+            sanity_checks=[SanityCheck.from_dict(c) for c in d["sanity_checks"]],
+            wall_time_s=d["wall_time_s"], versions=dict(d["versions"]), created=d["created"],
+            data_dir=d.get("data_dir"), extra={k: v for k, v in d.items() if k not in known})
+
+    @classmethod
+    def read(cls, path: str | Path) -> Report:
+        """The report in a report.json file.
+
+        Raises:
+            OutputError: the file is missing, not JSON, or not a robust-amo-eval/1 report.
+        """
+        p = Path(path)
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except OSError as e:
+            raise OutputError(f"cannot read report {p} ({e.strerror or e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OutputError(f"{p} is not a robust-amo-eval/1 report ({e}); write it again "
+                              "with robust-amo eval") from None
 
 
 def package_versions() -> dict[str, str]:
@@ -50,8 +239,8 @@ def sanity_checks(
     *,
     large_eps: tuple[float, float] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
-) -> list[dict[str, Any]]:
-    """Checks against gradient masking; each ``{"name", "passed", "detail"}``.
+) -> list[SanityCheck]:
+    """Checks against gradient masking, each a :class:`SanityCheck`.
 
     - ``robust<=clean``: no attack has higher accuracy than the clean model.
     - ``restarts-monotone``: PGD robust accuracy never rises from one restart to the next.
@@ -61,52 +250,52 @@ def sanity_checks(
     - ``pgd-vs-autoattack``: the strongest PGD and AutoAttack agree within ``tolerance``.
     - ``autoattack-checks``: AutoAttack's own checks raised no warning.
     """
-    checks: list[dict[str, Any]] = []
+    checks: list[SanityCheck] = []
     attacked = [o for o in outcomes if o.spec.kind != "clean"]
     acc = {o.spec.name: summarize(o)["robust_accuracy"] for o in attacked}
     bad = {k: v for k, v in acc.items() if v > clean_accuracy + 1e-12}
-    checks.append({"name": "robust<=clean", "passed": not bad,
-                   "detail": f"clean {clean_accuracy:.4f}; "
-                   + (", ".join(f"{k} {v:.4f} exceeds it" for k, v in bad.items())
-                      if bad else "every attack at or below it")})
+    checks.append(SanityCheck("robust<=clean", not bad, f"clean {clean_accuracy:.4f}; "
+                              + (", ".join(f"{k} {v:.4f} exceeds it" for k, v in bad.items())
+                                 if bad else "every attack at or below it")))
     pgds = [o for o in attacked if o.spec.kind == "pgd"]
     for o in pgds:
         curve = list(summarize(o)["curve"].values())
         rises = [i + 2 for i in range(len(curve) - 1) if curve[i + 1] > curve[i] + 1e-12]
-        checks.append({"name": "restarts-monotone", "passed": not rises, "attack": o.spec.name,
-                       "detail": "robust accuracy per restart "
-                       + ", ".join(f"{v:.4f}" for v in curve)
-                       + (f"; rises at restart {rises}" if rises else "")})
+        checks.append(SanityCheck("restarts-monotone", not rises, "robust accuracy per restart "
+                                  + ", ".join(f"{v:.4f}" for v in curve)
+                                  + (f"; rises at restart {rises}" if rises else ""),
+                                  attack=o.spec.name))
     for a in pgds:
         for b in pgds:
             pa, pb = a.spec.pgd, b.spec.pgd
-            if a is b or (pa.eps, pa.norm) != (pb.eps, pb.norm):
+            ta, tb = pa.threat, pb.threat
+            if a is b or (ta.eps, ta.norm) != (tb.eps, tb.norm):
                 continue
-            if pb.steps >= pa.steps and pb.restarts >= pa.restarts and (
-                    pb.steps, pb.restarts) != (pa.steps, pa.restarts):
+            if tb.steps >= ta.steps and pb.restarts >= pa.restarts and (
+                    tb.steps, pb.restarts) != (ta.steps, pa.restarts):
                 worse = acc[b.spec.name] > acc[a.spec.name] + tolerance
-                checks.append({"name": "more-steps", "passed": not worse,
-                               "detail": f"{b.spec.name} ({pb.steps} steps x {pb.restarts}) "
-                               f"{acc[b.spec.name]:.4f} vs {a.spec.name} ({pa.steps} x "
-                               f"{pa.restarts}) {acc[a.spec.name]:.4f}"})
+                checks.append(SanityCheck(
+                    "more-steps", not worse, f"{b.spec.name} ({tb.steps} steps x {pb.restarts}) "
+                    f"{acc[b.spec.name]:.4f} vs {a.spec.name} ({ta.steps} x {pa.restarts}) "
+                    f"{acc[a.spec.name]:.4f}"))
     if large_eps is not None:
         eps, a = large_eps
-        checks.append({"name": "large-eps", "passed": a == 0.0,
-                       "detail": f"PGD-20 at eps {eps:.4g} leaves robust accuracy {a:.4f} "
-                       "(must be 0: a constant image is within reach of every input)"})
+        checks.append(SanityCheck("large-eps", a == 0.0,
+                                  f"PGD-20 at eps {eps:.4g} leaves robust accuracy {a:.4f} "
+                                  "(must be 0: a constant image is within reach of every input)"))
     aas = [o for o in attacked if o.spec.kind == "autoattack"]
     if pgds and aas:
         best_pgd = min(pgds, key=lambda o: acc[o.spec.name])
         for o in aas:
             gap = abs(acc[o.spec.name] - acc[best_pgd.spec.name])
-            checks.append({"name": "pgd-vs-autoattack", "passed": gap <= tolerance,
-                           "detail": f"{best_pgd.spec.name} {acc[best_pgd.spec.name]:.4f} vs "
-                           f"{o.spec.name} {acc[o.spec.name]:.4f} (gap {gap:.4f}, tolerance "
-                           f"{tolerance:.4f})"})
+            checks.append(SanityCheck(
+                "pgd-vs-autoattack", gap <= tolerance,
+                f"{best_pgd.spec.name} {acc[best_pgd.spec.name]:.4f} vs {o.spec.name} "
+                f"{acc[o.spec.name]:.4f} (gap {gap:.4f}, tolerance {tolerance:.4f})"))
     for o in aas:
-        checks.append({"name": "autoattack-checks", "passed": not o.warnings,
-                       "attack": o.spec.name,
-                       "detail": "; ".join(o.warnings) if o.warnings else "no warnings"})
+        checks.append(SanityCheck("autoattack-checks", not o.warnings,
+                                  "; ".join(o.warnings) if o.warnings else "no warnings",
+                                  attack=o.spec.name))
     return checks
 
 
@@ -122,103 +311,99 @@ def build_report(
     device: str,
     bf16: bool,
     wall_time_s: float,
-    checks: list[dict[str, Any]],
+    checks: list[SanityCheck],
     data_dir: str | None = None,
-) -> dict[str, Any]:
-    """The JSON report of one ``robust-amo eval`` call (see the module docstring)."""
+) -> Report:
+    """The :class:`Report` of one evaluation from its per-example outcomes."""
     if not outcomes:
         raise ValueError("no attack outcomes to report")
     n = len(outcomes[0].robust)
     clean = int(outcomes[0].clean.sum()) / n if n else float("nan")
     worst = outcomes[0].clean.clone()
-    attacks: dict[str, Any] = {}
+    attacks: dict[str, AttackReport] = {}
     for o in outcomes:
         s = summarize(o)
         worst &= o.robust
-        attacks[o.spec.name] = {
-            "kind": o.spec.kind,
-            "settings": o.spec.settings(),
-            "robust_accuracy": s["robust_accuracy"],
-            "n_robust": s["n_robust"],
-            "curve": s["curve"],
-            "warnings": o.warnings,
-            "wall_time_s": round(o.wall_time_s, 3),
-            "resumed_chunks": o.resumed_chunks,
-        }
-        if o.backend:
-            attacks[o.spec.name]["backend"] = o.backend
-    model = {k: v for k, v in model_meta.items() if k != "config"}
-    return {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "dataset": dataset,
-        "data_dir": data_dir,
-        "split": split,
-        "n_examples": n,
-        "model": model,
-        "threat_model": {"norm": norm, "eps": eps},
-        "seed": seed,
-        "device": device,
-        "precision": "bf16 (requested; PGD forward passes under autocast)" if bf16 else "float32",
-        "bf16": bf16,
-        "clean_accuracy": clean,
-        "attacks": attacks,
-        "robust_accuracy": int(worst.sum()) / n if n else float("nan"),
-        "n_robust": int(worst.sum()),
-        "sanity_checks": checks,
-        "sanity_ok": all(c["passed"] for c in checks),
-        "wall_time_s": round(wall_time_s, 3),
-        "versions": package_versions(),
-    }
+        attacks[o.spec.name] = AttackReport(
+            o.spec.kind, o.spec.settings(), s["robust_accuracy"], s["n_robust"], s["curve"],
+            o.warnings, round(o.wall_time_s, 3), o.resumed_chunks, o.backend or None)
+    return Report(
+        dataset=dataset, split=split, n_examples=n,
+        model={k: v for k, v in model_meta.items() if k != "config"}, norm=norm, eps=eps,
+        seed=seed, device=device,
+        precision="bf16 (requested; PGD forward passes under autocast)" if bf16 else "float32",
+        bf16=bf16, clean_accuracy=clean, attacks=attacks,
+        robust_accuracy=int(worst.sum()) / n if n else float("nan"), n_robust=int(worst.sum()),
+        sanity_checks=list(checks), wall_time_s=round(wall_time_s, 3),
+        versions=package_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        data_dir=data_dir)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: Report) -> str:
     """A readable summary: one row per attack, the overall worst case, the sanity checks."""
-    tm = report["threat_model"]
-    m = report["model"]
+    m = report.model
     lines = [
         f"# Robustness evaluation: {m.get('arch')} ({m.get('path')})",
         "",
-        f"{report['dataset']} {report['split']}, {report['n_examples']} examples; "
-        f"{tm['norm']} eps = {tm['eps']:.6g}; seed {report['seed']}; {report['device']}, "
-        f"{report['precision']}.",
+        f"{report.dataset} {report.split}, {report.n_examples} examples; "
+        f"{report.norm} eps = {report.eps:.6g}; seed {report.seed}; {report.device}, "
+        f"{report.precision}.",
         "",
         "| attack | settings | robust accuracy | time (s) |",
         "|---|---|---:|---:|",
-        f"| clean | | {report['clean_accuracy']:.2%} | |",
+        f"| clean | | {report.clean_accuracy:.2%} | |",
     ]
-    for name, a in report["attacks"].items():
-        if a["kind"] == "clean":
+    for name, a in report.attacks.items():
+        if a.kind == "clean":
             continue
-        s = a["settings"]
-        if a["kind"] == "pgd":
+        s = a.settings
+        if a.kind == "pgd":
             desc = (f"{s['steps']} steps x {s['restarts']} restarts, step {s['step_size']:.4g}, "
                     f"{s['loss']} loss")
         else:
-            desc = f"{s['version']}: {', '.join(s['attacks'])} ({a.get('backend', '')})"
-        lines.append(f"| {name} | {desc} | {a['robust_accuracy']:.2%} | {a['wall_time_s']:.1f} |")
+            desc = f"{s['version']}: {', '.join(s['attacks'])} ({a.backend or ''})"
+        lines.append(f"| {name} | {desc} | {a.robust_accuracy:.2%} | {a.wall_time_s:.1f} |")
     lines.append(f"| **worst case** | per example, over all attacks | "
-                 f"**{report['robust_accuracy']:.2%}** | |")
-    lines += ["", f"Wall time of this command: {report['wall_time_s']:.1f} s (attack times "
+                 f"**{report.robust_accuracy:.2%}** | |")
+    lines += ["", f"Wall time of this command: {report.wall_time_s:.1f} s (attack times "
               "include work done before a resume).", "", "## Sanity checks", ""]
-    for c in report["sanity_checks"]:
-        tag = "ok" if c["passed"] else "FLAGGED"
-        where = f" ({c['attack']})" if "attack" in c else ""
-        lines.append(f"- {tag}: {c['name']}{where}: {c['detail']}")
+    for c in report.sanity_checks:
+        tag = "ok" if c.passed else "FLAGGED"
+        where = f" ({c.attack})" if c.attack is not None else ""
+        lines.append(f"- {tag}: {c.name}{where}: {c.detail}")
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+def restarts_figure(report: Report):
+    """Robust accuracy after each restart of every multi-restart attack of a report: does it
+    flatten (enough restarts) or still fall (more would find more)?"""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, a in report.attacks.items():
+        curve = list(a.curve.values())  # {"restart 1": acc, ...}, in order
+        if a.kind == "pgd" and len(curve) > 1:
+            ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", label=name)
+    ax.set_xlabel("restarts")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title(f"{report.model.get('arch', '')}: robust accuracy by restart", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(report: Report, path: str | Path) -> tuple[Path, Path]:
     """Write the JSON report and its Markdown twin (same name, ``.md``), and, when an attack
     has several restarts, ``NAME.restarts.png``: robust accuracy after each restart (does it
     flatten?). Returns the JSON and Markdown paths."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(report, indent=2) + "\n")
+    p.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     md = p.with_suffix(".md")
     md.write_text(markdown(report))
-    if any(a["kind"] == "pgd" and len(a.get("curve") or {}) > 1
-           for a in report["attacks"].values()):
+    if any(a.kind == "pgd" and len(a.curve) > 1 for a in report.attacks.values()):
         save_figure(restarts_figure(report), restarts_png(p))
     return p, md
 
@@ -234,7 +419,7 @@ def eps_text(eps: float) -> str:
     return f"{k}/255" if k > 0 and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
 
 
-def robustbench_entry(report: dict[str, Any]) -> dict[str, Any]:
+def robustbench_entry(report: Report) -> dict[str, Any]:
     """The fields of a RobustBench model-info entry (``model_info/DATASET/THREAT/NAME.json``)
     from an eval report with a standard AutoAttack run; docs/evaluation.md says which fields are
     ours and which the model's authors fill.
@@ -242,28 +427,28 @@ def robustbench_entry(report: dict[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: the report has no ``autoattack`` (standard) result.
     """
-    aa = report["attacks"].get("autoattack")
+    aa = report.attacks.get("autoattack")
     if aa is None:
-        raise ValueError("a RobustBench entry needs the standard AutoAttack (--attack autoattack)")
-    threat = {"linf": "Linf", "l2": "L2"}[report["threat_model"]["norm"]]
+        raise ValueError("a RobustBench entry needs the standard AutoAttack (attack autoattack)")
+    threat = {"linf": "Linf", "l2": "L2"}[report.norm]
     entry: dict[str, Any] = {k: "" for k in ROBUSTBENCH_THEIRS}
     entry["additional_data"] = None
     entry.update({
         "number_forward_passes": 1,
-        "dataset": report["dataset"],
-        "architecture": report["model"].get("arch"),
-        "eps": eps_text(report["threat_model"]["eps"]),
-        "clean_acc": f"{100 * report['clean_accuracy']:.2f}",
-        "autoattack_acc": f"{100 * aa['robust_accuracy']:.2f}",
+        "dataset": report.dataset,
+        "architecture": report.model.get("arch"),
+        "eps": eps_text(report.eps),
+        "clean_acc": f"{100 * report.clean_accuracy:.2f}",
+        "autoattack_acc": f"{100 * aa.robust_accuracy:.2f}",
     })
     entry["robust_amo"] = {
         "threat_model": threat,
-        "n_examples": report["n_examples"],
-        "split": report["split"],
-        "leaderboard_comparable": report["n_examples"] >= 10000 and report["split"] == "test",
-        "autoattack_backend": aa.get("backend"),
-        "autoattack_version": aa["settings"].get("version"),
-        "model_info_path": f"model_info/{report['dataset']}/{threat}/NAME.json",
+        "n_examples": report.n_examples,
+        "split": report.split,
+        "leaderboard_comparable": report.n_examples >= 10000 and report.split == "test",
+        "autoattack_backend": aa.backend,
+        "autoattack_version": aa.settings.get("version"),
+        "model_info_path": f"model_info/{report.dataset}/{threat}/NAME.json",
         "theirs_to_fill": list(ROBUSTBENCH_THEIRS),
     }
     return entry

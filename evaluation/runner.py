@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robust_amo.checkpoint import atomic_save, read_file
-from robust_amo.config import Norm
+from robust_amo.config import Norm, ThreatModel
 from robust_amo.errors import CheckpointError, RobustAmoError
 from robust_amo.runtime import amp_factory
 
@@ -68,20 +68,20 @@ class EvalState:
         if path is None or not path.exists():
             return
         if not resume:
-            log.info("ignoring the earlier evaluation state %s (no --resume)", path)
+            log.info("ignoring the earlier evaluation state %s (resume not asked for)", path)
             return
         try:
             old = read_file(path)
         except CheckpointError as e:
             raise CheckpointError(f"evaluation state {path} is unreadable ({e}); delete it and "
-                                  "run again without --resume") from None
+                                  "run again without resume", params=("resume",)) from None
         if not isinstance(old, dict) or old.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path} is not an evaluation state file; delete it")
         if old.get("fingerprint") != fingerprint:
             raise RobustAmoError(
                 f"evaluation state {path} was written for another model, data or batch size "
-                f"({old.get('fingerprint')} vs {fingerprint}); run without --resume to start "
-                "afresh, or use another --out")
+                f"({old.get('fingerprint')} vs {fingerprint}); run without resume to start "
+                "afresh, or use another out", params=("resume", "out"))
         self.data = old
         log.info("resuming the evaluation from %s", path)
 
@@ -216,7 +216,7 @@ def large_eps_accuracy(
     device = torch.device(device)
     x, y = x[:n_max], y[:n_max]
     eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
-    settings = PGDSettings(eps, 2.5 * eps / 20, 20, 1, norm, seed=seed)
+    settings = PGDSettings(ThreatModel(norm, eps, 2.5 * eps / 20, 20), seed=seed)
     robust = 0
     for sl in chunks(len(y), batch_size):
         r = pgd_robust(model, x[sl].to(device), y[sl].to(device), torch.arange(sl.start, sl.stop),

@@ -70,7 +70,7 @@ def check_choice(key: str, value: Any, tp: Any) -> Any:
     allowed = choices(tp)
     if not isinstance(value, (str, type(None))) or value not in allowed:
         shown = ", ".join(str(a) for a in allowed if a is not None)
-        raise ConfigError(f"{key}: {value!r} is not one of {shown}")
+        raise ConfigError(f"{key}: {value!r} is not one of {shown}", params=(key,))
     return value
 
 
@@ -82,7 +82,7 @@ def parse_float(value: Any, key: str = "value") -> float:
             ``inf`` and ``nan``, as numbers or as strings.
     """
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {value!r}", params=(key,))
     out: float | None = None
     try:
         if isinstance(value, (int, float)):
@@ -100,10 +100,12 @@ def parse_float(value: Any, key: str = "value") -> float:
     except (ValueError, ZeroDivisionError):
         out = None
     if out is None:
-        raise ConfigError(f"{key}: expected a number such as 0.1, 2e-4 or 8/255, got {value!r}")
+        raise ConfigError(f"{key}: expected a number such as 0.1, 2e-4 or 8/255, got {value!r}",
+                          params=(key,))
     if not math.isfinite(out):
         raise ConfigError(f"{key}: {value!r} is not a finite number (floats must be finite, "
-                          "below about 1.8e308); use a value such as 0.1, 2e-4 or 8/255")
+                          "below about 1.8e308); use a value such as 0.1, 2e-4 or 8/255",
+                          params=(key,))
     return out
 
 
@@ -123,10 +125,10 @@ def check_int(key: str, value: int) -> int:
     if key.rsplit(".", 1)[-1].endswith("seed"):
         if not 0 <= value <= SEED_MAX:
             raise ConfigError(f"{key}: {value} is out of range; a seed is an integer with "
-                              "0 <= seed < 2**63 (9223372036854775808)")
+                              "0 <= seed < 2**63 (9223372036854775808)", params=(key,))
     elif not INT_MIN <= value <= INT_MAX:
         raise ConfigError(f"{key}: {value} does not fit in 64 bits; use an integer with "
-                          f"|{key}| < 2**63")
+                          f"|{key}| < 2**63", params=(key,))
     return value
 
 
@@ -186,9 +188,33 @@ class OptimConfig:
     fused: bool = True
 
 
-@dataclass
-class AttackConfig:
-    """The PGD threat model of adversarial training (defaults: CIFAR-10, Wei & Ma F.2)."""
+def _finite_non_negative(key: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number >= 0, else a ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value < math.inf):  # also rejects nan
+        raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}", params=(key,))
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The threat model of an input attack, validated once here: every attack, the training
+    config's ``attack:`` section, the evaluation options and the margins hold one.
+
+    Defaults: CIFAR-10's L∞ ball of Madry et al. 2018 and Wei & Ma 2020, Appendix F.2.
+
+    Attributes:
+        norm: ``"linf"`` (default) or ``"l2"``.
+        eps: radius in [0, 1] pixel units (default 8/255).
+        step_size: α, the step of each iteration (default 2/255).
+        steps: iterations K (default 10; 0 is allowed and leaves the start point).
+        random_start: start from a uniform point of the eps-ball (default True).
+        loss: ``"ce"`` (cross-entropy, default) or ``"cw"`` (margin max_{j≠y} z_j − z_y).
+
+    Raises:
+        ConfigError: a value outside its set or range, naming the field (the config loader
+            prefixes ``attack.``).
+    """
 
     norm: Norm = "linf"
     eps: float = 8 / 255
@@ -196,6 +222,50 @@ class AttackConfig:
     steps: int = 10
     random_start: bool = True
     loss: AttackLoss = "ce"
+
+    def __post_init__(self) -> None:
+        check_choice("norm", self.norm, Norm)
+        check_choice("loss", self.loss, AttackLoss)
+        # frozen: the one way to store the coerced floats
+        object.__setattr__(self, "eps", _finite_non_negative("eps", self.eps))
+        object.__setattr__(self, "step_size", _finite_non_negative("step_size", self.step_size))
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError(f"steps must be an integer >= 0, got {self.steps!r}",
+                              params=("steps",))
+        if not isinstance(self.random_start, bool):
+            raise ConfigError(f"random_start must be true or false, got {self.random_start!r}",
+                              params=("random_start",))
+
+    def replace(self, **changes: Any) -> ThreatModel:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class AllLayerOptions:
+    """Robust AMO's δ ascent (Wei & Ma 2020, Sections 4–5, F.2): δ ← ρ·δ + η_δ·∇_δ ℓ.
+
+    Validated once here for the method's ``method_args``, the joint attack and the robustness
+    integration.
+
+    Attributes:
+        rho: ρ, δ's shrink factor per step (default 0.92).
+        eta_delta: η_δ, δ's step size (default 6.4e-3; 0 gives Madry PGD training).
+        delta_grad: ∇_δ of the batch-mean loss (``"mean"``, default, the authors' code) or of
+            the batch-sum loss (``"sum"``: each example's step does not depend on the batch).
+
+    Raises:
+        ConfigError: a negative or non-finite ρ or η_δ, or an unknown ``delta_grad``.
+    """
+
+    rho: float = 0.92
+    eta_delta: float = 6.4e-3
+    delta_grad: DeltaGrad = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", _finite_non_negative("rho", self.rho))
+        object.__setattr__(self, "eta_delta", _finite_non_negative("eta_delta", self.eta_delta))
+        check_choice("delta_grad", self.delta_grad, DeltaGrad)
 
 
 @dataclass
@@ -248,7 +318,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack: ThreatModel = field(default_factory=ThreatModel)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -333,7 +403,13 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             f"{', '.join(sorted(prefix + n for n in names))}"
         )
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # a dataclass validating itself names its own fields: say where they sit in the file
+        if not prefix or not e.params or not str(e).startswith(e.params[0]):
+            raise
+        raise ConfigError(prefix + str(e), params=tuple(prefix + p for p in e.params)) from None
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -528,8 +604,7 @@ def validate(cfg: TrainConfig) -> None:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
-    non_negative = {"attack.eps": cfg.attack.eps, "attack.step_size": cfg.attack.step_size,
-                    "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+    non_negative = {"optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
                     "optim.momentum": cfg.optim.momentum,
                     "optim.warmup_epochs": cfg.optim.warmup_epochs,
                     "eval.n_examples": cfg.eval.n_examples, "data.val_size": cfg.data.val_size}
@@ -538,8 +613,8 @@ def validate(cfg: TrainConfig) -> None:
     for key, v in non_negative.items():
         if not 0 <= v < math.inf:  # also rejects nan (and .inf written in YAML)
             raise ConfigError(f"{key} must be a finite number >= 0, got {v}")
-    if cfg.attack.steps < 0 or cfg.eval.steps < 0 or cfg.eval.restarts < 1:
-        raise ConfigError("attack.steps and eval.steps must be >= 0 and eval.restarts >= 1")
+    if cfg.eval.steps < 0 or cfg.eval.restarts < 1:
+        raise ConfigError("eval.steps must be >= 0 and eval.restarts >= 1")
     if isinstance(cfg.optim.gamma, list) and len(cfg.optim.gamma) != len(cfg.optim.milestones):
         raise ConfigError(
             f"optim.gamma: a list needs one factor per milestone, got {len(cfg.optim.gamma)} "

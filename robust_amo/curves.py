@@ -1,5 +1,6 @@
-"""Pictures of runs: training curves from metrics.jsonl (``robust-amo plot``, RUN/curves.png)
-and the per-restart robust accuracy of an evaluation (beside its report).
+"""Pictures of runs: training curves from metrics.jsonl (``robust-amo plot``, RUN/curves.png),
+and the pyplot helpers the evaluation's restart picture uses
+(:func:`robust_amo.evaluation.report.restarts_figure`).
 
 The figures are built and returned before they are saved, so tests can inspect them (how many
 lines, which labels). matplotlib is imported when a picture is drawn (it is heavy), with the
@@ -96,23 +97,3 @@ def write_curves(run_dir: str | Path, path: str | Path | None = None) -> Path | 
         return None
     fig = curves_figure([(Path(run_dir).name, rows)])
     return save_figure(fig, path or RunDir(run_dir).curves)
-
-
-def restarts_figure(report: dict[str, Any]):
-    """Robust accuracy after each restart of every multi-restart attack of an eval report:
-    does it flatten (enough restarts) or still fall (more would find more)?"""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, a in report.get("attacks", {}).items():
-        curve = list((a.get("curve") or {}).values())  # {"restart 1": acc, ...}, in order
-        if a.get("kind") == "pgd" and len(curve) > 1:
-            ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", label=name)
-    ax.set_xlabel("restarts")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_title(f"{report.get('model', {}).get('arch', '')}: robust accuracy by restart",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig

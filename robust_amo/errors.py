@@ -18,7 +18,18 @@ def one_line(text: str) -> str:
 
 
 class RobustAmoError(Exception):
-    """Base class of errors that the user can fix; its message is always one line."""
+    """Base class of errors that the user can fix; its message is always one line.
+
+    Args:
+        message: one line naming the problem and the fix, in the library's parameter names.
+        params: the parameters the message names (the first occurrence of each as a word), so
+            that a front end can say them its own way: the CLI writes ``--step-size`` for
+            ``step_size`` (:func:`robust_amo.cli.common.flag_message`).
+    """
+
+    def __init__(self, *args: object, params: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.params = tuple(params)
 
     def __str__(self) -> str:
         return one_line(str(self.args[0]) if len(self.args) == 1 else super().__str__())

@@ -395,16 +395,16 @@ def _build_method(s: _Session, data: TrainData, opt: Optimisation, start_epoch: 
 
     # the method's randomness is one generator, reseeded per epoch and rank; attacks need no
     # gradient sync, so they run on the unwrapped forward
-    a = cfg.attack
     method_gen = torch.Generator()
     attack = None
     if method_spec(cfg.method).needs_attack:
-        attack = PGD(fwd, a.eps, a.step_size, a.steps, a.norm, a.random_start, 1, a.loss,
-                     method_gen)
+        attack = PGD.from_threat(fwd, cfg.attack, generator=method_gen)
     objective = build_objective(cfg, attack, method_gen)
     eval_gen = torch.Generator()
-    eval_attack = PGD(fwd, a.eps, cfg.eval.step_size or a.step_size, cfg.eval.steps, a.norm,
-                      a.random_start, cfg.eval.restarts, a.loss, eval_gen, early_stop=True)
+    eval_threat = cfg.attack.replace(step_size=cfg.eval.step_size or cfg.attack.step_size,
+                                     steps=cfg.eval.steps)
+    eval_attack = PGD.from_threat(fwd, eval_threat, restarts=cfg.eval.restarts,
+                                  generator=eval_gen, early_stop=True)
     loader = data.loader
     if isinstance(fwd, CompiledModel) and start_epoch < cfg.epochs and len(loader) > 0:
         loader.set_epoch(start_epoch)

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from robust_amo.cli import main
-from robust_amo.curves import PANELS, curves_figure, restarts_figure
+from robust_amo.curves import PANELS, curves_figure
 from robust_amo.errors import ConfigError
-from robust_amo.evaluation.report import eps_text, robustbench_entry
+from robust_amo.evaluation.report import Report, eps_text, restarts_figure, robustbench_entry
 from robust_amo.runs import read_metrics
 from robust_amo.tblog import TensorBoardLog
 from robust_amo.train import train
@@ -79,12 +79,12 @@ def test_eval_restart_curve_and_robustbench_entry(runs, tmp_path):
                  "--device", "cpu", "--format", "robustbench", "--out", str(out)]) == 0
     assert (tmp_path / "ev" / "report.restarts.png").read_bytes().startswith(PNG)
     report = json.loads(out.read_text())
-    fig = restarts_figure(report)
+    fig = restarts_figure(Report.read(out))
     (line,) = fig.axes[0].get_lines()  # one multi-restart attack: pgd10 x 3
     assert list(line.get_xdata()) == [1, 2, 3]
     assert list(line.get_ydata()) == [100 * v for v in report["attacks"]["pgd10"]["curve"].values()]
     entry = json.loads((tmp_path / "ev" / "report.robustbench.json").read_text())
-    assert entry == robustbench_entry(report)
+    assert entry == robustbench_entry(Report.read(out))
     assert entry["clean_acc"] == f"{100 * report['clean_accuracy']:.2f}"
     assert entry["autoattack_acc"] == \
         f"{100 * report['attacks']['autoattack']['robust_accuracy']:.2f}"

@@ -18,6 +18,7 @@ from robust_amo.version import __version__
 
 from . import archs, convert, margins, plot, reproduce, train
 from . import eval as evaluate
+from .common import flag_message, flags_of
 
 COMMANDS = (train, evaluate, margins, plot, reproduce, archs, convert)
 
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
         command.add_arguments(p)
-        p.set_defaults(handler=command.run)
+        # the library names its parameters; commands built on a request say them as flags
+        flags = flags_of(p, command.PARAM_FLAGS) if hasattr(command, "PARAM_FLAGS") else {}
+        p.set_defaults(handler=command.run, param_flags=flags)
     return parser
 
 
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except RobustAmoError as e:
-        print(f"robust-amo: error: {e}", file=sys.stderr)
+        print(f"robust-amo: error: {flag_message(e, args.param_flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = ("rerun the same command to continue" if args.command == "reproduce" else

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any
+from collections.abc import Mapping
 
 from robust_amo.config import SplitName, choices, parse_float
-from robust_amo.errors import ConfigError
+from robust_amo.errors import ConfigError, RobustAmoError
 
 DEVICE_HELP = "auto|cpu|cuda[:N]; auto is cuda when a CUDA device is available, else cpu"
 """What ``--device`` takes, said the same way by every command."""
@@ -54,30 +54,38 @@ def floats(text: str) -> list[float]:
                                          f"{text!r}") from None
 
 
-def external_model(args: argparse.Namespace, points: list[str] | None = None
-                   ) -> dict[str, Any] | None:
-    """The ``--model`` options as :func:`robust_amo.evaluation.load_external` arguments, or
-    None for ``--checkpoint``; exactly one of the two must be given."""
-    if (args.checkpoint is None) == (args.model is None):
-        raise ConfigError("give either --checkpoint (a run or .pt file) or --model "
-                          "FILE.py:FN with --weights")
-    if args.model is None:
-        for flag in ("weights", "mean", "std", "input_shape"):
-            if getattr(args, flag) is not None:
-                raise ConfigError(f"--{flag.replace('_', '-')} belongs to --model; a "
-                                  "checkpoint records it")
-        return None
-    if (args.mean is None) != (args.std is None):
-        raise ConfigError("give --mean and --std together")
-    return {"model": args.model, "weights": args.weights, "input_shape": args.input_shape,
-            "mean": args.mean, "std": args.std, "points": points}
+def flags_of(parser: argparse.ArgumentParser, aliases: Mapping[str, str] | None = None
+             ) -> dict[str, str]:
+    """Parameter name -> flag for the library parameters a command's flags set.
+
+    Every option's ``dest`` maps to its long flag (``step_size`` -> ``--step-size``);
+    ``aliases`` adds parameters spelt otherwise (``attacks`` -> ``--attack``).
+    """
+    out = {a.dest: a.option_strings[-1] for a in parser._actions
+           if a.option_strings and a.option_strings[-1].startswith("--")}
+    out.update(aliases or {})
+    return out
+
+
+def flag_message(error: RobustAmoError, flags: Mapping[str, str]) -> str:
+    """The one-line message of a library error with each parameter it names said as its flag.
+
+    The first whole-word occurrence of each of ``error.params`` that ``flags`` knows is
+    replaced (``eps must be >= 0`` -> ``--eps must be >= 0``); everything else is kept.
+    """
+    text = str(error)
+    for param in getattr(error, "params", ()):
+        flag = flags.get(param)
+        if flag is not None:
+            text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?![\w-])", flag, text, count=1)
+    return text
 
 
 def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None,
                            batch_size: int) -> None:
     """The options of commands that analyse a checkpoint (``eval``, ``margins``), spelt alike.
 
-    They feed :func:`robust_amo.evaluation.load_for_analysis`.
+    They set the fields of :class:`robust_amo.evaluation.CheckpointRequest`.
     """
     p.add_argument("--checkpoint", type=str,
                    help="run folder of `robust-amo train` or of robustness's train_model, or a "

@@ -13,43 +13,19 @@ protocol and every report field.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import time
-from pathlib import Path
-
-import torch
 
 from robust_amo import distributed
-from robust_amo.config import check_int, parse_float
-from robust_amo.distributed import DistContext
-from robust_amo.errors import ConfigError
-from robust_amo.evaluation import (
-    evaluate_attacks,
-    large_eps_accuracy,
-    load_for_analysis,
-    model_digest,
-    parse_attack,
-    sharding,
-)
+from robust_amo.evaluation import EvalRequest, run_evaluation
 from robust_amo.evaluation.attacks import attack_help
-from robust_amo.evaluation.report import (
-    build_report,
-    markdown,
-    robustbench_entry,
-    robustbench_path,
-    sanity_checks,
-    write_report,
-)
-from robust_amo.outputs import refuse_overwrite, writable_dir
+from robust_amo.evaluation.report import markdown
 from robust_amo.runtime import resolve_device
 
-from .common import add_checkpoint_options, at_least, external_model
+from .common import add_checkpoint_options
 
 NAME = "eval"
 HELP = "evaluate robustness of a checkpoint (PGD-50 x 10, AutoAttack)"
-
-log = logging.getLogger(__name__)
+PARAM_FLAGS = {"attacks": "--attack", "sanity": "--no-sanity", "progress": "--no-progress"}
+""":class:`EvalRequest` fields whose flag is spelt otherwise (errors name the flag)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,90 +61,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the large-eps gradient-masking check (other checks still run)")
 
 
-def _attack_names(values: list[str]) -> list[str]:
-    names = [a.strip() for v in values for a in v.split(",") if a.strip()]
-    names = names or ["pgd50"]
-    dup = {a for a in names if names.count(a) > 1}
-    if dup:
-        raise ConfigError(f"--attack {sorted(dup)[0]} given twice")
-    return names
+def request(args: argparse.Namespace) -> EvalRequest:
+    """The :class:`EvalRequest` of the parsed flags (comma-separated lists split)."""
+    return EvalRequest(
+        checkpoint=args.checkpoint, model=args.model, weights=args.weights, mean=args.mean,
+        std=args.std, input_shape=args.input_shape, which=args.which, arch=args.arch,
+        dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+        n_examples=args.n_examples, eps=args.eps, norm=args.norm, step_size=args.step_size,
+        batch_size=args.batch_size, device=args.device, seed=args.seed,
+        progress=not args.no_progress, unsafe_load=args.unsafe_load, overwrite=args.overwrite,
+        attacks=[a for v in args.attack for a in v.split(",")], restarts=args.restarts,
+        loss=args.loss, aa_attacks=[a for a in args.aa_attacks.split(",") if a.strip()],
+        aa_backend=args.aa_backend, out=args.out, resume=args.resume, bf16=args.bf16,
+        tolerance=args.tolerance, format=args.format, sanity=not args.no_sanity)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, attack, check, report (sharded over ranks under torchrun)."""
-    with distributed.session(resolve_device(args.device)) as (ctx, device):
-        return _eval(args, ctx, device)
-
-
-def _eval(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> int:
-    at_least("--batch-size", args.batch_size)
-    at_least("--n-examples", args.n_examples)
-    at_least("--restarts", args.restarts)
-    check_int("--seed", args.seed)
-    names = _attack_names(args.attack)
-    if args.format == "robustbench" and "autoattack" not in names:
-        raise ConfigError("--format robustbench needs the standard AutoAttack: add --attack "
-                          "autoattack")
-    tolerance = parse_float(args.tolerance, "--tolerance")
-    if tolerance < 0:
-        raise ConfigError(f"--tolerance must be >= 0, got {tolerance}")
-    t_start = time.perf_counter()
-    a = load_for_analysis(args.checkpoint, device=device, which=args.which, arch=args.arch,
-                          dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-                          n_examples=args.n_examples, eps=args.eps, norm=args.norm,
-                          step_size=args.step_size, unsafe_load=args.unsafe_load,
-                          external=external_model(args))
-    model, meta, data, eps, norm = a.model, a.meta, a.data, a.threat.eps, a.threat.norm
-    meta["weights_sha256"] = model_digest(model)
-    step = a.threat.step_size if args.step_size is not None else None  # default: eps / 4
-    aa_attacks = tuple(x.strip() for x in args.aa_attacks.split(",") if x.strip())
-    specs = [parse_attack(n, eps=eps, norm=norm, step_size=step, restarts=args.restarts,
-                          loss=args.loss, seed=args.seed, aa_attacks=aa_attacks,
-                          aa_backend=args.aa_backend) for n in names]
-    if not any(s.kind == "clean" for s in specs):
-        specs.insert(0, parse_attack("clean", eps=eps))
-    if args.bf16 and device.type != "cuda":
-        log.warning("--bf16 has no effect on %s: evaluating in float32", device)
-    bf16 = args.bf16 and device.type == "cuda"
-
-    ckpt_path = Path(meta["path"])
-    out = Path(args.out) if args.out else ckpt_path.parent / "eval" / "report.json"
-    if ctx.is_main:
-        writable_dir(out.parent)
-        refuse_overwrite(out.parent, [out.name, out.with_suffix(".md").name,
-                                      robustbench_path(out).name], "report",
-                         overwrite=args.overwrite)
-    state_path = out.with_suffix(".state.pt")
-    log.info("evaluating %s on %d %s examples of %s (%s eps %.6g) on %s: %s", meta["arch"],
-             len(data.y), data.split, data.dataset, norm, eps, device,
-             ", ".join(s.name for s in specs))
-    outcomes = evaluate_attacks(
-        model, data.x, data.y, specs, batch_size=args.batch_size, device=device,
-        state_path=state_path, resume=args.resume, bf16=bf16, progress=not args.no_progress,
-        fingerprint={"split": data.split, "dataset": data.dataset})
-    clean_acc = int(outcomes[0].clean.sum()) / len(data.y)
-    large = None
-    if not args.no_sanity:
-        large = large_eps_accuracy(model, data.x, data.y, norm, batch_size=args.batch_size,
-                                   device=device, seed=args.seed)
-    checks = sanity_checks(clean_acc, outcomes, large_eps=large, tolerance=tolerance)
-    report = build_report(outcomes=outcomes, model_meta=meta, dataset=data.dataset,
-                          split=data.split, norm=norm, eps=eps, seed=args.seed,
-                          device=str(device), bf16=bf16,
-                          wall_time_s=time.perf_counter() - t_start, checks=checks,
-                          data_dir=data.data_dir)
-    sharding.state_file(state_path).unlink(missing_ok=True)
-    if not ctx.is_main:  # every rank holds the same report; rank 0 writes it
-        return 0
-    json_path, md_path = write_report(report, out)
-    print(markdown(report))
-    log.info("report written to %s and %s", json_path, md_path)
-    if args.format == "robustbench":
-        rb = robustbench_path(out)
-        rb.write_text(json.dumps(robustbench_entry(report), indent=2) + "\n")
-        log.info("RobustBench entry written to %s (fill link, name, authors, venue, reported, "
-                 "additional_data)", rb)
-    for c in checks:
-        if not c["passed"]:
-            log.warning("sanity check %s flagged: %s", c["name"], c["detail"])
+    """Evaluate (:func:`robust_amo.evaluation.run_evaluation`, sharded over ranks under
+    torchrun) and print the report's table on rank 0."""
+    req = request(args)
+    with distributed.session(resolve_device(req.device)) as (ctx, device):
+        report = run_evaluation(req, ctx, device)
+        if ctx.is_main:
+            print(markdown(report))
     return 0

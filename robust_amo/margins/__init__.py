@@ -1,5 +1,6 @@
 """Margins of a trained classifier (Wei & Ma 2020; Sokolić et al. 2017): the estimators
-(:mod:`.estimators`) and what ``robust-amo margins`` writes (:mod:`.report`).
+(:mod:`.estimators`), all of them in one call (:func:`measure`) and what ``robust-amo margins``
+writes (:mod:`.report`).
 
 docs/margins.md says which estimate bounds from above or below; docs/algorithms.md states them.
 """
@@ -17,17 +18,20 @@ from .estimators import (
     output_margin,
     pgd_neighbourhood,
 )
+from .measure import MarginsResult, measure
 
 __all__ = [
     "AdversarialMargins",
     "Kappa",
     "MarginEstimate",
+    "MarginsResult",
     "SearchOptions",
     "adversarial_margins",
     "all_layer_margin",
     "input_margin",
     "kappa",
     "margins_batch",
+    "measure",
     "output_margin",
     "pgd_neighbourhood",
 ]

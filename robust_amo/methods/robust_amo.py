@@ -9,38 +9,22 @@ backward per step; the weights are trained on ℓ(F(x', δ), y) with x' and δ d
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robust_amo.attacks import RobustAMOAttack
-from robust_amo.config import DeltaGrad
+from robust_amo.config import AllLayerOptions
 from robust_amo.perturb import perturb
 from robust_amo.runtime import wide
 
 from .registry import MethodContext, Objective, register_method
-from .validation import non_negative
 
-
-@dataclass
-class RobustAMOOptions:
-    """``method_args`` of ``robust-amo`` (docs/algorithms.md "Robust AMO"; PGD is ``attack:``).
-
-    Attributes:
-        rho: ρ, δ's shrink factor per step (default 0.92, F.2).
-        eta_delta: η_δ, δ's step size (default 6.4e-3, F.2).
-        delta_grad: ∇δ of the batch-mean (default, the authors' code) or batch-sum loss.
-    """
-
-    rho: float = 0.92
-    eta_delta: float = 6.4e-3
-    delta_grad: DeltaGrad = "mean"
-
-    def __post_init__(self) -> None:
-        non_negative("method_args.rho", self.rho)
-        non_negative("method_args.eta_delta", self.eta_delta)
+RobustAMOOptions = AllLayerOptions
+"""``method_args`` of ``robust-amo`` (docs/algorithms.md "Robust AMO"; PGD is ``attack:``):
+ρ, η_δ and ``delta_grad``, validated by :class:`robust_amo.config.AllLayerOptions` (the config
+loader names them ``method_args.rho``, ...)."""
 
 
 def robust_amo_loss(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import statistics
@@ -21,7 +20,8 @@ from typing import Any
 
 from robust_amo.config import TrainConfig
 from robust_amo.curves import png_bytes, pyplot
-from robust_amo.errors import ConfigError
+from robust_amo.errors import ConfigError, OutputError
+from robust_amo.evaluation.report import Report
 from robust_amo.outputs import atomic_write
 from robust_amo.runs import RunDir, epochs_done
 
@@ -75,13 +75,14 @@ def refresh(state: RunState, by: str) -> RunState:
     report_path = state.folder / REPORT
     if report_path.is_file():
         try:
-            report = json.loads(report_path.read_text())
-            state.evals["clean"] = 100 * float(report["clean_accuracy"])
-            for name, a in report.get("attacks", {}).items():
-                if name != "clean":
-                    state.evals[name] = 100 * float(a["robust_accuracy"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            report = Report.read(report_path)
+        except OutputError as e:
             log.warning("unreadable report %s (%s): its numbers are left out", report_path, e)
+        else:
+            state.evals["clean"] = 100 * float(report.clean_accuracy)
+            for name, a in report.attacks.items():
+                if name != "clean":
+                    state.evals[name] = 100 * float(a.robust_accuracy)
     return state
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from robust_amo.checkpoint import FORMAT
 from robust_amo.cli import main
+from robust_amo.config import ThreatModel
 from robust_amo.data import dataset_info, load_dataset
 from robust_amo.errors import CheckpointError, RobustAmoError
 from robust_amo.evaluation import (
@@ -85,7 +86,7 @@ class Band(nn.Module):
 @pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
 def test_pgd_bounds_range_and_broken_points_are_misclassified(trained, digits, norm, eps):
     x, y = digits[0][:120], digits[1][:120]
-    s = PGDSettings(eps, eps / 4, 10, 2, norm)
+    s = PGDSettings(ThreatModel(norm, eps, eps / 4, 10), 2)
     r = pgd_robust(trained, x, y, torch.arange(len(y)), s)
     delta = (r.x_adv - x).flatten(1)
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
@@ -104,7 +105,7 @@ def test_worst_case_over_restarts_counts_a_lucky_random_start():
     n, restarts = 400, 10
     x = torch.full((n, 1, 8, 8), 0.5)
     y = torch.zeros(n, dtype=torch.long)
-    s = PGDSettings(EPS, EPS / 4, 3, restarts, "linf", seed=3)
+    s = PGDSettings(ThreatModel("linf", EPS, EPS / 4, 3), restarts, seed=3)
     r = pgd_robust(Lucky(), x, y, torch.arange(n), s)
     # brute force: broken iff some restart's start already lands in the class-1 region
     hits = torch.stack([restart_starts(x, torch.arange(n), s, k)[:, 0, 0, 0] > 0.5 + 0.9 * EPS
@@ -121,7 +122,7 @@ def test_worst_case_over_restarts_counts_a_lucky_random_start():
 def test_an_intermediate_iterate_counts_even_if_the_final_one_is_correct():
     x = torch.full((4, 1, 2, 2), 0.5)
     y = torch.zeros(4, dtype=torch.long)
-    s = PGDSettings(EPS, 0.01, 10, 1, "linf", random_start=False)
+    s = PGDSettings(ThreatModel("linf", EPS, 0.01, 10, random_start=False), 1)
     r = pgd_robust(Band(), x, y, torch.arange(4), s)
     assert r.clean.all() and not r.robust.any()
     final = (x + EPS).clamp(0, 1)  # where the ascent ends: correct again
@@ -132,14 +133,14 @@ def test_early_exit_equals_every_restart_on_every_example_and_batching_does_not_
         trained, digits):
     x, y = digits[0][:150], digits[1][:150]
     idx = torch.arange(150)
-    fast = pgd_robust(trained, x, y, idx, PGDSettings(EPS, EPS / 4, 5, 4, seed=1))
-    full = pgd_robust(trained, x, y, idx,
-                      PGDSettings(EPS, EPS / 4, 5, 4, seed=1, early_exit=False))
+    threat = ThreatModel("linf", EPS, EPS / 4, 5)
+    fast = pgd_robust(trained, x, y, idx, PGDSettings(threat, 4, seed=1))
+    full = pgd_robust(trained, x, y, idx, PGDSettings(threat, 4, seed=1, early_exit=False))
     assert torch.equal(fast.robust, full.robust)
     assert torch.equal(fast.after_restart, full.after_restart)
     assert (fast.after_restart[0] & ~fast.robust).any(), "later restarts should matter here"
     parts = [pgd_robust(trained, x[i:i + 32], y[i:i + 32], idx[i:i + 32],
-                        PGDSettings(EPS, EPS / 4, 5, 4, seed=1)).robust for i in range(0, 150, 32)]
+                        PGDSettings(threat, 4, seed=1)).robust for i in range(0, 150, 32)]
     assert torch.equal(torch.cat(parts), fast.robust)
 
 
@@ -281,38 +282,39 @@ def test_report_schema_worst_case_and_flags(tmp_path):
     ]
     outs[2].warnings.append("it seems to be a randomized defense!")
     checks = sanity_checks(0.8, outs, large_eps=(0.5, 0.2), tolerance=0.03)
-    by = {c["name"]: c for c in checks}
-    assert by["robust<=clean"]["passed"]
-    assert by["restarts-monotone"]["passed"]
-    assert by["pgd-vs-autoattack"]["passed"]  # both 0.4
-    assert not by["large-eps"]["passed"]
-    assert not by["autoattack-checks"]["passed"]
-    rep = build_report(outcomes=outs, model_meta={"arch": "tiny-mlp", "path": "x.pt"},
-                       dataset="digits", split="test", norm="linf", eps=EPS, seed=0,
-                       device="cpu", bf16=False, wall_time_s=1.0, checks=checks)
+    by = {c.name: c for c in checks}
+    assert by["robust<=clean"].passed
+    assert by["restarts-monotone"].passed
+    assert by["pgd-vs-autoattack"].passed  # both 0.4
+    assert not by["large-eps"].passed
+    assert not by["autoattack-checks"].passed
+    report = build_report(outcomes=outs, model_meta={"arch": "tiny-mlp", "path": "x.pt"},
+                          dataset="digits", split="test", norm="linf", eps=EPS, seed=0,
+                          device="cpu", bf16=False, wall_time_s=1.0, checks=checks)
+    rep = report.to_dict()
     validate_report(json.loads(json.dumps(rep)))
     assert rep["clean_accuracy"] == pytest.approx(0.8)
     assert rep["attacks"]["pgd50"]["robust_accuracy"] == pytest.approx(0.4)
     assert rep["attacks"]["pgd50"]["curve"] == {"restart 1": 0.6, "restart 2": 0.4}
     assert rep["robust_accuracy"] == pytest.approx(0.2)  # per example: only example 0 survives
     assert not rep["sanity_ok"]
-    md = markdown(rep)
+    md = markdown(report)
     assert "| pgd50 |" in md and "**20.00%**" in md and "FLAGGED: large-eps" in md
     with pytest.raises(ValueError, match="lacks"):
         validate_report({k: v for k, v in rep.items() if k != "attacks"})
     # flags that must fire
     bad = [outs[0], _outcome("pgd20", clean, [1, 1, 1, 1, 1]),
            _outcome("pgd50", clean, [1, 1, 1, 1, 1])]
-    bad_checks = {c["name"]: c for c in sanity_checks(0.8, bad + [outs[2]])}
-    assert not bad_checks["robust<=clean"]["passed"]
-    assert not bad_checks["pgd-vs-autoattack"]["passed"]
+    bad_checks = {c.name: c for c in sanity_checks(0.8, bad + [outs[2]])}
+    assert not bad_checks["robust<=clean"].passed
+    assert not bad_checks["pgd-vs-autoattack"].passed
     rising = _outcome("pgd20", clean, [1, 1, 0, 0, 0],
                       {"restart 1": torch.tensor([1, 0, 0, 0, 0], dtype=torch.bool),
                        "restart 2": torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)})
-    assert not {c["name"]: c for c in sanity_checks(0.8, [rising])}["restarts-monotone"]["passed"]
+    assert not {c.name: c for c in sanity_checks(0.8, [rising])}["restarts-monotone"].passed
     weaker = [_outcome("pgd20", clean, [1, 0, 0, 0, 0]),
               _outcome("pgd50", clean, [1, 1, 1, 0, 0])]
-    assert not {c["name"]: c for c in sanity_checks(0.8, weaker)}["more-steps"]["passed"]
+    assert not {c.name: c for c in sanity_checks(0.8, weaker)}["more-steps"].passed
 
 
 def test_large_eps_reaches_zero(trained, digits):
@@ -354,7 +356,8 @@ def test_unknown_attack_name_is_a_config_error():
     with pytest.raises(RobustAmoError, match="custom"):
         parse_attack("autoattack-custom", eps=EPS)
     spec = parse_attack("pgd50", eps=8 / 255)
-    assert (spec.pgd.steps, spec.pgd.restarts, spec.pgd.step_size) == (50, 10, 2 / 255)
+    t = spec.pgd.threat
+    assert (t.steps, spec.pgd.restarts, t.step_size) == (50, 10, 2 / 255)
 
 
 def test_cli_train_then_eval_writes_json_and_markdown(tmp_path, capsys):

@@ -84,7 +84,7 @@ def test_threat_model_defaults_to_the_training_attack():
     t = threat_model(meta, eps="8/255", step_size="1/255")
     assert t.eps == pytest.approx(8 / 255) and t.step_size == pytest.approx(1 / 255)
     assert threat_model(meta, eps=1.0, norm="l2").norm == "l2"
-    with pytest.raises(ConfigError, match="give --eps"):
+    with pytest.raises(ConfigError, match="give eps"):
         threat_model(meta, norm="l2")
     for bad in ({"eps": "-1"}, {"step_size": "0"}, {"eps": "inf"}):
         with pytest.raises(ConfigError):

@@ -162,11 +162,13 @@ def test_a_method_that_needs_no_attack_gets_none(monkeypatch, tmp_path):
 
     built = []
 
-    def recording_pgd(*args, **kwargs):
-        built.append(kwargs.get("early_stop", False))
-        return PGD(*args, **kwargs)
+    class RecordingPGD(PGD):
+        @classmethod
+        def from_threat(cls, model, threat, **kwargs):
+            built.append(kwargs.get("early_stop", False))
+            return PGD.from_threat(model, threat, **kwargs)
 
-    monkeypatch.setattr("robust_amo.train.PGD", recording_pgd)
+    monkeypatch.setattr("robust_amo.train.PGD", RecordingPGD)
     cfg = resolve(None, [{"arch": "tiny-mlp", "dataset": "digits", "method": "spy",
                           "epochs": 1, "out": str(tmp_path), "eval": {"n_examples": 0}}])
     train(cfg)

@@ -19,8 +19,7 @@ from robustness.attacker import STEPS, AttackerModel
 from robustness.datasets import DataSet
 
 from robust_amo.attacks import pgd_iteration
-from robust_amo.config import DeltaGrad, check_choice
-from robust_amo.errors import ConfigError
+from robust_amo.config import AllLayerOptions, DeltaGrad
 from robust_amo.models import RobustModel
 from robust_amo.perturb import delta_step, perturb
 from robust_amo.runtime import eval_mode
@@ -55,12 +54,11 @@ class RobustAMOAttackerModel(AttackerModel):
     def __init__(self, model: RobustModel, dataset: DataSet, *, rho: float = 0.92,
                  eta_delta: float = 6.4e-3, delta_grad: DeltaGrad = "mean") -> None:
         check_model(model)
-        if not (rho >= 0 and eta_delta >= 0):
-            raise ConfigError(f"robust AMO needs rho >= 0 and eta_delta >= 0, got {rho}, "
-                              f"{eta_delta}")
-        check_choice("delta_grad", delta_grad, DeltaGrad)
+        options = AllLayerOptions(rho, eta_delta, delta_grad)
         super().__init__(model, dataset)
-        self.rho, self.eta_delta, self.delta_grad = float(rho), float(eta_delta), delta_grad
+        self.options = options
+        self.rho, self.eta_delta, self.delta_grad = options.rho, options.eta_delta, \
+            options.delta_grad
         self.last_adv: torch.Tensor | None = None
         self.last_deltas: list[torch.Tensor | None] | None = None
 
