@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from robust_amo.config import SplitName, choices, parse_float
 from robust_amo.errors import ConfigError, RobustAmoError
@@ -79,6 +80,22 @@ def flag_message(error: RobustAmoError, flags: Mapping[str, str]) -> str:
         if flag is not None:
             text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?![\w-])", flag, text, count=1)
     return text
+
+
+def checkpoint_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of :class:`robust_amo.evaluation.CheckpointRequest` from the flags that
+    ``eval`` and ``margins`` share (:func:`add_checkpoint_options`, ``--step-size``,
+    ``--overwrite``), by name."""
+    return {
+        "checkpoint": args.checkpoint, "model": args.model, "weights": args.weights,
+        "mean": args.mean, "std": args.std, "input_shape": args.input_shape,
+        "which": args.which, "arch": args.arch, "dataset": args.dataset,
+        "data_dir": args.data_dir, "split": args.split, "n_examples": args.n_examples,
+        "eps": args.eps, "norm": args.norm, "step_size": args.step_size,
+        "batch_size": args.batch_size, "device": args.device, "seed": args.seed,
+        "progress": not args.no_progress, "unsafe_load": args.unsafe_load,
+        "overwrite": args.overwrite,
+    }
 
 
 def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None,

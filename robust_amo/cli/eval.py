@@ -20,7 +20,7 @@ from robust_amo.evaluation.attacks import attack_help
 from robust_amo.evaluation.report import markdown
 from robust_amo.runtime import resolve_device
 
-from .common import add_checkpoint_options
+from .common import add_checkpoint_options, checkpoint_fields
 
 NAME = "eval"
 HELP = "evaluate robustness of a checkpoint (PGD-50 x 10, AutoAttack)"
@@ -64,12 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def request(args: argparse.Namespace) -> EvalRequest:
     """The :class:`EvalRequest` of the parsed flags (comma-separated lists split)."""
     return EvalRequest(
-        checkpoint=args.checkpoint, model=args.model, weights=args.weights, mean=args.mean,
-        std=args.std, input_shape=args.input_shape, which=args.which, arch=args.arch,
-        dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-        n_examples=args.n_examples, eps=args.eps, norm=args.norm, step_size=args.step_size,
-        batch_size=args.batch_size, device=args.device, seed=args.seed,
-        progress=not args.no_progress, unsafe_load=args.unsafe_load, overwrite=args.overwrite,
+        **checkpoint_fields(args),
         attacks=[a for v in args.attack for a in v.split(",")], restarts=args.restarts,
         loss=args.loss, aa_attacks=[a for a in args.aa_attacks.split(",") if a.strip()],
         aa_backend=args.aa_backend, out=args.out, resume=args.resume, bf16=args.bf16,

@@ -13,7 +13,7 @@ import argparse
 
 from robust_amo.evaluation import MarginsRequest, measure_checkpoint
 
-from .common import add_checkpoint_options
+from .common import add_checkpoint_options, checkpoint_fields
 
 NAME = "margins"
 HELP = "per-example output, all-layer, adversarial and input margins, kappa"
@@ -51,12 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def request(args: argparse.Namespace) -> MarginsRequest:
     """The :class:`MarginsRequest` of the parsed flags."""
     return MarginsRequest(
-        checkpoint=args.checkpoint, model=args.model, weights=args.weights, mean=args.mean,
-        std=args.std, input_shape=args.input_shape, which=args.which, arch=args.arch,
-        dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-        n_examples=args.n_examples, eps=args.eps, norm=args.norm, step_size=args.step_size,
-        batch_size=args.batch_size, device=args.device, seed=args.seed,
-        progress=not args.no_progress, unsafe_load=args.unsafe_load, overwrite=args.overwrite,
+        **checkpoint_fields(args),
         pgd_steps=args.pgd_steps, restarts=args.restarts, adv=not args.no_adv,
         input_margin=not args.no_input_margin, attack_steps=args.attack_steps,
         rounds=args.rounds, rtol=args.rtol, points=args.points, out=args.out,
