@@ -184,11 +184,12 @@ def load_eval_data(
         part = train
     else:
         if dataset is not None or int(data_cfg.get("val_size", 0)) <= 0:
-            raise DataError("--split val needs the checkpoint's own dataset with a held-out "
-                            "part (data.val_size > 0 in training); use --split test")
+            raise DataError("split val needs the checkpoint's own dataset with a held-out "
+                            "part (data.val_size > 0 in training); use the test split",
+                            params=("split",))
         check_split_version(meta.get("robust_amo_version"), needed=True, refuse=lambda v: DataError(
-            f"--split val cannot rebuild the held-out part of a run written by robust-amo {v} "
-            "(before 0.2.0 it was drawn differently); use --split test"))
+            f"split val cannot rebuild the held-out part of a run written by robust-amo {v} "
+            "(before 0.2.0 it was drawn differently); use the test split", params=("split",)))
         _, part = training_splits(
             train, train_subset=data_cfg.get("train_subset"),
             subset_seed=int(data_cfg.get("subset_seed", 0)), val_size=int(data_cfg["val_size"]),

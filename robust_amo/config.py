@@ -136,6 +136,16 @@ def _where(path: str) -> str:
     return f"under {path}" if path else "at the top level"
 
 
+OVERRIDES = "overrides"
+"""The source named in messages about :func:`load_config`'s ``overrides`` (its parameter)."""
+
+
+def _source_params(source: str) -> tuple[str, ...]:
+    """The parameter a message's ``source`` is: only ``overrides`` (a file's path or a key is
+    not one, and a generic ``config`` would say a front end's config option wrongly)."""
+    return (OVERRIDES,) if source == OVERRIDES else ()
+
+
 def check_keys(data: Any, path: str = "", source: str = "config") -> None:
     """ConfigError unless every mapping key in ``data`` (nested in mappings and lists) is a string.
 
@@ -147,7 +157,8 @@ def check_keys(data: Any, path: str = "", source: str = "config") -> None:
             if not isinstance(k, str):
                 raise ConfigError(
                     f"{source}: key {k!r} {_where(path)} is not a name; option keys are "
-                    "strings such as epochs (quote it if you meant the text, e.g. '1':)"
+                    "strings such as epochs (quote it if you meant the text, e.g. '1':)",
+                    params=_source_params(source)
                 )
             check_keys(v, f"{path}.{k}" if path else k, source)
     elif isinstance(data, (list, tuple)):
@@ -465,7 +476,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is nested too deeply to be a config") from None
     if data is None:
         raise ConfigError(f"config file {p} is empty; write options such as `epochs: 10` "
-                          "(as the shipped configs do), or leave out --config for the defaults")
+                          "(as the shipped configs do), or use no config file for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
     check_keys(data, source=f"config file {p}")
@@ -535,7 +546,8 @@ def rename_deprecated(data: dict[str, Any], source: str = "config", *,
         if not isinstance(node, dict) or old_key not in node:
             continue
         if new_key in node:
-            raise ConfigError(f"{source}: {old} is the old name of {new}; give only {new}")
+            raise ConfigError(f"{source}: {old} is the old name of {new}; give only {new}",
+                              params=_source_params(source))
         if warn:
             log.warning("%s: config key %s is deprecated and will be refused in the next "
                         "version; call it %s", source, old, new)
@@ -552,7 +564,8 @@ def rename_deprecated(data: dict[str, Any], source: str = "config", *,
 def parse_override(item: str) -> dict[str, Any]:
     """``"attack.eps=8/255"`` -> ``{"attack": {"eps": "8/255"}}`` (value read as YAML)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set attack.eps=8/255")
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. attack.eps=8/255",
+                          params=("override",))
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw)
@@ -583,8 +596,8 @@ def load_config(
         path = config_path(config_file)
         data = rename_deprecated(load_yaml(path), f"config file {path}")
     for o in overrides or []:
-        check_keys(o, source="override (a flag or --set)")
-        data = merge(data, rename_deprecated(o, "override (a flag or --set)"))
+        check_keys(o, source=OVERRIDES)
+        data = merge(data, rename_deprecated(o, OVERRIDES))
     cfg = from_dict(TrainConfig, data)
     validate(cfg)
     return cfg

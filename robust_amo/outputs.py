@@ -1,9 +1,9 @@
 """Output folders: created and checked before any work, never silently overwritten.
 
 Every command that writes results (``train``, ``eval``, ``margins``, ``convert-checkpoint``)
-checks its output folder here first, so an unwritable ``--out`` is a one-line error before minutes
+checks its output folder here first, so an unwritable ``out`` is a one-line error before minutes
 of work, and a folder that already holds results is refused unless the user says how to go on
-(``--resume`` to continue, ``--overwrite`` to start over). docs/checkpoints.md, "Reruns".
+(``resume`` to continue, ``overwrite`` to start over). docs/checkpoints.md, "Reruns".
 """
 
 from __future__ import annotations
@@ -29,24 +29,25 @@ TEMP_GLOB = ".*.tmp"
 rename; one left behind was cut short by a kill."""
 
 
-def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+def writable_dir(path: str | Path, param: str = "out") -> Path:
     """``path`` as a folder that exists and can be written; OutputError otherwise.
 
     Args:
         path: the output folder (created with its parents).
-        flag: the option that named it, for the message.
+        param: the parameter that named it, for the message (a front end says it its way).
     """
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        raise OutputError(f"{flag} {p} is a file, not a folder; choose a folder")
+        raise OutputError(f"{p} ({param}) is a file, not a folder; choose a folder",
+                          params=(param,))
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=p)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"cannot write into {flag} {p} ({e.strerror or e}); choose a folder "
-                          "you can write") from None
+        raise OutputError(f"cannot write into {p} ({param}: {e.strerror or e}); choose a folder "
+                          "you can write", params=(param,)) from None
     return p
 
 
@@ -56,16 +57,25 @@ def existing(folder: Path, names: Iterable[str]) -> list[str]:
 
 
 def refuse_overwrite(folder: Path, names: Iterable[str], what: str, *, overwrite: bool,
-                     ways: str = "pass --overwrite to replace it, or choose another --out",
-                     ) -> list[str]:
+                     ways: str = "replace it (overwrite) or write elsewhere (out)",
+                     params: tuple[str, ...] = ("overwrite", "out")) -> list[str]:
     """OutputError when ``folder`` holds any of ``names`` and ``overwrite`` is false.
+
+    Args:
+        folder: the output folder.
+        names: the files that would be overwritten.
+        what: what they are, for the message (``"report"``).
+        overwrite: replace them.
+        ways: how to go on, in parameter names.
+        params: the parameters ``ways`` names (:class:`robust_amo.errors.RobustAmoError`).
 
     Returns:
         the names found (to delete when ``overwrite`` is true).
     """
     found = existing(folder, names)
     if found and not overwrite:
-        raise OutputError(f"{folder} already holds a {what} ({', '.join(found)}); {ways}")
+        raise OutputError(f"{folder} already holds a {what} ({', '.join(found)}); {ways}",
+                          params=params)
     return found
 
 
@@ -98,7 +108,7 @@ LOCK_NAME = ".robust-amo.lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> Iterator[Path]:
+def folder_lock(folder: str | Path, what: str, param: str = "out") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` while a command writes into it.
 
     Two processes writing one run or study folder (a second ``robust-amo train --resume`` or
@@ -110,7 +120,7 @@ def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> Iterator[
     Raises:
         OutputError: another process holds the lock (naming its pid when it wrote one).
     """
-    p = writable_dir(folder, flag)
+    p = writable_dir(folder, param)
     if fcntl is None:
         yield p
         return

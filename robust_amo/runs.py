@@ -41,7 +41,7 @@ LOCK = LOCK_NAME
 """The lock file a training process holds while it writes the folder."""
 
 RUN_FILES = (LAST, BEST, METRICS)
-"""What makes a folder hold a run: ``train --out`` into it needs ``--resume`` or ``--overwrite``."""
+"""What makes a folder hold a run: training into it needs ``resume`` or ``overwrite``."""
 
 RESUME_FREE = frozenset({"epochs", "device", "out", "log_every", "logging.tensorboard",
                          "data.data_dir",
@@ -51,9 +51,11 @@ RESUME_FREE = frozenset({"epochs", "device", "out", "log_every", "logging.tensor
 (where the data lies and the run is written, the device, progress output, compilation, the
 evaluation batch size)."""
 
-RESUME_ADVICE = ("start over with --overwrite, or continue from the best epoch: copy best.pt "
-                 "over checkpoint.pt and --resume")
+RESUME_ADVICE = ("start over (overwrite), or continue from the best epoch: copy best.pt over "
+                 "checkpoint.pt and continue (resume)")
 """What to do when the last checkpoint cannot be resumed."""
+RESUME_ADVICE_PARAMS = ("overwrite", "resume")
+"""The parameters :data:`RESUME_ADVICE` names."""
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -192,7 +194,7 @@ class RunDir:
         keep = []
         for ln, row in _parse(self.metrics):
             if row is None:
-                log.warning("--resume: dropping an unreadable line of %s: %.80s", self.metrics,
+                log.warning("resume: dropping an unreadable line of %s: %.80s", self.metrics,
                             ln)
             elif row["epoch"] <= after_epoch:
                 keep.append(ln)
@@ -219,22 +221,23 @@ class RunDir:
             OutputError: the folder cannot be written, or holds a run and neither is given.
         """
         if resume and overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other: continue the run or "
-                              "start it over")
+            raise ConfigError("resume and overwrite exclude each other: continue the run or "
+                              "start it over", params=("resume", "overwrite"))
         writable_dir(self.path)
         remove_temp_files(self.path)
         found = refuse_overwrite(
             self.path, RUN_FILES, "run", overwrite=overwrite or resume,
-            ways="pass --resume to continue it or --overwrite to start over (deletes it)")
+            ways="continue it (resume) or start over (overwrite, deletes it)",
+            params=("resume", "overwrite"))
         if overwrite:
             for name in found:
                 (self.path / name).unlink()
-                log.info("--overwrite: deleted %s", self.path / name)
+                log.info("overwrite: deleted %s", self.path / name)
             # the old run's pictures and TensorBoard events would mix with the new run's
             self.curves.unlink(missing_ok=True)
             if self.tb.is_dir():
                 shutil.rmtree(self.tb)
-                log.info("--overwrite: deleted %s", self.tb)
+                log.info("overwrite: deleted %s", self.tb)
 
     def check_resume(self, checkpoint: Mapping[str, Any], cfg: TrainConfig) -> None:
         """The last checkpoint (already read) may be continued under ``cfg``.
@@ -249,5 +252,5 @@ class RunDir:
             raise CheckpointError(
                 f"cannot resume {self.last}: this run's config differs from the checkpoint's in "
                 f"{', '.join(differ)}; resume with the run's own settings (its config.yaml), or "
-                "start a new run (another --out, or --overwrite)"
+                "start a new run (another out, or overwrite)", params=("out", "overwrite")
             )

@@ -33,8 +33,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RobustAmoError("--device cuda was asked for but no CUDA device is available; "
-                             "use --device cpu")
+        raise RobustAmoError(f"device {name!r} needs CUDA, which is not available here; use "
+                             "cpu", params=("device",))
     return dev
 
 

@@ -31,8 +31,8 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional extra
         except ImportError:
             raise ConfigError("logging.tensorboard needs the tensorboard package: pip install "
-                              "-e \".[tensorboard]\" (or pip install tensorboard), or drop "
-                              "--tensorboard") from None
+                              "-e \".[tensorboard]\" (or pip install tensorboard), or turn it "
+                              "off", params=("logging.tensorboard",)) from None
         self.path = Path(run_dir) / FOLDER
         self.writer = SummaryWriter(log_dir=str(self.path))
         text = yaml.safe_dump(config, sort_keys=False)

@@ -46,7 +46,7 @@ from .errors import CheckpointError, ConfigError, RobustAmoError
 from .methods import build_objective, method_spec
 from .models import create_model
 from .resolve import check_names
-from .runs import RESUME_ADVICE, RunDir
+from .runs import RESUME_ADVICE, RESUME_ADVICE_PARAMS, RunDir
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
 from .tblog import TensorBoardLog
 
@@ -347,9 +347,9 @@ def _start(s: _Session, opt: Optimisation) -> Progress:
         found = distributed.gather_objects(state.start_epoch)
         if len(set(found)) > 1:
             raise CheckpointError(
-                f"--resume: the processes found different checkpoints in {s.run.path} (epochs "
-                f"{found} by rank); put --out on storage every machine sees"
-            )
+                f"resume: the processes found different checkpoints in {s.run.path} (epochs "
+                f"{found} by rank); put out on storage every machine sees",
+                params=("resume", "out"))
         if s.ctx.is_main:
             s.run.truncate_metrics(state.start_epoch)
     if s.ctx.is_main:  # after the resume check, which must not replace the run's own config
@@ -361,9 +361,10 @@ def _resume(s: _Session, opt: Optimisation) -> Progress:
     """Load the run's last checkpoint into the live objects."""
     path = s.run.last
     if not path.exists():
-        log.warning("--resume: no checkpoint in %s yet, starting from scratch", s.run.path)
+        log.warning("resume: no checkpoint in %s yet, starting from scratch", s.run.path)
         return Progress()
-    ck = ckpt_io.load_native(path, unsafe_load=s.unsafe_load, advice=RESUME_ADVICE)
+    ck = ckpt_io.load_native(path, unsafe_load=s.unsafe_load, advice=RESUME_ADVICE,
+                             advice_params=RESUME_ADVICE_PARAMS)
     s.run.check_resume(ck, s.cfg)
     check_split_version(
         ck.get("robust_amo_version"),
@@ -371,7 +372,7 @@ def _resume(s: _Session, opt: Optimisation) -> Progress:
         refuse=lambda v: CheckpointError(
             f"cannot resume {path}: robust-amo {v} drew data.train_subset/data.val_size "
             "differently, so the run would go on with other training data; start a new run "
-            "(another --out)"),
+            "(another out)", params=("out",)),
     )
     opt.net.load_state_dict(ckpt_io.model_state(ck))
     opt.optimizer.load_state_dict(ck["optimizer"])

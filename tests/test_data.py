@@ -41,8 +41,9 @@ def test_missing_dataset_says_where_and_how(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path)
     msg = str(e.value)
-    assert str(tmp_path / "cifar10.npz") in msg and "--download" in msg
-    with pytest.raises(DataError, match="--data-dir"):
+    assert str(tmp_path / "cifar10.npz") in msg and msg.endswith("fetch it (download)")
+    assert e.value.params == ("download",)
+    with pytest.raises(DataError, match="^dataset 'mnist' needs data_dir: "):
         load_dataset("mnist", None)
     with pytest.raises(DataError, match="known datasets"):
         load_dataset("imagenet", tmp_path)

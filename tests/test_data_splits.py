@@ -101,7 +101,8 @@ def test_train_resume_and_eval_val_refuse_through_the_one_check(digits, tmp_path
 
     # moving SPLITS_SINCE in its one place makes both callers refuse a run of today's version
     monkeypatch.setattr(data_splits, "SPLITS_SINCE", (99, 0, 0))
-    with pytest.raises(DataError, match=f"written by robust-amo {__version__} .*use --split test$"):
+    with pytest.raises(DataError,
+                       match=f"written by robust-amo {__version__} .*use the test split$"):
         load_eval_data(meta, split="val")
     capsys.readouterr()
     assert main([*train_args(2), "--resume"]) == 2

@@ -71,7 +71,7 @@ def test_a_train_request_trains_then_resumes(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="robust_amo.worker"):
         assert worker.main([str(req)]) == worker.USER_ERROR
     (record,) = [r for r in caplog.records if r.name == "robust_amo.worker"]
-    assert "--resume" in record.getMessage() and "\n" not in record.getMessage()
+    assert "continue it (resume)" in record.getMessage() and "\n" not in record.getMessage()
     assert run.metrics.read_text() == first
 
     config = _config(tmp_path, epochs=2)  # more epochs: a key a resumed run may change

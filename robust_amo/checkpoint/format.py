@@ -66,8 +66,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(
             f"could not write {path} ({e.strerror or e}); the previous {path.name} is intact: "
-            "free space (or choose another --out) and run the command again (with --resume to "
-            "continue)"
+            "free space (or choose another out) and run the command again (with resume to "
+            "continue)", params=("out", "resume")
         ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,6 +114,7 @@ SAFE_GLOBALS: tuple[Any, ...] = (
     type(np.dtype(np.uint32)),
 )
 UNSAFE_FLAG = "--unsafe-load"
+"""The CLI's flag for ``unsafe_load`` (library messages name the parameter)."""
 
 
 def _safe_globals() -> list[Any]:
@@ -125,7 +126,8 @@ def _safe_globals() -> list[Any]:
 
 
 def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
-              unsafe_load: bool = False, advice: str | None = None) -> Any:
+              unsafe_load: bool = False, advice: str | None = None,
+              advice_params: tuple[str, ...] = ()) -> Any:
     """The one reader of checkpoint, weights and state files (ours and robustness's).
 
     docs/checkpoints.md, "Loading policy": every file is read with
@@ -138,7 +140,10 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
         path: the file.
         map_location: where tensors are loaded (default CPU).
         unsafe_load: unpickle arbitrary objects (runs code from the file; trusted files only).
-        advice: what to do about a truncated or corrupt file, for the command at hand.
+        advice: what to do about a truncated or corrupt file, for the command at hand
+            (default: read the run's best checkpoint, ``which="best"``).
+        advice_params: the parameters ``advice`` names
+            (:class:`robust_amo.errors.RobustAmoError`).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or needs full unpickling
@@ -155,11 +160,11 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
             raise CheckpointError(
                 f"{p} holds pickled objects other than tensors and plain containers "
                 f"({_refused_global(e)}); loading it would run code from the file. If you trust "
-                f"its source, pass {UNSAFE_FLAG}"
+                "its source, allow it with unsafe_load", params=("unsafe_load",)
             ) from None
     except Exception as e:  # a damaged file can raise almost anything while being read
-        raise _corrupt(p, e, advice) from None
-    log.warning("%s: unpickling %s in full (%s): this runs code from the file", UNSAFE_FLAG, p,
+        raise _corrupt(p, e, advice, advice_params) from None
+    log.warning("unsafe_load: unpickling %s in full (%s): this runs code from the file", p,
                 "trusted source assumed")
     try:
         return torch.load(p, map_location=map_location, weights_only=False)
@@ -169,7 +174,7 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
             "install robustness"
         ) from None
     except Exception as e:  # as above
-        raise _corrupt(p, e, advice) from None
+        raise _corrupt(p, e, advice, advice_params) from None
 
 
 def _refused_global(e: Exception) -> str:
@@ -181,13 +186,19 @@ def _refused_global(e: Exception) -> str:
     return f"unsupported pickle operand {m.group(1)}" if m else "not a weights-only file"
 
 
-def _corrupt(p: Path, e: Exception, advice: str | None = None) -> CheckpointError:
+DEFAULT_ADVICE = "use another checkpoint of the run (which best reads best.pt)"
+"""What to do about a truncated or corrupt file, unless the command knows better."""
+
+
+def _corrupt(p: Path, e: Exception, advice: str | None = None,
+             advice_params: tuple[str, ...] = ()) -> CheckpointError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     first = first if len(first) <= 120 else first[:117] + "..."
-    return CheckpointError(
-        f"{p} is truncated or corrupt ({type(e).__name__}: {first}); "
-        + (advice or "use another checkpoint of the run (--which best reads best.pt)")
-    )
+    if advice is None:
+        advice, advice_params = DEFAULT_ADVICE, ("which",)
+    # the advice before the reader's own text, which may hold a parameter's name as a word
+    return CheckpointError(f"{p} is truncated or corrupt; {advice} ({type(e).__name__}: {first})",
+                           params=advice_params)
 
 
 def check_native(ckpt: Any, source: str | Path) -> dict[str, Any]:
@@ -210,15 +221,17 @@ def is_native(obj: Any) -> bool:
 
 def load_native(path: str | Path, map_location: str | torch.device = "cpu",
                 which: Which | str = "last", *, unsafe_load: bool = False,
-                advice: str | None = None) -> dict[str, Any]:
+                advice: str | None = None, advice_params: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
     """Load and check a robust-amo checkpoint (a ``.pt`` file or a run folder), weights-only
-    unless ``unsafe_load`` (:func:`read_file`).
+    unless ``unsafe_load`` (:func:`read_file`, which says what ``advice`` is).
 
     Raises:
         CheckpointError: missing, truncated/corrupt, not ours, or from a newer robust-amo.
     """
     p = resolve_path(path, which)
-    return check_native(read_file(p, map_location, unsafe_load=unsafe_load, advice=advice), p)
+    return check_native(read_file(p, map_location, unsafe_load=unsafe_load, advice=advice,
+                                  advice_params=advice_params), p)
 
 
 def build_checkpoint(

@@ -179,7 +179,7 @@ def from_robustness(
         ``robust-amo eval`` read it once saved.
 
     Raises:
-        CheckpointError: naming the missing ``--arch``/``--dataset`` or the mismatch.
+        CheckpointError: naming the missing ``arch``/``dataset`` or the mismatch.
     """
     sd = rckpt.get("model", rckpt.get("state_dict"))
     if not isinstance(sd, Mapping):
@@ -189,8 +189,8 @@ def from_robustness(
     dataset = dataset or meta.get("dataset")
     if arch is None:
         raise CheckpointError(
-            "this robustness checkpoint does not say which architecture it holds; pass --arch "
-            "(a registered name, see `robust-amo archs`) and --dataset"
+            "this robustness checkpoint does not say which architecture it holds; pass arch "
+            "(a registered name, see `robust-amo archs`) and dataset", params=("arch", "dataset")
         )
     model_sd, mean, std = split_attacker_state(sd)
     if input_shape is None:
@@ -198,8 +198,8 @@ def from_robustness(
     if input_shape is None:
         if dataset is None:
             raise CheckpointError(
-                "cannot tell the input shape of this robustness checkpoint; pass --dataset "
-                "(e.g. cifar10) or --input-shape C,H,W"
+                "cannot tell the input shape of this robustness checkpoint; pass dataset "
+                "(e.g. cifar10) or input_shape (C, H, W)", params=("dataset", "input_shape")
             )
         input_shape = dataset_info(dataset).input_shape
     weight = model_sd.get("classifier.weight")
@@ -216,8 +216,9 @@ def from_robustness(
         model.load_state_dict(folded)
     except RuntimeError as e:
         raise CheckpointError(
-            f"the checkpoint's weights do not fit {arch!r} with input shape {tuple(input_shape)} "
-            f"({ckpt_io.load_error_summary(e)}); check --arch/--dataset"
+            f"the checkpoint's weights do not fit {arch!r} with input shape {tuple(input_shape)}; "
+            f"check arch and dataset ({ckpt_io.load_error_summary(e)})",
+            params=("arch", "dataset")
         ) from None
     n_mean = folded["normalize.mean"].flatten().tolist()
     n_std = folded["normalize.std"].flatten().tolist()
@@ -256,7 +257,8 @@ def convert_checkpoint(
         raise CheckpointError(f"{src} is neither a robust-amo nor a robustness checkpoint")
     target = to or (ROBUSTNESS if is_ours else ROBUST_AMO)
     if target not in (ROBUSTNESS, ROBUST_AMO):
-        raise CheckpointError(f"--to must be {ROBUSTNESS} or {ROBUST_AMO}, got {target!r}")
+        raise CheckpointError(f"to must be {ROBUSTNESS} or {ROBUST_AMO}, got {target!r}",
+                              params=("to",))
     if (target == ROBUSTNESS) != is_ours:
         raise CheckpointError(f"{src} is already a {target} checkpoint")
     if is_ours:

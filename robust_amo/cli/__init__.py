@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
         command.add_arguments(p)
-        # the library names its parameters; commands built on a request say them as flags
-        flags = flags_of(p, command.PARAM_FLAGS) if hasattr(command, "PARAM_FLAGS") else {}
+        # the library names its parameters; every command says them as its flags
+        flags = flags_of(p, getattr(command, "PARAM_FLAGS", None))
         p.set_defaults(handler=command.run, param_flags=flags)
     return parser
 

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from robust_amo.checkpoint import UNSAFE_FLAG
 from robust_amo.config import SplitName, choices, parse_float
 from robust_amo.errors import ConfigError, RobustAmoError
 
@@ -72,13 +73,15 @@ def flag_message(error: RobustAmoError, flags: Mapping[str, str]) -> str:
     """The one-line message of a library error with each parameter it names said as its flag.
 
     The first whole-word occurrence of each of ``error.params`` that ``flags`` knows is
-    replaced (``eps must be >= 0`` -> ``--eps must be >= 0``); everything else is kept.
+    replaced (``eps must be >= 0`` -> ``--eps must be >= 0``); everything else is kept. A word
+    inside a path (``runs/out/x``) or a dotted key (``data.out``) is not a parameter.
     """
     text = str(error)
     for param in getattr(error, "params", ()):
         flag = flags.get(param)
         if flag is not None:
-            text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?![\w-])", flag, text, count=1)
+            text = re.sub(rf"(?<![\w./\\-]){re.escape(param)}(?![\w/\\-])", flag, text,
+                          count=1)
     return text
 
 
@@ -152,7 +155,7 @@ UNSAFE_HELP = ("unpickle a checkpoint that holds objects other than tensors and 
 
 def add_unsafe_load(p: argparse.ArgumentParser) -> None:
     """``--unsafe-load``: the one way to read a file that needs full unpickling."""
-    p.add_argument("--unsafe-load", action="store_true", help=UNSAFE_HELP)
+    p.add_argument(UNSAFE_FLAG, action="store_true", help=UNSAFE_HELP)
 
 
 def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:

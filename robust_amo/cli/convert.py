@@ -13,6 +13,10 @@ from .common import add_overwrite, add_unsafe_load, input_shape
 NAME = "convert-checkpoint"
 HELP = "convert a checkpoint between robust-amo and MadryLab's robustness"
 
+PARAM_FLAGS = {"dst": "DST"}
+""":func:`convert_checkpoint`'s parameters as this command says them (errors name them; the
+options' dests map to their flags)."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """SRC, DST, the target format and what a robustness checkpoint does not record."""
@@ -31,9 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Auto-detect the direction, convert, write atomically."""
     dst = Path(args.dst)
-    writable_dir(dst.parent, "DST's folder")
+    writable_dir(dst.parent, "dst")
     refuse_overwrite(dst.parent, [dst.name], "file", overwrite=args.overwrite,
-                     ways="pass --overwrite to replace it, or choose another DST")
+                     ways="replace it (overwrite) or choose another dst",
+                     params=("overwrite", "dst"))
     target = convert_checkpoint(args.src, args.dst, to=args.to, arch=args.arch,
                                 dataset=args.dataset, input_shape=args.input_shape,
                                 unsafe_load=args.unsafe_load)

@@ -39,6 +39,9 @@ HELP = "reproduce a paper table or figure (a study): train, select, evaluate, ta
 
 log = logging.getLogger(__name__)
 
+PARAM_FLAGS = {"override": "--set", "overrides": "--set", "progress": "--no-progress"}
+"""Parameters whose flag is spelt otherwise (errors name the flag)."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The study, what of it to run, and how many processes at once."""

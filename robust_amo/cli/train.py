@@ -23,6 +23,11 @@ HELP = "train a model (standard, PGD, robust AMO, clean AMO, Jacobian-LM)"
 
 log = logging.getLogger(__name__)
 
+PARAM_FLAGS = {"override": "--set", "overrides": "--set", "logging.tensorboard": "--tensorboard"}
+"""Parameters and config keys whose flag is spelt otherwise (errors name the flag); every other
+option's dest is its parameter (``resume`` -> ``--resume``, ``image_size`` -> ``--image-size``).
+Other dotted config keys stay as they are: they may come from the config file."""
+
 DEFAULTS = TrainConfig()
 """What a flag left out (and absent from --config) trains with; the help shows it."""
 

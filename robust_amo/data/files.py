@@ -233,9 +233,9 @@ def from_files(
                          "DatasetInfo")
     if root is None:
         raise DataError(
-            f"dataset {name!r} needs --data-dir: a folder with {' or '.join(npz_names)} "
-            "(keys x_train, y_train, x_test, y_test) or torchvision's layout; add --download to "
-            "let torchvision fetch it there"
+            f"dataset {name!r} needs data_dir: a folder with {' or '.join(npz_names)} "
+            "(keys x_train, y_train, x_test, y_test) or torchvision's layout (download lets "
+            "torchvision fetch it there)", params=("data_dir", "download")
         )
     if root.is_file():
         return load_npz(root, name, info)
@@ -251,6 +251,6 @@ def from_files(
         looked.append(f"{root} (torchvision layout: {e})")
         raise DataError(
             f"dataset {name!r} not found; looked in: {'; '.join(looked)}. Put one of "
-            f"{', '.join(npz_names)} in that folder, or pass --download to let "
-            "torchvision fetch it"
+            f"{', '.join(npz_names)} in that folder, or let torchvision fetch it (download)",
+            params=("download",)
         ) from None

@@ -28,15 +28,16 @@ def folder_args(request: DataRequest) -> tuple[Path, int]:
         DataError: no ``data_dir``, no ``image_size``, or ``data_dir`` is not a folder.
     """
     if request.data_dir is None:
-        raise DataError("--dataset imagefolder needs --data-dir: a folder with train/CLASS/*.png "
-                        "and test/CLASS/... (or val/)")
+        raise DataError("dataset imagefolder needs data_dir: a folder with train/CLASS/*.png "
+                        "and test/CLASS/... (or val/)", params=("dataset", "data_dir"))
     if request.image_size is None or request.image_size < 1:
-        raise DataError("--dataset imagefolder needs data.image_size (e.g. --set "
-                        "data.image_size=32): images are resized and centre-cropped to it")
+        # the config key first (what a config file sets), then the parameter (a flag in the CLI)
+        raise DataError("dataset imagefolder needs data.image_size (image_size, e.g. 32): images "
+                        "are resized and centre-cropped to it", params=("dataset", "image_size"))
     root = request.data_dir
     if not root.is_dir():
-        raise DataError(f"--data-dir {root} is not a folder; imagefolder needs "
-                        "train/CLASS/... and test/CLASS/... inside it")
+        raise DataError(f"data_dir {root} is not a folder; imagefolder needs "
+                        "train/CLASS/... and test/CLASS/... inside it", params=("data_dir",))
     return root, int(request.image_size)
 
 

@@ -43,36 +43,39 @@ def load_factory(spec: str) -> Callable[..., Any]:
     """
     where, sep, fn = spec.rpartition(":")
     if not sep or not where or not fn.isidentifier():
-        raise ConfigError(f"--model {spec!r}: expected FILE.py:FN or package.module:FN, e.g. "
-                          "my_models.py:build")
+        raise ConfigError(f"model {spec!r}: expected FILE.py:FN or package.module:FN, e.g. "
+                          "my_models.py:build", params=("model",))
     if where.endswith(".py") or "/" in where or "\\" in where:
         path = Path(where).expanduser()
         if not path.is_file():
-            raise ConfigError(f"--model {spec!r}: the file {path} does not exist")
+            raise ConfigError(f"model {spec!r}: the file {path} does not exist",
+                              params=("model",))
         name = f"robust_amo_user_model_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:
-            raise ConfigError(f"--model {spec!r}: {path} is not a Python file")
+            raise ConfigError(f"model {spec!r}: {path} is not a Python file",
+                              params=("model",))
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # dataclasses and pickling look modules up by name
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:  # the user's code: any error is theirs to fix
             sys.modules.pop(name, None)
-            raise ConfigError(f"--model {spec!r}: running {path} failed ({_short(e)})") from None
+            raise ConfigError(f"model {spec!r}: running {path} failed ({_short(e)})",
+                              params=("model",)) from None
     else:
         try:
             module = importlib.import_module(where)
         except Exception as e:
-            raise ConfigError(f"--model {spec!r}: cannot import {where} ({_short(e)}); is it "
-                              "installed or on PYTHONPATH?") from None
+            raise ConfigError(f"model {spec!r}: cannot import {where} ({_short(e)}); is it "
+                              "installed or on PYTHONPATH?", params=("model",)) from None
     factory = getattr(module, fn, None)
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items()
                        if callable(v) and not n.startswith("_") and not inspect.isclass(v)
                        and getattr(v, "__module__", None) == module.__name__)
-        raise ConfigError(f"--model {spec!r}: {where} has no function {fn} (functions: "
-                          f"{', '.join(found) or 'none'})")
+        raise ConfigError(f"model {spec!r}: {where} has no function {fn} (functions: "
+                          f"{', '.join(found) or 'none'})", params=("model",))
     return factory
 
 
@@ -93,7 +96,7 @@ class ExternalModel(nn.Module):
         mean, std: per-channel normalisation applied before ``net`` (identity when None).
         points: qualified names inside ``net`` of the perturbation points (None: the model's own
             ``perturbation_points()``, else the default rule).
-        arch: the ``--model`` text, kept as the model's name in reports.
+        arch: the ``FILE.py:FN`` text, kept as the model's name in reports.
     """
 
     def __init__(self, net: nn.Module, channels: int, mean: Sequence[float] | None = None,
@@ -108,8 +111,8 @@ class ExternalModel(nn.Module):
             unknown = [p for p in points if p not in modules or p == ""]
             if unknown:
                 shown = ", ".join(n for n in list(modules)[1:12] if n)
-                raise ConfigError(f"--points: the model has no module {unknown[0]!r} (modules: "
-                                  f"{shown}, ...)")
+                raise ConfigError(f"points: the model has no module {unknown[0]!r} (modules: "
+                                  f"{shown}, ...)", params=("points",))
             self._names = [f"net.{p}" for p in points]
         elif hasattr(net, "perturbation_points"):
             self._names = [f"net.{n}" for n, _ in net.perturbation_points()]
@@ -151,14 +154,15 @@ def build_external(spec: str, num_classes: int, input_shape: Sequence[int], *,
     try:
         net = factory(num_classes=num_classes) if _accepts_num_classes(factory) else factory()
     except Exception as e:
-        raise ConfigError(f"--model {spec!r}: calling it raised {_short(e)}") from None
+        raise ConfigError(f"model {spec!r}: calling it raised {_short(e)}",
+                          params=("model",)) from None
     if not isinstance(net, nn.Module):
-        raise ConfigError(f"--model {spec!r} returned a {type(net).__name__}, not a "
-                          "torch.nn.Module")
+        raise ConfigError(f"model {spec!r} returned a {type(net).__name__}, not a "
+                          "torch.nn.Module", params=("model",))
     try:
         model = ExternalModel(net, int(input_shape[0]), mean, std, points, arch=spec)
     except ValueError as e:  # Normalize: mean/std of the wrong length
-        raise ConfigError(f"--mean/--std: {e}") from None
+        raise ConfigError(f"mean and std: {e}", params=("mean", "std")) from None
     check_output(model, input_shape, num_classes, spec)
     return model
 
@@ -172,12 +176,13 @@ def check_output(model: nn.Module, input_shape: Sequence[int], num_classes: int,
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as e:
-        raise ConfigError(f"--model {name!r} fails on inputs of shape (2, "
-                          f"{', '.join(map(str, input_shape))}): {_short(e)}; check "
-                          "--input-shape") from None
+        # the fix before the user's error text, which may hold the word input_shape itself
+        raise ConfigError(f"model {name!r} fails on inputs of shape (2, "
+                          f"{', '.join(map(str, input_shape))}) (check input_shape): "
+                          f"{_short(e)}", params=("model", "input_shape")) from None
     finally:
         model.train(was_training)
     if not torch.is_tensor(out) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ConfigError(f"--model {name!r} returns {shape} for 2 inputs; expected logits of "
-                          f"shape (B, num_classes) = (2, {num_classes})")
+        raise ConfigError(f"model {name!r} returns {shape} for 2 inputs; expected logits of "
+                          f"shape (B, num_classes) = (2, {num_classes})", params=("model",))

@@ -122,7 +122,7 @@ def test_runs_written_before_0_2_cannot_be_resplit_or_resumed(run, tmp_path, cap
     ck = read_file(old / "checkpoint.pt")
     ck["robust_amo_version"] = "0.1.0"  # its held-out split was drawn with another seed rule
     atomic_save(ck, old / "checkpoint.pt")
-    with pytest.raises(DataError, match="use --split test"):
+    with pytest.raises(DataError, match="^split val .*; use the test split$"):
         load_for_analysis(old, split="val")
     assert len(load_for_analysis(old, split="test", n_examples=4).data.y) == 4
     rc = main(["train", "--arch", "tiny-cnn", "--dataset", "digits", "--method", "pgd",

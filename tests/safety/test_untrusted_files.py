@@ -83,8 +83,9 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
 def test_read_file_refuses_a_payload(tmp_path):
     marker = tmp_path / "ran"
-    with pytest.raises(CheckpointError, match="--unsafe-load"):
+    with pytest.raises(CheckpointError, match="allow it with unsafe_load$") as e:
         ckpt_io.read_file(_evil(tmp_path / "evil.pt", marker))
+    assert e.value.params == ("unsafe_load",)
     assert not marker.exists()
 
 
