@@ -25,7 +25,8 @@ from robust_amo.evaluation import (
 from robust_amo.evaluation import api as eval_api
 from robust_amo.evaluation.report import SCHEMA, Report, markdown
 from robust_amo.margins import SearchOptions, measure
-from robust_amo.train import resolve, train
+from robust_amo.resolve import resolve
+from robust_amo.train import train
 from tests.helpers import tiny_run
 
 
