@@ -24,7 +24,7 @@ from torch import nn
 from robust_amo.attacks import PGD
 from robust_amo.compiled import CompiledModel
 from robust_amo.config import TrainConfig
-from robust_amo.data import Loader, Split
+from robust_amo.data import Examples, Loader
 from robust_amo.methods import build_objective
 from robust_amo.models import create_model
 from robust_amo.runtime import amp_factory, resolve_device
@@ -96,12 +96,12 @@ def make_model(args: argparse.Namespace, device: torch.device, num_classes: int 
     return create_model(args.arch, num_classes, input_shape=shape, mean=mean, std=std).to(device)
 
 
-def synthetic_split(args: argparse.Namespace, n: int, num_classes: int = 10) -> Split:
+def synthetic_split(args: argparse.Namespace, n: int, num_classes: int = 10) -> Examples:
     """n random uint8 images with random labels (throughput does not depend on the content)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (n, args.channels, args.image_size, args.image_size), generator=g,
                       dtype=torch.uint8)
-    return Split(x, torch.randint(0, num_classes, (n,), generator=g))
+    return Examples(x, torch.randint(0, num_classes, (n,), generator=g))
 
 
 class NativeTrainer:
@@ -114,7 +114,7 @@ class NativeTrainer:
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device, steps: int = 10,
-                 model: nn.Module | None = None, split: Split | None = None,
+                 model: nn.Module | None = None, split: Examples | None = None,
                  augment: bool = True) -> None:
         self.device = device
         cfg = TrainConfig(arch=args.arch, method="pgd", batch_size=args.batch_size,

@@ -59,7 +59,7 @@ from torch import nn
 from bench import data_pipeline, eval_vs_robustness, mfu, step_cost
 from bench.common import NativeTrainer, base_parser, chunks, sync
 from bench.pgd_train_vs_robustness import robustness_images_per_s
-from robust_amo.data import Split, dataset_info, load_dataset
+from robust_amo.data import Examples, dataset_info, load_dataset
 from robust_amo.errors import RobustAmoError
 from robust_amo.evaluation import AutoAttackSettings, autoattack_robust
 from robust_amo.models import create_model
@@ -355,7 +355,7 @@ def find_cifar(data_dir: Path | None) -> Path | None:
     return None
 
 
-def cifar_splits(path: Path, n_test: int, seed: int = 0) -> tuple[Split, Split]:
+def cifar_splits(path: Path, n_test: int, seed: int = 0) -> tuple[Examples, Examples]:
     """(train, held-out test) from a CIFAR-10 .npz.
 
     With only ``x_test``/``y_test`` (the 28 MB JPEG-q75 test file the GPU machine can carry),
@@ -367,9 +367,9 @@ def cifar_splits(path: Path, n_test: int, seed: int = 0) -> tuple[Split, Split]:
         x_te, y_te = d["x_test"], d["y_test"]
         x_tr, y_tr = (d["x_train"], d["y_train"]) if "x_train" in keys else (None, None)
 
-    def split(x: np.ndarray, y: np.ndarray) -> Split:
+    def split(x: np.ndarray, y: np.ndarray) -> Examples:
         t = torch.from_numpy(np.ascontiguousarray(x))
-        return Split(t.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long())
+        return Examples(t.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long())
 
     test = split(x_te, y_te)
     if x_tr is not None:
@@ -378,7 +378,7 @@ def cifar_splits(path: Path, n_test: int, seed: int = 0) -> tuple[Split, Split]:
     return test.subset(perm[n_test:]), test.subset(perm[:n_test])
 
 
-def robust_model(s: Suite) -> tuple[nn.Module, Split, str]:
+def robust_model(s: Suite) -> tuple[nn.Module, Examples, str]:
     """The PGD-trained model of steps 6 and 7 (trained once, on first use), its held-out test
     split and a description."""
     if "robust" in s.shared:
@@ -434,7 +434,7 @@ def robust_model(s: Suite) -> tuple[nn.Module, Split, str]:
     return s.shared["robust"]
 
 
-def _xy(test: Split, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _xy(test: Examples, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     n = min(n, len(test))
     return test.x[:n].to(device).float() / 255, test.y[:n].to(device)
 

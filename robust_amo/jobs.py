@@ -8,12 +8,18 @@ and type, so a hand-edited or stale file is a one-line error, and JSON runs no c
 
 A new kind of job is one dataclass here (with its ``KIND``, listed in :data:`REQUESTS`) and one
 function in :mod:`robust_amo.worker`.
+
+An evaluation is described by :class:`robust_amo.evaluation.EvalRequest`, which lives in a higher
+tier than this module; :class:`EvalJobRequest` therefore carries it as the plain dict of
+``EvalRequest.to_dict()``, and the worker hands that dict to ``evaluate_checkpoint``, which checks
+its keys and values (one definition of the evaluation's fields, not a copy here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +47,30 @@ class TrainRequest:
     """Progress bars (off in a log file)."""
 
 
-Request = TrainRequest
-"""Any request a worker runs (a union once there is more than one kind)."""
+@dataclass(frozen=True)
+class EvalJobRequest:
+    """Evaluate a checkpoint (what ``robust-amo eval`` does): the evaluation's fields as
+    :meth:`robust_amo.evaluation.EvalRequest.to_dict` writes them."""
 
-REQUESTS: dict[str, type[Request]] = {TrainRequest.KIND: TrainRequest}
+    KIND: ClassVar[str] = "eval"
+
+    evaluation: dict[str, Any]
+    """``EvalRequest.to_dict()``: checked by ``evaluate_checkpoint`` when the worker runs it."""
+
+
+Request = TrainRequest | EvalJobRequest
+"""Any request a worker runs."""
+
+REQUESTS: dict[str, type[TrainRequest] | type[EvalJobRequest]] = {
+    TrainRequest.KIND: TrainRequest, EvalJobRequest.KIND: EvalJobRequest}
 """Each request class by its ``kind``."""
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the field's type (``X | None``, ``dict[str, Any]``, ``str``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    return isinstance(value, typing.get_origin(hint) or hint)
 
 
 def write_request(request: Request, path: str | Path) -> Path:
@@ -87,7 +112,7 @@ def read_request(path: str | Path) -> Request:
             if f.default is dataclasses.MISSING:
                 raise ConfigError(f"request {p}: key {name!r} is missing")
             continue
-        if not isinstance(data[name], hints[name]):
+        if not _matches(data[name], hints[name]):
             raise ConfigError(f"request {p}: {name} must be {hints[name]}, got "
                               f"{data[name]!r}")
     return cls(**data)

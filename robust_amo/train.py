@@ -34,8 +34,8 @@ from .config import TrainConfig
 from .curves import write_curves
 from .data import (
     DatasetInfo,
+    Examples,
     Loader,
-    Split,
     check_split_version,
     dataset_info,
     load_dataset,
@@ -178,8 +178,8 @@ class TrainData:
     """The training set's loader and the per-epoch check's examples, on the device."""
 
     info: DatasetInfo
-    train_split: Split
-    eval_split: Split
+    train_split: Examples
+    eval_split: Examples
     loader: Loader
     eval_loader: Loader
 

@@ -2,9 +2,10 @@
 
 The runner writes a typed request (:mod:`robust_amo.jobs`) into the run folder and starts this
 module as its own process, so jobs run in parallel and a SIGTERM stops one cleanly. The worker
-reads the request, logs as the ``robust-amo`` command does, calls the library (no command line
-in between) and exits as the command would: 0 when done, 2 with one line for an error the user
-can fix (:class:`robust_amo.errors.RobustAmoError`), 130 on SIGINT or SIGTERM.
+reads the request, logs as the ``robust-amo`` command does, calls the library (``train``,
+``evaluate_checkpoint``: no command line in between) and exits as the command would: 0 when
+done, 2 with one line for an error the user can fix (:class:`robust_amo.errors.RobustAmoError`),
+130 on SIGINT or SIGTERM.
 
 Each kind of request has one function here, listed in :data:`HANDLERS`.
 """
@@ -20,7 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import RobustAmoError
-from .jobs import Request, TrainRequest, read_request
+from .evaluation import evaluate_checkpoint
+from .evaluation.report import markdown
+from .jobs import EvalJobRequest, Request, TrainRequest, read_request
 from .resolve import resolve
 from .train import train
 
@@ -42,7 +45,15 @@ def run_train(request: TrainRequest) -> None:
     log.info("done: run folder %s; last epoch %s", cfg.out, metrics)
 
 
-HANDLERS: dict[type, Callable[[Any], None]] = {TrainRequest: run_train}
+def run_eval(request: EvalJobRequest) -> None:
+    """Evaluate the checkpoint (:func:`robust_amo.evaluation.evaluate_checkpoint`, which
+    checks the request's fields) and log the report's table, as ``robust-amo eval`` prints it."""
+    report = evaluate_checkpoint(request.evaluation)
+    log.info("done: clean accuracy %.4f, robust accuracy %.4f\n%s", report.clean_accuracy,
+             report.robust_accuracy, markdown(report))
+
+
+HANDLERS: dict[type, Callable[[Any], None]] = {TrainRequest: run_train, EvalJobRequest: run_eval}
 """The function that runs each kind of request."""
 
 

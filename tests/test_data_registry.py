@@ -9,7 +9,7 @@ from robust_amo import DataError
 from robust_amo.data import (
     DataRequest,
     DatasetInfo,
-    Split,
+    Examples,
     dataset_info,
     dataset_names,
     load_dataset,
@@ -39,11 +39,11 @@ def test_one_registered_function_adds_a_dataset(tmp_path):
     seen: list[DataRequest] = []
 
     @register_dataset("toy-blobs", aliases=("blobs",), info=info)
-    def toy(request: DataRequest) -> tuple[Split, Split]:
+    def toy(request: DataRequest) -> tuple[Examples, Examples]:
         seen.append(request)
         x = torch.arange(6 * 16, dtype=torch.uint8).view(6, 1, 4, 4)
         y = torch.tensor([0, 1, 2, 0, 1, 2])
-        return Split(x[:4], y[:4], "toy, train split"), Split(x[4:], y[4:], "toy, test split")
+        return Examples(x[:4], y[:4], "toy, train split"), Examples(x[4:], y[4:], "toy, test split")
 
     try:
         assert dataset_names() == (*BUILT_IN, "toy-blobs")
@@ -73,11 +73,11 @@ def test_facts_read_from_the_files_come_from_the_info_function(tmp_path):
         return DatasetInfo(2, (1, side, side), (0.0,), (1.0,), ("x", "y"))
 
     @register_dataset("toy-sized", info=info_of)
-    def toy(request: DataRequest) -> tuple[Split, Split]:
+    def toy(request: DataRequest) -> tuple[Examples, Examples]:
         assert request.info is None  # no static facts: the function's splits name the labels
         side = request.image_size
         x = torch.zeros(2, 1, side, side, dtype=torch.uint8)
-        s = Split(x, torch.tensor([0, 1]), "toy", ("x", "y"))
+        s = Examples(x, torch.tensor([0, 1]), "toy", ("x", "y"))
         return s, s
 
     try:

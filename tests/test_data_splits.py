@@ -11,10 +11,11 @@ import hashlib
 import pytest
 import torch
 
+from robust_amo import data as data_pkg
 from robust_amo.cli import main
 from robust_amo.data import (
+    Examples,
     Loader,
-    Split,
     check_split_version,
     hold_out,
     take_subset,
@@ -26,9 +27,9 @@ from robust_amo.evaluation import load_eval_data
 from robust_amo.version import __version__
 
 
-def _numbered(n: int) -> Split:
+def _numbered(n: int) -> Examples:
     """A split whose labels are the examples' positions, so a draw shows as indices."""
-    return Split(torch.arange(n), torch.arange(n), "toy")
+    return Examples(torch.arange(n), torch.arange(n), "toy")
 
 
 @pytest.mark.parametrize(("n", "train_subset", "subset_seed", "val_size", "seed", "train",
@@ -109,3 +110,10 @@ def test_train_resume_and_eval_val_refuse_through_the_one_check(digits, tmp_path
     err = capsys.readouterr().err
     assert f"robust-amo {__version__} drew" in err and "other training data" in err
     assert err.count("\n") == 1
+
+
+def test_split_is_a_deprecated_name_of_examples():
+    with pytest.warns(DeprecationWarning, match="robust_amo.data.Examples"):
+        assert data_pkg.Split is Examples
+    with pytest.raises(AttributeError, match="no attribute 'Splits'"):
+        data_pkg.Splits  # noqa: B018

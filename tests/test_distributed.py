@@ -23,7 +23,7 @@ from robust_amo import distributed
 from robust_amo.checkpoint import load_checkpoint, model_state
 from robust_amo.cli import main as cli_main
 from robust_amo.config import ConfigError, TrainConfig, from_dict, validate
-from robust_amo.data import Loader, Split, augment
+from robust_amo.data import Examples, Loader, augment
 from robust_amo.train import train
 
 WORLD = 2
@@ -236,7 +236,7 @@ def test_shard_batches_partition(n, b, world):
 
 def test_loader_shards_are_the_global_batches():
     g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (37, 1, 6, 6), generator=g, dtype=torch.uint8),
+    split = Examples(torch.randint(0, 256, (37, 1, 6, 6), generator=g, dtype=torch.uint8),
                   torch.arange(37))
     whole = Loader(split, 12, shuffle=True, augment=True, seed=5, drop_last=True)
     parts = [Loader(split, 6, shuffle=True, augment=True, seed=5, drop_last=True, rank=r,

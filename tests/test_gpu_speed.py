@@ -14,7 +14,7 @@ import torch
 
 from robust_amo.attacks import PGD
 from robust_amo.config import TrainConfig
-from robust_amo.data import Loader, Split
+from robust_amo.data import Examples, Loader
 from robust_amo.methods import build_objective
 from robust_amo.models import create_model
 from robust_amo.runtime import autocast
@@ -57,7 +57,7 @@ def test_train_step_has_no_host_sync(method):
     objective = build_objective(cfg, attack)
     optimizer = make_optimizer(net, cfg, device)
     g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (96, 3, 32, 32), generator=g, dtype=torch.uint8),
+    split = Examples(torch.randint(0, 256, (96, 3, 32, 32), generator=g, dtype=torch.uint8),
                   torch.randint(0, 10, (96,), generator=g))
     batches = iter(Loader(split, 32, device, shuffle=True, augment=True, drop_last=True))
     x, y = next(batches)  # the epoch's index copy happens once, before the loop

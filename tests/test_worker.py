@@ -1,5 +1,6 @@
 """``python -m robust_amo.worker REQUEST.json``: typed requests (robust_amo.jobs) read safely,
-a train request runs and resumes, and the exit statuses are the command line's."""
+a train request runs and resumes, an eval request evaluates, and the exit statuses are the
+command line's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from robust_amo import worker
 from robust_amo.config import save_yaml
 from robust_amo.errors import ConfigError
-from robust_amo.jobs import REQUESTS, TrainRequest, read_request, write_request
+from robust_amo.evaluation import EvalRequest, Report
+from robust_amo.jobs import REQUESTS, EvalJobRequest, TrainRequest, read_request, write_request
 from robust_amo.runs import RunDir
 from tests.helpers import ROOT, tiny_run
 
@@ -35,18 +37,23 @@ def test_a_request_round_trips_through_its_file(tmp_path):
     assert read_request(path) == req
     assert read_request(write_request(TrainRequest("c.yaml"), path)) == TrainRequest("c.yaml")
     assert REQUESTS["train"] is TrainRequest
+    ev = EvalJobRequest(EvalRequest(checkpoint="run", attacks=["clean"], n_examples=5).to_dict())
+    assert read_request(write_request(ev, path)) == ev and REQUESTS["eval"] is EvalJobRequest
+    assert json.loads(path.read_text())["evaluation"]["attacks"] == ["clean"]
 
 
 @pytest.mark.parametrize("text, needle", [
     ("{not json", "cannot read it as JSON"),
     ("[1]", "expected a JSON object"),
-    ('{"kind": "dance", "config": "c"}', "unknown kind 'dance'; known kinds: train"),
+    ('{"kind": "dance", "config": "c"}', "unknown kind 'dance'; known kinds: eval, train"),
     ('{"config": "c"}', "unknown kind None"),
     ('{"kind": "train", "config": "c", "colour": 1}', "unknown key(s) colour"),
     ('{"kind": "train", "resume": true}', "key 'config' is missing"),
     ('{"kind": "train", "config": "c", "resume": "yes"}', "resume must be"),
     ('{"kind": "train", "config": "c", "data_dir": 3}', "data_dir must be"),
     ('{"kind": "train", "config": "c", "resume": 1}', "resume must be"),
+    ('{"kind": "eval", "evaluation": ["clean"]}', "evaluation must be"),
+    ('{"kind": "eval"}', "key 'evaluation' is missing"),
 ])
 def test_a_bad_request_is_one_line(tmp_path, text, needle):
     path = tmp_path / "r.json"
@@ -90,6 +97,36 @@ def test_the_request_overrides_the_device_and_data_folder(tmp_path, monkeypatch)
     ((cfg, kw),) = seen
     assert cfg.device == "cpu" and cfg.data.data_dir == str(tmp_path)
     assert kw == {"resume": True, "progress": True}
+
+
+def test_an_eval_request_evaluates_the_checkpoint(tmp_path, caplog):
+    config = _config(tmp_path, epochs=1)
+    assert worker.main([str(write_request(TrainRequest(str(config), device="cpu"),
+                                          tmp_path / "train.json"))]) == 0
+    out = tmp_path / "run" / "eval" / "study.json"
+    fields = EvalRequest(checkpoint=str(tmp_path / "run"), attacks=["clean"], n_examples=20,
+                         batch_size=10, device="cpu", progress=False, sanity=False,
+                         out=str(out)).to_dict()
+    req = write_request(EvalJobRequest(fields), tmp_path / "eval.json")
+    with caplog.at_level(logging.INFO, logger="robust_amo.worker"):
+        assert worker.main([str(req)]) == 0
+    report = Report.read(out)
+    assert report.n_examples == 20 and set(report.attacks) == {"clean"}
+    assert any("| clean |" in r.getMessage() for r in caplog.records
+               if r.name == "robust_amo.worker")  # the job log holds the table
+    # a second start without overwrite is refused as the command refuses it: one line, exit 2
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="robust_amo.worker"):
+        assert worker.main([str(req)]) == worker.USER_ERROR
+    (record,) = [r for r in caplog.records if r.name == "robust_amo.worker"]
+    assert "\n" not in record.getMessage()
+    # a field the evaluation does not know is the evaluation's one-line error
+    write_request(EvalJobRequest({**fields, "colour": 1}), req)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="robust_amo.worker"):
+        assert worker.main([str(req)]) == worker.USER_ERROR
+    (record,) = [r for r in caplog.records if r.name == "robust_amo.worker"]
+    assert "no field 'colour'" in record.getMessage()
 
 
 def test_the_worker_process_exits_as_the_command_does(tmp_path):

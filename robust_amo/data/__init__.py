@@ -20,11 +20,19 @@ Every dataset is one function registered with :func:`register_dataset` (the buil
    ``data_dir/test/CLASS/...`` (or ``data_dir/val/``), one folder per class (sorted names give
    the labels 0, 1, ...), resized and centre-cropped to ``image_size`` once, at load.
 
+A split's examples are an :class:`Examples` (uint8 images, labels, class names), not to be
+confused with the split *names* of :mod:`robust_amo.config` (``SplitName``, ``HeldOutSplit``).
 A run's training examples and held-out part come from :func:`training_splits`; batches from
 :class:`Loader`, which keeps the whole uint8 set on the device and crops and flips there.
+
+Deprecated: ``Split``, the old name of :class:`Examples`, still imports from here (with a
+``DeprecationWarning``) until the next version.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 from . import datasets
 from .datasets import CIFAR10_CLASSES, DIGITS, FASHION_CLASSES
@@ -42,7 +50,7 @@ from .registry import (
     unregister_dataset,
 )
 from .splits import (
-    Split,
+    Examples,
     check_split_version,
     hold_out,
     require_examples,
@@ -52,9 +60,18 @@ from .splits import (
 
 __all__ = [
     "CIFAR10_CLASSES", "DIGITS", "FASHION_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD",
-    "IMAGE_EXTENSIONS", "DataRequest", "DatasetInfo", "Loader", "Split", "augment",
+    "IMAGE_EXTENSIONS", "DataRequest", "DatasetInfo", "Examples", "Loader", "augment",
     "check_split_version", "checked_split", "dataset_info", "dataset_names", "datasets",
     "from_files", "hold_out", "load_dataset", "load_npz", "normalize_dataset_name",
     "register_dataset", "require_examples", "take_subset", "training_splits",
     "unregister_dataset",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``Split``: the deprecated name of :class:`Examples`, with a warning (one version)."""
+    if name == "Split":
+        warnings.warn("robust_amo.data.Split is deprecated: it is robust_amo.data.Examples "
+                      "(Split kept for one version)", DeprecationWarning, stacklevel=2)
+        return Examples
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import DataError
 from .registry import DataRequest, DatasetInfo
-from .splits import Split
+from .splits import Examples
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def _labels(y: np.ndarray, where: str, n: int, num_classes: int) -> torch.Tensor
 def checked_split(
     x: np.ndarray, y: np.ndarray, origin: str, name: str, info: DatasetInfo,
     keys: tuple[str, str] = ("images", "labels"), hint: str = "",
-) -> Split:
-    """A checked :class:`Split` of dataset ``name`` from image and label arrays.
+) -> Examples:
+    """The checked :class:`Examples` of dataset ``name`` from image and label arrays.
 
     Args:
         x: uint8 images of ``info.input_shape``, HW (one channel), HWC or CHW.
@@ -106,7 +106,7 @@ def checked_split(
     """
     if x.ndim == 0:
         raise DataError(f"{origin} ({keys[0]}): a single value, not an array of images")
-    return Split(_images(x, f"{origin} ({keys[0]})", name, info.input_shape, hint),
+    return Examples(_images(x, f"{origin} ({keys[0]})", name, info.input_shape, hint),
                  _labels(np.asarray(y), f"{origin} ({keys[1]})", len(x), info.num_classes),
                  origin)
 
@@ -131,7 +131,7 @@ def _check_offsets(off: np.ndarray, size: int, where: str) -> None:
                         "data; the file is inconsistent")
 
 
-def load_npz(path: Path, name: str, info: DatasetInfo) -> tuple[Split, Split]:
+def load_npz(path: Path, name: str, info: DatasetInfo) -> tuple[Examples, Examples]:
     """The train and test splits of dataset ``name`` from the .npz file ``path``, checked.
 
     The archive holds ``x_train``, ``y_train``, ``x_test``, ``y_test``, or the JPEG-bytes
@@ -190,7 +190,7 @@ def load_npz(path: Path, name: str, info: DatasetInfo) -> tuple[Split, Split]:
 
 
 def _load_torchvision(name: str, info: DatasetInfo, class_name: str, root: Path,
-                      download: bool, by_split: bool) -> tuple[Split, Split]:
+                      download: bool, by_split: bool) -> tuple[Examples, Examples]:
     import torchvision.datasets as tvd  # slow to import; only its folder layout needs it
 
     cls = getattr(tvd, class_name)
@@ -211,7 +211,7 @@ def _load_torchvision(name: str, info: DatasetInfo, class_name: str, root: Path,
 def from_files(
     request: DataRequest, npz_names: tuple[str, ...], torchvision_class: str, *,
     by_split: bool = False,
-) -> tuple[Split, Split]:
+) -> tuple[Examples, Examples]:
     """The splits of a file-backed dataset: an ``.npz`` file, else torchvision's layout.
 
     Args:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import DataError
 from .registry import DataRequest, DatasetInfo
-from .splits import Split
+from .splits import Examples
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -90,7 +90,7 @@ def _load_image(path: Path, size: int) -> np.ndarray:
                         f"{' '.join(str(e).split())[:120]}); remove or replace it") from None
 
 
-def load_folder(request: DataRequest) -> tuple[Split, Split]:
+def load_folder(request: DataRequest) -> tuple[Examples, Examples]:
     """The train and test (or val) splits of an image folder, labels named by its classes.
 
     Raises:
@@ -121,6 +121,6 @@ def load_folder(request: DataRequest) -> tuple[Split, Split]:
             raise DataError(f"{part} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
                             "class folders")
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
-        splits.append(Split(x, torch.tensor(ys, dtype=torch.int64),
+        splits.append(Examples(x, torch.tensor(ys, dtype=torch.int64),
                             f"{part} ({len(xs)} images)", tuple(classes)))
     return splits[0], splits[1]

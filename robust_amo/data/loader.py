@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from .. import runtime
-from .splits import Split
+from .splits import Examples
 
 
 def augment(
@@ -49,7 +49,7 @@ def augment(
 
 
 class Loader:
-    """Minibatches of a :class:`Split` on ``device`` as float images in [0, 1].
+    """Minibatches of an :class:`Examples` on ``device`` as float images in [0, 1].
 
     The order (and the augmentation) of epoch ``e`` depends only on ``(seed, e)``, so a run that
     resumes at an epoch boundary sees exactly the batches an uninterrupted run would.
@@ -70,7 +70,7 @@ class Loader:
 
     def __init__(
         self,
-        split: Split,
+        split: Examples,
         batch_size: int,
         device: torch.device | str = "cpu",
         *,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .splits import Split
+from .splits import Examples
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class DataRequest:
     image_size: int | None = None
 
 
-LoadFn = Callable[[DataRequest], tuple[Split, Split]]
+LoadFn = Callable[[DataRequest], tuple[Examples, Examples]]
 """A registered dataset: the request -> its ``(train, test)`` splits."""
 
 InfoFn = Callable[[DataRequest], DatasetInfo]
@@ -158,7 +158,7 @@ def dataset_info(name: str, data_dir: str | Path | None = None,
 def load_dataset(
     name: str, data_dir: str | Path | None = None, download: bool = False,
     image_size: int | None = None,
-) -> tuple[Split, Split]:
+) -> tuple[Examples, Examples]:
     """Load the train and test splits of ``name`` as uint8 tensors.
 
     Args:

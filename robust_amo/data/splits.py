@@ -1,9 +1,10 @@
 """Splits of a dataset and the seeded draws made from them.
 
-A :class:`Split` is a set of uint8 images with labels. The training run and the evaluation of a
-held-out part both call :func:`training_splits`, so the ``train_subset`` and ``val_size`` draws
-are written once; :func:`check_split_version` is the one place that knows since which version
-those draws are reproducible (``version.SPLITS_SINCE``).
+An :class:`Examples` is a set of uint8 images with labels (the examples of one split; the
+split's name is a ``config.SplitName``). The training run and the evaluation of a held-out part
+both call :func:`training_splits`, so the ``train_subset`` and ``val_size`` draws are written
+once; :func:`check_split_version` is the one place that knows since which version those draws
+are reproducible (``version.SPLITS_SINCE``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from ..version import SPLITS_SINCE, version_tuple
 
 
 @dataclass
-class Split:
-    """uint8 images (N, C, H, W) and int64 labels (N,), on the CPU.
+class Examples:
+    """The examples of a split: uint8 images (N, C, H, W) and int64 labels (N,), on the CPU.
 
     ``origin`` says where the examples come from (``"data/mnist.npz, test split"``), for
     messages; subsets keep it.
@@ -34,12 +35,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, idx: torch.Tensor) -> Split:
+    def subset(self, idx: torch.Tensor) -> Examples:
         """The examples at ``idx``."""
-        return Split(self.x[idx], self.y[idx], self.origin, self.classes)
+        return Examples(self.x[idx], self.y[idx], self.origin, self.classes)
 
 
-def require_examples(split: Split, purpose: str = "evaluation") -> Split:
+def require_examples(split: Examples, purpose: str = "evaluation") -> Examples:
     """``split`` if it holds examples, else a DataError naming where it came from.
 
     An empty split would give 0 examples and NaN accuracies; call this where a run is about to
@@ -62,7 +63,7 @@ def require_examples(split: Split, purpose: str = "evaluation") -> Split:
     return split
 
 
-def take_subset(split: Split, size: int | None, seed: int) -> Split:
+def take_subset(split: Examples, size: int | None, seed: int) -> Examples:
     """``size`` examples drawn without replacement with ``seed`` (Sokolić: 256/512/1024).
 
     Args:
@@ -81,7 +82,7 @@ def take_subset(split: Split, size: int | None, seed: int) -> Split:
     return split.subset(perm[:size])
 
 
-def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split]:
+def hold_out(split: Examples, size: int, seed: int) -> tuple[Examples, Examples]:
     """Split off ``size`` held-out examples (fixed by ``seed``): ``(rest, held_out)``.
 
     Args:
@@ -94,17 +95,17 @@ def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split]:
     """
     held = f"{split.origin}, held-out part" if split.origin else "the held-out part"
     if size <= 0:
-        return split, Split(split.x[:0], split.y[:0], held, split.classes)
+        return split, Examples(split.x[:0], split.y[:0], held, split.classes)
     if size >= len(split):
         raise DataError(f"val_size {size} leaves no training data ({len(split)} examples)")
     perm = torch.randperm(len(split), generator=generator(seed, "hold-out"))
     val = split.subset(perm[:size])
-    return split.subset(perm[size:]), Split(val.x, val.y, held, split.classes)
+    return split.subset(perm[size:]), Examples(val.x, val.y, held, split.classes)
 
 
 def training_splits(
-    train: Split, *, train_subset: int | None, subset_seed: int, val_size: int, seed: int,
-) -> tuple[Split, Split]:
+    train: Examples, *, train_subset: int | None, subset_seed: int, val_size: int, seed: int,
+) -> tuple[Examples, Examples]:
     """The examples a run trains on and the part it holds out, as training drew them.
 
     The ``train_subset`` draw comes first and the held-out part is taken from it, so a run

@@ -1,11 +1,14 @@
-"""Run a study: every run is a worker process (``python -m robust_amo.worker``, given a typed
-:class:`robust_amo.jobs.TrainRequest`) training in its own run folder, then ``robust-amo eval``
-of each cell's selected runs; results are rewritten after every finished job.
+"""Run a study: every job is a worker process (``python -m robust_amo.worker``) given a typed
+request (:mod:`robust_amo.jobs`): a :class:`~robust_amo.jobs.TrainRequest` training each run in
+its own run folder, then an :class:`~robust_amo.jobs.EvalJobRequest` (an
+:class:`~robust_amo.evaluation.EvalRequest`) evaluating each cell's selected runs; results are
+rewritten after every finished job. No command line of ``robust-amo`` is spelt here.
 
 Finished runs (all epochs in metrics.jsonl) and finished evaluations (a report) are skipped; a
-run with a checkpoint or metrics is continued (the request's ``resume``), so a killed study
-resumes where it stopped. ``workers`` processes run at once, each limited to ``threads`` CPU threads
-(``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), so N workers do not oversubscribe the cores.
+run with a checkpoint or metrics, and an evaluation with a state file, are continued (the
+requests' ``resume``), so a killed study resumes where it stopped. ``workers`` processes run at
+once, each limited to ``threads`` CPU threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), so N
+workers do not oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from robust_amo.config import save_yaml
+from robust_amo.config import HeldOutSplit, save_yaml
 from robust_amo.errors import ConfigError, OutputError
-from robust_amo.jobs import Request, TrainRequest, write_request
+from robust_amo.evaluation import EvalRequest
+from robust_amo.jobs import EvalJobRequest, Request, TrainRequest, write_request
 from robust_amo.outputs import folder_lock, writable_dir
 from robust_amo.runs import RunDir
 
 from .results import REPORT, RunState, Selection, metric_source, refresh, write_results
-from .spec import EvalSpec, Grid, Run, SelectSplit, StudySpec, expand, resolve_run
+from .spec import EvalSpec, Grid, Run, StudySpec, expand, resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class Options:
     grid: Grid = "quick"
     seeds: list[int] | None = None
     only: dict[str, set[str]] | None = None
-    select: SelectSplit | None = None
+    select: HeldOutSplit | None = None
     sets: list[dict[str, Any]] = field(default_factory=list)
     workers: int = 1
     threads: int | None = None
@@ -65,16 +69,20 @@ class Options:
 
 @dataclass
 class Job:
-    """One process to start: training a run or evaluating it."""
+    """One worker process to start: training a run or evaluating it."""
 
-    kind: str  # "train" | "eval"
     state: RunState
-    argv: list[str]
-    request: Request | None = None
-    """What a worker process runs, written to :attr:`request_path` as it starts."""
+    request: Request
+    """What the worker runs, written to :attr:`request_path` as it starts."""
+
+    @property
+    def kind(self) -> str:
+        """``train`` or ``eval``: the request's kind."""
+        return self.request.KIND
 
     @property
     def log_path(self) -> Path:
+        """RUN/KIND.log: the output of every start of the job, appended."""
         return self.state.folder / f"{self.kind}.log"
 
     @property
@@ -82,13 +90,18 @@ class Job:
         """RUN/KIND-request.json: the request of the job's latest start."""
         return self.state.folder / f"{self.kind}-request.json"
 
+    @property
+    def argv(self) -> list[str]:
+        """The worker's command line: this Python, the worker module, the request file."""
+        return [sys.executable, "-m", WORKER, str(self.request_path)]
+
     def describe(self) -> str:
-        """What the job runs, in one line (``--dry-run``): the request's fields, or the
-        command line after ``python -m robust_amo.cli``."""
-        if self.request is None:
-            return " ".join(self.argv[3:])
+        """What the job runs, in one line (``--dry-run``): its kind and the request's fields
+        (an evaluation's own fields in place of their dict), those left unset (None) omitted."""
         fields = dataclasses.asdict(self.request)
-        return " ".join([self.kind, *(f"{k}={v}" for k, v in fields.items())])
+        if isinstance(self.request, EvalJobRequest):
+            fields = fields["evaluation"]
+        return " ".join([self.kind, *(f"{k}={v}" for k, v in fields.items() if v is not None)])
 
 
 def plan(spec: StudySpec, opts: Options) -> list[RunState]:
@@ -108,7 +121,7 @@ def plan(spec: StudySpec, opts: Options) -> list[RunState]:
     return states
 
 
-def eval_spec(spec: StudySpec, select: SelectSplit) -> EvalSpec | None:
+def eval_spec(spec: StudySpec, select: HeldOutSplit) -> EvalSpec | None:
     """The study's eval step; under ``val`` at least the clean test accuracy."""
     if spec.eval is not None:
         return spec.eval
@@ -117,39 +130,35 @@ def eval_spec(spec: StudySpec, select: SelectSplit) -> EvalSpec | None:
     return None
 
 
-def _common_flags(opts: Options) -> list[str]:
-    flags = ["--device", opts.device, "--no-progress"]
-    if opts.data_dir:
-        flags += ["--data-dir", opts.data_dir]
-    return flags
-
-
 def train_job(state: RunState, opts: Options) -> Job:
     """A worker training the run from RUN/cell.yaml, resuming when the folder holds a run."""
     request = TrainRequest(config=str(state.folder / CELL_CONFIG),
                            resume=RunDir(state.folder).holds_run(), device=opts.device,
                            data_dir=opts.data_dir, progress=False)
-    job = Job("train", state, [], request)
-    job.argv = [sys.executable, "-m", WORKER, str(job.request_path)]
-    return job
+    return Job(state, request)
+
+
+def eval_request(state: RunState, spec: StudySpec, opts: Options) -> EvalRequest:
+    """The evaluation of the run's checkpoint on the test split into RUN/eval/study.json,
+    resuming when an interrupted one left its state file."""
+    ev = eval_spec(spec, opts.select or spec.select.split)
+    if ev is None:
+        raise ConfigError(f"study {spec.name!r} has no eval step")
+    out = state.folder / REPORT
+    return EvalRequest(
+        checkpoint=str(state.folder), which=ev.which, split="test", out=str(out),
+        batch_size=ev.batch_size, n_examples=ev.n_examples, device=opts.device,
+        data_dir=opts.data_dir, progress=False,
+        # a study file may comma-separate attacks, as the eval command reads them
+        attacks=[a for v in ev.attacks for a in v.split(",")],
+        # the large-eps check is about attacks
+        sanity=not all(a == "clean" for a in ev.attacks),
+        resume=out.with_suffix(".state.pt").exists())
 
 
 def eval_job(state: RunState, spec: StudySpec, opts: Options) -> Job:
-    """``robust-amo eval`` of the run's checkpoint on the test split into RUN/eval/study.json."""
-    ev = eval_spec(spec, opts.select or spec.select.split)
-    out = state.folder / REPORT
-    argv = [sys.executable, "-m", "robust_amo.cli", "eval", "--checkpoint", str(state.folder),
-            "--which", ev.which, "--split", "test", "--out", str(out),
-            "--batch-size", str(ev.batch_size), *_common_flags(opts)]
-    for a in ev.attacks:
-        argv += ["--attack", a]
-    if ev.n_examples is not None:
-        argv += ["--n-examples", str(ev.n_examples)]
-    if all(a == "clean" for a in ev.attacks):
-        argv.append("--no-sanity")  # the large-eps check is about attacks
-    if out.with_suffix(".state.pt").exists():
-        argv.append("--resume")
-    return Job("eval", state, argv)
+    """A worker evaluating the run (:func:`eval_request`)."""
+    return Job(state, EvalJobRequest(eval_request(state, spec, opts).to_dict()))
 
 
 def check_out(out: Path, spec: StudySpec) -> None:
@@ -272,8 +281,7 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
             while queue and len(running) < max(1, opts.workers):
                 job = queue.popleft()
                 job.log_path.parent.mkdir(parents=True, exist_ok=True)
-                if job.request is not None:
-                    write_request(job.request, job.request_path)
+                write_request(job.request, job.request_path)
                 with job.log_path.open("ab") as f:
                     f.write(f"$ {' '.join(job.argv)}\n".encode())
                     f.flush()

@@ -33,8 +33,6 @@ from robust_amo.errors import ConfigError
 from robust_amo.resolve import resolve
 
 Grid = Literal["quick", "paper"]
-SelectSplit = HeldOutSplit
-"""Where a study selects hyperparameters: ``test`` (the papers' protocol) or ``val``."""
 MetricKind = Literal["accuracy", "error"]
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -75,7 +73,7 @@ class SelectSpec:
     """
 
     by: str = "robust_acc"
-    split: SelectSplit = "test"
+    split: HeldOutSplit = "test"
     val_size: int = 1000
 
 
@@ -392,7 +390,7 @@ def parse_only(items: list[str], spec: StudySpec) -> dict[str, set[str]]:
 
 
 def expand(spec: StudySpec, grid: Grid = "quick", seeds: list[int] | None = None,
-           only: dict[str, set[str]] | None = None, select: SelectSplit | None = None,
+           only: dict[str, set[str]] | None = None, select: HeldOutSplit | None = None,
            sets: list[dict[str, Any]] | None = None) -> list[Run]:
     """Every run of the study: the product of the axes' levels, of each cell's grid, of seeds.
 

@@ -15,6 +15,8 @@ import yaml
 
 from robust_amo.cli import main
 from robust_amo.errors import ConfigError
+from robust_amo.evaluation import EvalRequest
+from robust_amo.jobs import read_request, write_request
 from robust_amo.runs import read_metrics
 from robust_amo.studies import Options, expand, load_study, plan, run_study, select
 from robust_amo.studies import runner as runner_mod
@@ -299,7 +301,8 @@ def test_val_selection_holds_examples_out_and_evaluates_on_test(tmp_path):
     assert all(s.folder.is_relative_to(tmp_path / "o" / "runs-val") for s in states)
     assert {(s.cfg.data.val_size, s.cfg.eval.split) for s in states} == {(1000, "val")}
     job = runner_mod.eval_job(states[0], spec, Options(out=tmp_path / "o", select="val"))
-    assert job.argv[job.argv.index("--split") + 1] == "test"
+    request = read_request(write_request(job.request, tmp_path / "eval-request.json"))
+    assert request.evaluation["split"] == "test"
     # a study without an eval step still reports test numbers under val: clean accuracy
     no_eval = load_study(write_study(tmp_path, {**TINY, "eval": None, "name": "noeval"}, "n.yaml"))
     ev = runner_mod.eval_spec(no_eval, "val")
@@ -318,4 +321,31 @@ def test_a_train_job_is_a_worker_request_and_says_what_it_runs(tmp_path):
     assert job.describe().startswith(f"train config={state.folder / 'cell.yaml'} resume=False")
     assert not job.request_path.exists()  # written when the process starts, not when planned
     ev = runner_mod.eval_job(state, spec, opts)
-    assert ev.request is None and ev.describe().startswith("eval --checkpoint")
+    assert ev.argv[1:] == ["-m", "robust_amo.worker", str(state.folder / "eval-request.json")]
+    assert ev.describe().startswith(f"eval checkpoint={state.folder} ")
+
+
+def test_an_eval_job_is_a_worker_request_that_resumes(tmp_path):
+    spec = load_study(write_study(tmp_path))
+    opts = Options(out=tmp_path / "o", device="cpu", data_dir="/data")
+    state = plan(spec, opts)[0]
+    job = runner_mod.eval_job(state, spec, opts)
+    assert job.kind == "eval" and not job.request_path.exists()
+    state.folder.mkdir(parents=True)  # as the runner does when it starts the job
+    write_request(job.request, job.request_path)
+    fields = read_request(job.request_path).evaluation
+    out = state.folder / "eval" / "study.json"
+    expected = EvalRequest(
+        checkpoint=str(state.folder), which="best", split="test", out=str(out),
+        batch_size=20, n_examples=20, attacks=["pgd10"], device="cpu", data_dir="/data",
+        progress=False, sanity=True, resume=False)
+    assert EvalRequest.from_dict(fields) == expected
+    # an interrupted evaluation left its state file: the next start resumes it
+    out.parent.mkdir()
+    out.with_suffix(".state.pt").write_bytes(b"")
+    assert runner_mod.eval_job(state, spec, opts).request.evaluation["resume"] is True
+    # clean accuracy only: no large-eps check, which is about attacks
+    clean = load_study(write_study(tmp_path, {**TINY, "eval": {"attacks": ["clean"]},
+                                              "name": "clean"}, "c.yaml"))
+    fields = runner_mod.eval_job(plan(clean, opts)[0], clean, opts).request.evaluation
+    assert fields["sanity"] is False and fields["n_examples"] == 1000
