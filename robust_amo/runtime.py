@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,3 +109,22 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def wide(t: torch.Tensor) -> torch.Tensor:
     """float32 for bf16/fp16 tensors (losses under autocast), unchanged for float32/float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so ``finally`` blocks
+    close files and stop child processes (a study runner, a worker); outside it SIGTERM is back
+    to what it was. Signal handlers belong to the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -12,12 +12,9 @@ Each kind of request has one function here, listed in :data:`HANDLERS`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import RobustAmoError
@@ -25,6 +22,7 @@ from .evaluation import evaluate_checkpoint
 from .evaluation.report import markdown
 from .jobs import EvalJobRequest, Request, TrainRequest, read_request
 from .resolve import resolve
+from .runtime import sigterm_as_interrupt
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -70,24 +68,6 @@ def run(request: Request) -> None:
     HANDLERS[type(request)](request)
 
 
-@contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
-    """SIGTERM ends the job as Ctrl-C does: files are closed and the exit status is 130
-    (signal handlers belong to the main thread: elsewhere SIGTERM keeps its default)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Read the request file named by the one argument and run it; the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -96,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("usage: python -m robust_amo.worker REQUEST.json")
         return USER_ERROR
     try:
-        with _interrupt_on_sigterm():
+        with sigterm_as_interrupt():
             run(read_request(args[0]))
     except RobustAmoError as e:
         log.error("%s", e)

@@ -124,9 +124,6 @@ ALLOWED = {
     # torchrun's own options, in the advice on how to launch it
     ("robust_amo.distributed", "--nproc-per-node"),
 }
-# Packages whose messages are converted elsewhere (the studies rework of issue 19); drop the entry
-# once their messages name parameters.
-NOT_YET = ("robust_amo.studies",)
 
 
 def _callee(call: ast.Call) -> str:
@@ -153,7 +150,7 @@ def _message_texts(tree: ast.AST) -> list[tuple[int, str]]:
 def test_library_messages_name_no_flags():
     found = []
     for name, path in MODULES.items():
-        if name.startswith(("robust_amo.cli", *NOT_YET)):
+        if name.startswith("robust_amo.cli"):
             continue
         for line, text in _message_texts(ast.parse(path.read_text())):
             found += [f"{path.name}:{line}: {flag} in {text!r}" for flag in FLAG.findall(text)

@@ -92,8 +92,8 @@ def metric_source(metric: MetricSpec, select_split: str) -> str:
     if select_split == "val" and metric.source.startswith("best."):
         if metric.source != "best.clean_acc":
             raise ConfigError(f"metric {metric.name}: {metric.source} is measured on the "
-                              "selection split under --select val; report an eval.ATTACK "
-                              "instead")
+                              "selection split under select val; report an eval.ATTACK "
+                              "instead", params=("select",))
         return "eval.clean"
     return metric.source
 

@@ -13,19 +13,15 @@ workers do not oversubscribe the cores.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,7 @@ from robust_amo.evaluation import EvalRequest
 from robust_amo.jobs import EvalJobRequest, Request, TrainRequest, write_request
 from robust_amo.outputs import folder_lock, writable_dir
 from robust_amo.runs import RunDir
+from robust_amo.runtime import sigterm_as_interrupt
 
 from .results import REPORT, RunState, Selection, metric_source, refresh, write_results
 from .spec import EvalSpec, Grid, Run, StudySpec, expand, resolve_run
@@ -110,7 +107,7 @@ def plan(spec: StudySpec, opts: Options) -> list[RunState]:
     root = opts.out / ("runs" if select == "test" else "runs-val")
     runs: list[Run] = expand(spec, opts.grid, opts.seeds, opts.only, select, opts.sets)
     if not runs:
-        raise ConfigError("--only leaves no run of the study")
+        raise ConfigError("only leaves no run of the study", params=("only",))
     for m in spec.metrics:
         metric_source(m, select)  # fails early for a metric --select val cannot measure
     states = []
@@ -172,7 +169,7 @@ def check_out(out: Path, spec: StudySpec) -> None:
             name = None
         if name != spec.name:
             raise OutputError(f"{out} holds the results of study {name!r}, not {spec.name!r}; "
-                              "choose another --out")
+                              "choose another out", params=("out",))
     else:
         marker.write_text(json.dumps({"name": spec.name, "study_file": spec.path}) + "\n")
 
@@ -211,25 +208,8 @@ def run_study(spec: StudySpec, opts: Options) -> int:
     SIGTERM stops the runner as Ctrl-C does: its processes are terminated, not orphaned.
     """
     states = plan(spec, opts)
-    with folder_lock(opts.out, "robust-amo reproduce"), _stop_on_sigterm():
+    with folder_lock(opts.out, "robust-amo reproduce"), sigterm_as_interrupt():
         return _run(spec, opts, states)
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while the runner works (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:

@@ -362,7 +362,8 @@ def find_study(name_or_path: str, studies_dir: str | Path | None = None) -> Path
         return found
     known = ", ".join(s.stem for s in list_study_files(studies_dir)) or "none"
     raise ConfigError(f"no study {name_or_path!r}: no such file, nor a study in {where} "
-                      f"(known: {known}); pass a study file or --studies-dir")
+                      f"(known: {known}); pass a study file or studies_dir",
+                      params=("studies_dir",))
 
 
 def list_study_files(studies_dir: str | Path | None = None) -> list[Path]:
@@ -380,11 +381,11 @@ def parse_only(items: list[str], spec: StudySpec) -> dict[str, set[str]]:
     for item in items:
         name, sep, label = item.partition("=")
         if not sep or name not in axes:
-            raise ConfigError(f"--only {item!r}: expected AXIS=LABEL with AXIS one of "
-                              f"{', '.join(axes)}")
+            raise ConfigError(f"only {item!r}: expected AXIS=LABEL with AXIS one of "
+                              f"{', '.join(axes)}", params=("only",))
         if label not in axes[name]:
-            raise ConfigError(f"--only {item!r}: {name} has no level {label!r} (levels: "
-                              f"{', '.join(sorted(axes[name]))})")
+            raise ConfigError(f"only {item!r}: {name} has no level {label!r} (levels: "
+                              f"{', '.join(sorted(axes[name]))})", params=("only",))
         out.setdefault(name, set()).add(label)
     return out
 
