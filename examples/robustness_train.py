@@ -38,6 +38,10 @@ from robustness import defaults
 from robustness.datasets import CIFAR
 from robustness.train import train_model
 # isort: on
+from robust_amo.config import ThreatModel
+
+NORMS = {"inf": "linf", "2": "l2"}
+"""robustness's constraint names as our norms."""
 
 log = logging.getLogger("robustness_train")
 
@@ -93,8 +97,9 @@ def robustness_args(opts: argparse.Namespace, regularizer=None) -> Parameters:
         "out_dir": opts.out, "adv_train": 1, "adv_eval": 1, "epochs": opts.epochs,
         "lr": opts.lr, "momentum": opts.momentum, "weight_decay": opts.weight_decay,
         "step_lr": opts.step_lr, "step_lr_gamma": 0.1, "log_iters": 1, "save_ckpt_iters": -1,
-        "constraint": opts.constraint, "eps": opts.eps, "attack_lr": opts.attack_lr,
-        "attack_steps": opts.attack_steps, "use_best": opts.use_best, "random_start": 1,
+        **rp.attack_args(ThreatModel(norm=NORMS[opts.constraint], eps=opts.eps,
+                                     step_size=opts.attack_lr, steps=opts.attack_steps)),
+        "use_best": opts.use_best,
         "random_restarts": 0, "mixed_precision": 0, "batch_size": opts.batch_size,
     })
     if regularizer is not None:

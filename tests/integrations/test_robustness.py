@@ -19,8 +19,9 @@ from torch import nn
 
 from robust_amo import checkpoint as ckpt_io
 from robust_amo.cli import main as cli_main
+from robust_amo.config import ThreatModel
 from robust_amo.data import Loader, dataset_info, load_dataset
-from robust_amo.errors import CheckpointError
+from robust_amo.errors import CheckpointError, ConfigError
 from robust_amo.integrations import robustness as rp
 from robust_amo.models import create_model
 from robust_amo.perturb import perturb
@@ -446,3 +447,12 @@ def test_train_model_robust_amo_on_cuda(digits, tmp_path):
     x = torch.rand(4, *INFO.input_shape, device="cuda")
     torch.testing.assert_close(native(x), am.eval()(x, with_image=False), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_attack_args_are_our_threat_model_in_robustness_names():
+    threat = ThreatModel(norm="l2", eps=0.5, step_size=0.125, steps=7, random_start=False)
+    assert rp.attack_args(threat) == {"constraint": "2", "eps": 0.5, "attack_lr": 0.125,
+                                      "attack_steps": 7, "random_start": 0}
+    assert rp.attack_args(ThreatModel())["constraint"] == "inf"
+    with pytest.raises(ConfigError, match="loss 'cw'"):
+        rp.attack_args(ThreatModel(loss="cw"))

@@ -25,7 +25,7 @@ from robust_amo.checkpoint import (
 
 from ._shim import SHIM_INSTALLED, SHIM_MODULE  # first: robustness imports what it provides
 from .architectures import architecture
-from .attacker import RobustAMOAttackerModel
+from .attacker import RobustAMOAttackerModel, attack_args
 from .checkpoints import make_model
 from .datasets import RobustAmoDataSet, robustness_dataset
 from .regularizer import JacobianLMRegularizer
@@ -37,6 +37,7 @@ __all__ = [
     "RobustAMOAttackerModel",
     "RobustAmoDataSet",
     "architecture",
+    "attack_args",
     "convert_checkpoint",
     "from_robustness",
     "make_model",

@@ -19,7 +19,8 @@ from robustness.attacker import STEPS, AttackerModel
 from robustness.datasets import DataSet
 
 from robust_amo.attacks import pgd_iteration
-from robust_amo.config import AllLayerOptions, DeltaGrad
+from robust_amo.config import AllLayerOptions, DeltaGrad, ThreatModel
+from robust_amo.errors import ConfigError
 from robust_amo.models import RobustModel
 from robust_amo.perturb import delta_step, perturb
 from robust_amo.runtime import eval_mode
@@ -169,6 +170,27 @@ class RobustAMOAttackerModel(AttackerModel):
                     losses = self._losses(step.to_image(x), target, custom_loss)
                     _, x, deltas = _keep_best(best, losses, x, deltas)
         return step.to_image(x).detach(), deltas
+
+
+CONSTRAINTS = {"linf": "inf", "l2": "2"}
+"""Our norms as robustness's ``constraint`` names."""
+
+
+def attack_args(threat: ThreatModel) -> dict[str, Any]:
+    """robustness's training-attack arguments (``args.constraint``, ``eps``, ``attack_lr``,
+    ``attack_steps``, ``random_start``) of one of our threat models, so a robustness run and a
+    ``robust-amo train`` run attack alike: ``Parameters({..., **attack_args(threat)})``.
+
+    Raises:
+        ConfigError: a ``cw`` loss, which robustness's attacker has no name for (it ascends
+            cross-entropy unless given a ``custom_loss``).
+    """
+    if threat.loss != "ce":
+        raise ConfigError(f"loss {threat.loss!r}: robustness's attacker ascends cross-entropy; "
+                          "use loss ce", params=("loss",))
+    return {"constraint": CONSTRAINTS[threat.norm], "eps": threat.eps,
+            "attack_lr": threat.step_size, "attack_steps": threat.steps,
+            "random_start": int(threat.random_start)}
 
 
 def _keep_best(best, losses, x, deltas):
