@@ -6,10 +6,11 @@
 Each side runs in a process of its own with its tree imported from source (no install needed:
 ``robust_amo``'s search path is the tree's ``robust_amo/`` and, for the folders pyproject.toml
 maps into it, the tree itself). Through each tree's own command-line entry point, on the
-built-in digits (CPU, about 2-4 minutes in all) it compares:
+built-in digits (CPU, under a minute on 2 cores) it compares:
 
-- training: one epoch of every registered method from ``configs/quickstart.yaml``; the weights,
-  optimiser state and metrics of the two checkpoints must be bit-identical;
+- training: one epoch of every method from ``configs/quickstart.yaml`` (with a training subset,
+  the held-out split and augmentation); the weights, optimiser state and metrics of the two
+  checkpoints must be bit-identical;
 - resuming: a run the old code stopped after epoch 1, resumed by the new code to epoch 2, must
   equal the old code's uninterrupted 2-epoch run bit for bit;
 - evaluation: ``eval`` (clean, PGD-20 x 2, APGD-CE) of the old code's checkpoint by both trees:
@@ -34,7 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("standard", "pgd", "robust-amo", "amo", "jacobian-lm")
-TRAIN_SETTINGS = ("optim.schedule=constant", "data.train_subset=512", "eval.every=1")
+TRAIN_SETTINGS = ("optim.schedule=constant", "data.train_subset=512", "data.augment=true",
+                  "eval.every=1")
 EVAL_ATTACKS = ("clean", "pgd20", "autoattack-custom")
 REPORT_VOLATILE = {"created", "wall_time_s", "versions", "device", "path", "checkpoint",
                    "data_dir", "weights"}
