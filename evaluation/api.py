@@ -28,7 +28,7 @@ from torch import nn
 
 from robust_amo import distributed
 from robust_amo.checkpoint import Which
-from robust_amo.config import AttackLoss, Norm, check_choice, check_int, parse_float
+from robust_amo.config import AttackLoss, Norm, check_at_least, check_choice, check_int, parse_float
 from robust_amo.data import dataset_info
 from robust_amo.distributed import DistContext
 from robust_amo.errors import ConfigError
@@ -55,11 +55,6 @@ log = logging.getLogger(__name__)
 
 ReportFormat = Literal["robust-amo", "robustbench"]
 """``robustbench`` also writes REPORT.robustbench.json (needs the standard AutoAttack)."""
-
-
-def _at_least(key: str, value: int | None, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {value}", params=(key,))
 
 
 @dataclass
@@ -196,9 +191,9 @@ class EvalRequest(CheckpointRequest):
         Raises:
             ConfigError: naming the field.
         """
-        _at_least("batch_size", self.batch_size)
-        _at_least("n_examples", self.n_examples)
-        _at_least("restarts", self.restarts)
+        check_at_least("batch_size", self.batch_size)
+        check_at_least("n_examples", self.n_examples)
+        check_at_least("restarts", self.restarts)
         check_int("seed", self.seed)
         check_choice("format", self.format, ReportFormat)
         names = self.attack_names()
@@ -390,7 +385,7 @@ def evaluate(
     t_start = time.perf_counter()
     for key, v in (("batch_size", batch_size), ("n_examples", n_examples),
                    ("restarts", restarts)):
-        _at_least(key, v)
+        check_at_least(key, v)
     check_int("seed", seed)
     if (mean is None) != (std is None):
         raise ConfigError("give mean and std together", params=("mean", "std"))
@@ -464,7 +459,7 @@ def measure_checkpoint(request: MarginsRequest | dict[str, Any]) -> MarginsResul
         request = MarginsRequest.from_dict(request)
     r = request
     for key in ("n_examples", "batch_size", "pgd_steps", "restarts", "attack_steps", "rounds"):
-        _at_least(key, getattr(r, key))
+        check_at_least(key, getattr(r, key))
     check_int("seed", r.seed)
     rtol = parse_float(r.rtol, "rtol")
     if rtol < 0:

@@ -115,6 +115,13 @@ SEED_MAX = 2**63 - 1
 """Seeds lie in ``0 <= seed <= SEED_MAX``: what ``torch.Generator.manual_seed`` takes as given."""
 
 
+def check_at_least(key: str, value: int | None, minimum: int = 1) -> None:
+    """ConfigError naming option ``key`` unless ``value`` (when given) is >= ``minimum``; the
+    one check of a count such as ``n_examples``, ``batch_size`` or ``workers``."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}", params=(key,))
+
+
 def check_int(key: str, value: int) -> int:
     """``value`` if it fits the range of option ``key``, else a ConfigError saying the range.
 

@@ -30,12 +30,6 @@ def refuse_renamed(args: argparse.Namespace, old: str, new: str) -> None:
         raise ConfigError(f"{flag} was renamed {new}; pass {new} N")
 
 
-def at_least(name: str, value: int | None, minimum: int = 1) -> None:
-    """ConfigError naming the option unless ``value`` (when given) is >= ``minimum``."""
-    if value is not None and value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-
-
 def input_shape(text: str) -> list[int]:
     """argparse type for ``C,H,W`` such as ``3,32,32``."""
     try:

@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from robust_amo.config import HeldOutSplit, check_int, choices, parse_override
+from robust_amo.config import HeldOutSplit, check_at_least, choices, parse_override
 from robust_amo.errors import ConfigError
 from robust_amo.studies import (
     Options,
@@ -32,7 +32,7 @@ from robust_amo.studies import (
 )
 from robust_amo.studies.runner import eval_job, train_job
 
-from .common import DEVICE_HELP, at_least, device, refuse_renamed
+from .common import DEVICE_HELP, device, refuse_renamed
 
 NAME = "reproduce"
 HELP = "reproduce a paper table or figure (a study): train, select, evaluate, tabulate"
@@ -108,11 +108,8 @@ def run(args: argparse.Namespace) -> int:
         return _list(args.studies_dir)
     if not args.study:
         raise ConfigError("name a study (robust-amo reproduce --list shows them)")
-    at_least("--workers", args.workers)
-    at_least("--threads", args.threads)
-    for s in args.seeds or []:
-        check_int("--seeds seed", s)
-    at_least("--n-examples", args.n_examples)
+    # checked before any run trains, though only the evaluations read it
+    check_at_least("n_examples", args.n_examples)
     spec = load_study(find_study(args.study, args.studies_dir))
     if args.n_examples is not None and spec.eval is not None:
         spec.eval.n_examples = args.n_examples

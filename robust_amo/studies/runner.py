@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from robust_amo.config import HeldOutSplit, save_yaml
+from robust_amo.config import HeldOutSplit, check_at_least, check_int, save_yaml
 from robust_amo.errors import ConfigError, OutputError
 from robust_amo.evaluation import EvalRequest
 from robust_amo.jobs import EvalJobRequest, Request, TrainRequest, write_request
@@ -62,6 +62,12 @@ class Options:
     device: str = "auto"
     data_dir: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_at_least("workers", self.workers)
+        check_at_least("threads", self.threads)
+        for s in self.seeds or []:
+            check_int("seeds", s)
 
 
 @dataclass
