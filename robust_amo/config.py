@@ -10,7 +10,7 @@ Options with a closed set of values are ``Literal`` types, checked here and only
 override the file, and the resolved config is saved beside the run.
 
 This module knows the schema, not the registries: whether ``arch``, ``dataset`` and the method's
-options exist is checked by :func:`robust_amo.train.resolve`, which builds on
+options exist is checked by :func:`robust_amo.resolve.resolve`, which builds on
 :func:`load_config`.
 """
 
@@ -595,7 +595,7 @@ def load_config(
     ``config_file`` is a path or the name of a shipped config (:func:`config_path`); keys of
     :data:`RENAMED` are read under their new names with a warning.
 
-    Use :func:`robust_amo.train.resolve` to also check the architecture, dataset and method
+    Use :func:`robust_amo.resolve.resolve` to also check the architecture, dataset and method
     options against their registries (what the CLI does).
     """
     data: dict[str, Any] = {}
@@ -615,7 +615,7 @@ def validate(cfg: TrainConfig) -> None:
 
     Closed sets of values are checked while the dataclasses are built (``Literal`` fields);
     the names that registries hold (``arch``, ``dataset``, ``method``) are checked by
-    :func:`robust_amo.train.resolve`.
+    :func:`robust_amo.resolve.resolve`.
     """
     if cfg.device.split(":")[0] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
