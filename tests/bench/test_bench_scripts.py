@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from bench import equivalence
 from tests.helpers import ROOT
 
 BENCH = ROOT / "bench"
@@ -80,3 +81,11 @@ def test_eval_agreement(run_script, tmp_path):
     else:  # an optional peer: the table still has robustness's rows and says torchattacks is absent
         assert {"robustness AttackerModel", "robustness, restarts looped here"} <= set(methods)
         assert any("torchattacks: not installed" in ln for ln in table)
+
+
+@pytest.mark.slow
+def test_equivalence_of_this_tree_with_itself(tmp_path):
+    """bench.equivalence drives both trees through their CLIs: it must keep working on this
+    one (both sides this tree: every check passes, and a difference would be a nondeterminism)."""
+    rc = equivalence.main(["--old", str(ROOT), "--work", str(tmp_path)])
+    assert rc == 0
