@@ -33,6 +33,7 @@ from robust_amo.data import dataset_info
 from robust_amo.distributed import DistContext
 from robust_amo.errors import ConfigError
 from robust_amo.margins import MarginsResult, SearchOptions, measure
+from robust_amo.margins.measure import CSV, SUMMARY
 from robust_amo.models import ExternalModel
 from robust_amo.outputs import refuse_overwrite, writable_dir
 from robust_amo.runtime import resolve_device
@@ -55,6 +56,15 @@ log = logging.getLogger(__name__)
 
 ReportFormat = Literal["robust-amo", "robustbench"]
 """``robustbench`` also writes REPORT.robustbench.json (needs the standard AutoAttack)."""
+
+
+def _check_attack_counts(batch_size: int, n_examples: int | None, restarts: int | None,
+                         seed: int) -> None:
+    """The counts every evaluation takes (:class:`EvalRequest` and :func:`evaluate`)."""
+    for key, v in (("batch_size", batch_size), ("n_examples", n_examples),
+                   ("restarts", restarts)):
+        check_at_least(key, v)
+    check_int("seed", seed)
 
 
 @dataclass
@@ -191,10 +201,7 @@ class EvalRequest(CheckpointRequest):
         Raises:
             ConfigError: naming the field.
         """
-        check_at_least("batch_size", self.batch_size)
-        check_at_least("n_examples", self.n_examples)
-        check_at_least("restarts", self.restarts)
-        check_int("seed", self.seed)
+        _check_attack_counts(self.batch_size, self.n_examples, self.restarts, self.seed)
         check_choice("format", self.format, ReportFormat)
         names = self.attack_names()
         if self.format == "robustbench" and "autoattack" not in names:
@@ -383,10 +390,8 @@ def evaluate(
         RobustAmoError: a bad value, or data that cannot be found, with the fix in the message.
     """
     t_start = time.perf_counter()
-    for key, v in (("batch_size", batch_size), ("n_examples", n_examples),
-                   ("restarts", restarts)):
-        check_at_least(key, v)
-    check_int("seed", seed)
+    _check_attack_counts(batch_size, n_examples, restarts, seed)
+    eps = parse_float(eps, "eps")
     if (mean is None) != (std is None):
         raise ConfigError("give mean and std together", params=("mean", "std"))
     if device is None:
@@ -404,12 +409,12 @@ def evaluate(
         "normalization": {"mean": mean, "std": std}, "robust_amo_version": None}
     data = load_eval_data(meta, split=split, n_examples=n_examples, data_dir=data_dir)
     meta["weights_sha256"] = model_digest(model)
-    specs = attack_specs(list(attacks), eps=parse_float(eps, "eps"), norm=norm,
+    specs = attack_specs(list(attacks), eps=eps, norm=norm,
                          step_size=step_size, restarts=restarts, loss=loss, seed=seed)
     target = Path(out) if out is not None else None
     if target is not None:
         writable_dir(target.parent)
-    report = _run(model, meta, data, specs, norm=norm, eps=parse_float(eps, "eps"), seed=seed,
+    report = _run(model, meta, data, specs, norm=norm, eps=eps, seed=seed,
                   batch_size=batch_size, device=device, bf16=False, sanity=sanity,
                   tolerance=float(tolerance), state_path=None, resume=False, progress=progress,
                   t_start=t_start)
@@ -469,7 +474,7 @@ def measure_checkpoint(request: MarginsRequest | dict[str, Any]) -> MarginsResul
                           params=("points", "model"))
     r.external(r.points)
     out = writable_dir(r.out if r.out else _margins_out(r.checkpoint or r.weights or "."))
-    refuse_overwrite(out, ["margins.csv", "summary.json"], "margins report",
+    refuse_overwrite(out, [CSV, SUMMARY], "margins report",
                      overwrite=r.overwrite)
     device = resolve_device(r.device)
     a = r.load(device, r.points)
