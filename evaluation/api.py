@@ -45,12 +45,15 @@ from .report import (
     DEFAULT_TOLERANCE,
     Report,
     build_report,
+    number_text,
+    report_outputs,
     robustbench_entry,
     robustbench_path,
     sanity_checks,
+    state_path,
     write_report,
 )
-from .runner import evaluate_attacks, large_eps_accuracy, model_digest
+from .runner import evaluate_attacks, finite_logits, large_eps_accuracy, model_digest
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +249,22 @@ def _run(model: nn.Module, meta: dict[str, Any], data: EvalData, specs: list[Eva
     if bf16 and device.type != "cuda":
         log.warning("bf16 has no effect on %s: evaluating in float32", device)
     bf16 = bf16 and device.type == "cuda"
-    log.info("evaluating %s on %d %s examples of %s (%s eps %.6g) on %s: %s", meta["arch"],
-             len(data.y), data.split, data.dataset, norm, eps, device,
-             ", ".join(s.name for s in specs))
+    if distributed.is_main():  # every rank runs this; one says it
+        log.info("evaluating %s on %d %s examples of %s (%s eps %s) on %s: %s", meta["arch"],
+                 len(data.y), data.split, data.dataset, norm, number_text(eps), device,
+                 ", ".join(s.name for s in specs))
     outcomes = evaluate_attacks(
         model, data.x, data.y, specs, batch_size=batch_size, device=device,
         state_path=state_path, resume=resume, bf16=bf16, progress=progress,
         fingerprint={"split": data.split, "dataset": data.dataset})
     clean_acc = int(outcomes[0].clean.sum()) / len(data.y)
+    finite = finite_logits(model, data.x, batch_size=batch_size, device=device)
     large = None
     if sanity:
         large = large_eps_accuracy(model, data.x, data.y, norm, batch_size=batch_size,
                                    device=device, seed=seed)
-    checks = sanity_checks(clean_acc, outcomes, large_eps=large, tolerance=tolerance)
+    checks = sanity_checks(clean_acc, outcomes, large_eps=large, tolerance=tolerance,
+                           finite=finite)
     return build_report(outcomes=outcomes, model_meta=meta, dataset=data.dataset,
                         split=data.split, norm=norm, eps=eps, seed=seed, device=str(device),
                         bf16=bf16, wall_time_s=time.perf_counter() - t_start, checks=checks,
@@ -276,6 +282,10 @@ def _write(report: Report, out: Path, robustbench: bool) -> None:
     for c in report.sanity_checks:
         if not c.passed:
             log.warning("sanity check %s flagged: %s", c.name, c.detail)
+    log.info("done: clean accuracy %.2f%%, robust accuracy %.2f%% (worst case over %s) of %d "
+             "examples; sanity checks %s", 100 * report.clean_accuracy,
+             100 * report.robust_accuracy, ", ".join(report.robust_accuracies()) or "no attack",
+             report.n_examples, "ok" if report.sanity_ok else "FLAGGED")
 
 
 def run_evaluation(request: EvalRequest, ctx: DistContext, device: torch.device) -> Report:
@@ -298,16 +308,16 @@ def run_evaluation(request: EvalRequest, ctx: DistContext, device: torch.device)
     out = Path(request.out) if request.out else Path(meta["path"]).parent / "eval" / "report.json"
     if ctx.is_main:
         writable_dir(out.parent)
-        refuse_overwrite(out.parent, [out.name, out.with_suffix(".md").name,
-                                      robustbench_path(out).name], "report",
+        # an overwrite replaces all of them (write_report removes the old ones first)
+        refuse_overwrite(out.parent, [f.name for f in report_outputs(out)], "report",
                          overwrite=request.overwrite)
-    state_path = out.with_suffix(".state.pt")
+    state = state_path(out)
     report = _run(model, meta, data, specs, norm=a.threat.norm, eps=a.threat.eps,
                   seed=request.seed, batch_size=request.batch_size, device=device,
                   bf16=request.bf16, sanity=request.sanity, tolerance=tolerance,
-                  state_path=state_path, resume=request.resume, progress=request.progress,
+                  state_path=state, resume=request.resume, progress=request.progress,
                   t_start=t_start)
-    sharding.state_file(state_path).unlink(missing_ok=True)
+    sharding.state_file(state).unlink(missing_ok=True)
     if ctx.is_main:  # every rank holds the same report; rank 0 writes it
         _write(report, out, request.format == "robustbench")
     return report

@@ -31,7 +31,11 @@ from .autoattack_adapter import (
 from .pgd_eval import PGDSettings, pgd_robust
 
 SavePartial = Callable[[dict[str, Any]], None]
-"""Called with a chunk's partial entry after each finished sub-step (AutoAttack's attacks)."""
+"""Called with a chunk's partial entry after each finished sub-step (AutoAttack's attacks).
+
+The entry is the attack's to shape (it comes back as ``partial`` after a resume); two keys are
+read by the runner for its progress lines: ``done`` (the sub-steps finished so far, in order) and
+``robust`` (the chunk's (B,) mask after them)."""
 
 
 EVAL_STEP_FRACTION = 0.25
@@ -183,7 +187,9 @@ class AutoAttackEval(EvalAttack):
                   save_partial: SavePartial) -> dict[str, Any]:
         prev = partial.get("aa") if partial is not None else None
         r = autoattack_robust(model, x, y, self.aa, state=prev,
-                              on_step=lambda res: save_partial({"aa": res.state()}))
+                              on_step=lambda res: save_partial(
+                                  {"aa": res.state(), "done": list(res.done),
+                                   "robust": res.robust.cpu()}))
         return {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
                 "steps": {k: v.cpu() for k, v in r.after_attack.items()},
                 "warnings": r.warnings}

@@ -27,10 +27,12 @@ import importlib
 import importlib.metadata as metadata
 import inspect
 import io
+import json
 import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,11 +155,99 @@ def autoattack_backend(preferred: str | None = None) -> tuple[str, Any]:
 
 
 def backend_version(name: str, module: Any) -> str:
-    """``name version`` for reports."""
+    """``name version`` for reports: ``pyautoattack 0.2.0``, ``autoattack 0.1 (git 1a2b3c4d5e6f)``.
+
+    The version comes from the installed distribution that provides the module (its metadata),
+    else the module's ``__version__``; the commit from the distribution's ``direct_url.json``
+    (``pip install git+https://...``) or, for a module imported from a git checkout, from that
+    checkout's ``HEAD``. ``unknown`` only when none of these exists.
+    """
+    version = _dist_version(name)
+    if version is not None:  # installed: its metadata says what it is
+        commit = _pip_commit(name)
+    else:  # imported from a folder on the path, such as a clone of the repository
+        version = getattr(module, "__version__", None)
+        commit = _checkout_commit(getattr(module, "__file__", None))
+    if version and commit:
+        return f"{name} {version} (git {commit[:12]})"
+    if commit:
+        return f"{name} git {commit[:12]}"
+    return f"{name} {version or 'unknown'}"
+
+
+def _distributions(module_name: str) -> list[str]:
+    """The installed distributions that provide ``module_name`` (the module's own name first,
+    as ``pip`` may list another spelling of it)."""
+    names = [module_name, *metadata.packages_distributions().get(module_name, [])]
+    return list(dict.fromkeys(names))
+
+
+def _dist_version(module_name: str) -> str | None:
+    for dist in _distributions(module_name):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _pip_commit(module_name: str) -> str | None:
+    """The commit a distribution was installed from (PEP 610 ``direct_url.json``), if any."""
+    for dist in _distributions(module_name):
+        try:
+            text = metadata.distribution(dist).read_text("direct_url.json")
+        except metadata.PackageNotFoundError:
+            continue
+        if text:
+            try:
+                commit = json.loads(text).get("vcs_info", {}).get("commit_id")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(commit, str) and commit:
+                return commit
+    return None
+
+
+def _checkout_commit(module_file: str | None) -> str | None:
+    """The ``HEAD`` commit of the git checkout holding ``module_file`` (read from ``.git``
+    without running git), or None; never for a file of an installed environment, which may lie
+    inside an unrelated checkout (pyenv's, a home folder's)."""
+    if not module_file or {"site-packages", "dist-packages"} & set(Path(module_file).parts):
+        return None
+    for folder in Path(module_file).resolve().parents:
+        git = folder / ".git"
+        if git.is_file():  # a worktree or submodule: "gitdir: PATH"
+            text = git.read_text(errors="replace").strip()
+            if not text.startswith("gitdir:"):
+                return None
+            git = (folder / text.split(":", 1)[1].strip()).resolve()
+        if git.is_dir():
+            return _head_commit(git)
+    return None
+
+
+def _head_commit(git: Path) -> str | None:
     try:
-        return f"{name} {metadata.version(name)}"
-    except metadata.PackageNotFoundError:
-        return f"{name} {getattr(module, '__version__', 'unknown')}"
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head or None
+        ref = head.split(":", 1)[1].strip()
+        # a worktree keeps its HEAD but shares the refs of the main repository
+        common = git / "commondir"
+        roots = [git] + ([(git / common.read_text().strip()).resolve()]
+                         if common.is_file() else [])
+        for root in roots:
+            if (root / ref).is_file():
+                return (root / ref).read_text().strip() or None
+            packed = root / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    parts = line.split()
+                    if len(parts) == 2 and parts[1] == ref:
+                        return parts[0]
+    except OSError:
+        return None
+    return None
 
 
 class LogitsOnly(nn.Module):

@@ -27,6 +27,7 @@ class AttackOutcome:
     wall_time_s: float = 0.0
     resumed_chunks: int = 0
     backend: str | None = None
+    forward_passes: int = 0  # in example units, this run only (work before a resume not counted)
 
 
 def summarize(outcome: AttackOutcome) -> dict[str, Any]:

@@ -10,9 +10,13 @@ case over every attack run), sanity_checks (name, passed, detail), wall_time_s, 
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
+import logging
+import math
 import platform
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ from robust_amo.curves import pyplot, save_figure
 from robust_amo.errors import OutputError
 
 from .outcome import AttackOutcome, summarize
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "robust-amo-eval/1"
 REQUIRED_KEYS = (
@@ -40,8 +46,8 @@ class SanityCheck:
     """One check against gradient masking (:func:`sanity_checks`).
 
     Attributes:
-        name: ``robust<=clean``, ``restarts-monotone``, ``more-steps``, ``large-eps``,
-            ``pgd-vs-autoattack`` or ``autoattack-checks``.
+        name: ``finite-logits``, ``robust<=clean``, ``restarts-monotone``, ``more-steps``,
+            ``large-eps``, ``pgd-vs-autoattack`` or ``autoattack-checks``.
         passed: False flags the evaluation. detail: the figures behind the verdict.
         attack: the attack it is about, for the per-attack checks (else None).
     """
@@ -123,6 +129,8 @@ class Report:
         robust_accuracy, n_robust: per example, the worst case over every attack.
         sanity_checks: :class:`SanityCheck` list. wall_time_s: of the whole evaluation.
         versions: Python, torch and the packages that ran it. created: ISO time (UTC).
+        selected_on: the split the checkpoint was selected on (``best.pt``: the per-epoch
+            check's split), when known; shown in report.md. None: not recorded.
         extra: fields of a report.json this version does not know (kept for a round trip).
     """
 
@@ -145,6 +153,7 @@ class Report:
     versions: dict[str, str]
     created: str
     data_dir: str | None = None
+    selected_on: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,8 +163,18 @@ class Report:
 
     @property
     def threat_model(self) -> dict[str, Any]:
-        """``{"norm", "eps"}`` as report.json holds it."""
-        return {"norm": self.norm, "eps": self.eps}
+        """``{"norm", "eps"}`` as report.json holds it, with ``"eps_fraction"`` (``"8/255"``)
+        when eps is a simple fraction (:func:`fraction_text`)."""
+        out: dict[str, Any] = {"norm": self.norm, "eps": self.eps}
+        frac = fraction_text(self.eps)
+        if frac is not None:
+            out["eps_fraction"] = frac
+        return out
+
+    @property
+    def eps_label(self) -> str:
+        """eps as people read it: ``0.0313725 (8/255)``, or the number alone."""
+        return number_text(self.eps)
 
     def robust_accuracies(self) -> dict[str, float]:
         """Robust accuracy of each attack but ``clean``, by name."""
@@ -175,6 +194,8 @@ class Report:
             "sanity_ok": self.sanity_ok, "wall_time_s": self.wall_time_s,
             "versions": self.versions,
         }
+        if self.selected_on is not None:
+            out["selected_on"] = self.selected_on
         out.update(self.extra)
         return out
 
@@ -189,7 +210,7 @@ class Report:
         known = {"schema", "created", "dataset", "data_dir", "split", "n_examples", "model",
                  "threat_model", "seed", "device", "precision", "bf16", "clean_accuracy",
                  "attacks", "robust_accuracy", "n_robust", "sanity_checks", "sanity_ok",
-                 "wall_time_s", "versions"}
+                 "wall_time_s", "versions", "selected_on"}
         attacks = {k: AttackReport.from_dict(a) for k, a in d["attacks"].items()}
         worst = d.get("n_robust")
         if worst is None:
@@ -203,7 +224,8 @@ class Report:
             robust_accuracy=d["robust_accuracy"], n_robust=int(worst),
             sanity_checks=[SanityCheck.from_dict(c) for c in d["sanity_checks"]],
             wall_time_s=d["wall_time_s"], versions=dict(d["versions"]), created=d["created"],
-            data_dir=d.get("data_dir"), extra={k: v for k, v in d.items() if k not in known})
+            data_dir=d.get("data_dir"), selected_on=d.get("selected_on"),
+            extra={k: v for k, v in d.items() if k not in known})
 
     @classmethod
     def read(cls, path: str | Path) -> Report:
@@ -233,15 +255,50 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class FiniteLogits:
+    """What :func:`robust_amo.evaluation.runner.finite_logits` found: NaN or infinite outputs.
+
+    Attributes:
+        n_examples: examples whose clean logits were checked.
+        nonfinite_examples: of them, those with a NaN or infinite logit.
+        nonfinite_weights: NaN or infinite entries of the model's parameters and buffers.
+    """
+
+    n_examples: int
+    nonfinite_examples: int
+    nonfinite_weights: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Every logit is finite."""
+        return self.nonfinite_examples == 0
+
+    def check(self) -> SanityCheck:
+        """The ``finite-logits`` check."""
+        if self.ok:
+            detail = f"the clean logits of all {self.n_examples} examples are finite"
+        else:
+            detail = (f"{self.nonfinite_examples} of {self.n_examples} examples have NaN or "
+                      "infinite clean logits, so their predictions (and every accuracy here) "
+                      "mean nothing")
+        if self.nonfinite_weights:
+            detail += f"; the model holds {self.nonfinite_weights} NaN or infinite weights"
+        return SanityCheck("finite-logits", self.ok, detail)
+
+
 def sanity_checks(
     clean_accuracy: float,
     outcomes: list[AttackOutcome],
     *,
     large_eps: tuple[float, float] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    finite: FiniteLogits | None = None,
 ) -> list[SanityCheck]:
-    """Checks against gradient masking, each a :class:`SanityCheck`.
+    """Checks against gradient masking and broken models, each a :class:`SanityCheck`.
 
+    - ``finite-logits`` (when ``finite`` is given): every clean logit is finite; a model that
+      outputs NaN still gets an argmax, and an accuracy near chance, so this check says it.
     - ``robust<=clean``: no attack has higher accuracy than the clean model.
     - ``restarts-monotone``: PGD robust accuracy never rises from one restart to the next.
     - ``more-steps``: a PGD with at least the steps and restarts of another (same eps, norm) is
@@ -250,7 +307,7 @@ def sanity_checks(
     - ``pgd-vs-autoattack``: the strongest PGD and AutoAttack agree within ``tolerance``.
     - ``autoattack-checks``: AutoAttack's own checks raised no warning.
     """
-    checks: list[SanityCheck] = []
+    checks: list[SanityCheck] = [finite.check()] if finite is not None else []
     attacked = [o for o in outcomes if o.spec.kind != "clean"]
     acc = {o.spec.name: summarize(o)["robust_accuracy"] for o in attacked}
     bad = {k: v for k, v in acc.items() if v > clean_accuracy + 1e-12}
@@ -313,6 +370,7 @@ def build_report(
     wall_time_s: float,
     checks: list[SanityCheck],
     data_dir: str | None = None,
+    selected_on: str | None = None,
 ) -> Report:
     """The :class:`Report` of one evaluation from its per-example outcomes."""
     if not outcomes:
@@ -337,18 +395,27 @@ def build_report(
         sanity_checks=list(checks), wall_time_s=round(wall_time_s, 3),
         versions=package_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        data_dir=data_dir)
+        data_dir=data_dir, selected_on=selected_on)
 
 
 def markdown(report: Report) -> str:
     """A readable summary: one row per attack, the overall worst case, the sanity checks."""
     m = report.model
+    flagged = [c for c in report.sanity_checks if not c.passed]
     lines = [
         f"# Robustness evaluation: {m.get('arch')} ({m.get('path')})",
         "",
         f"{report.dataset} {report.split}, {report.n_examples} examples; "
-        f"{report.norm} eps = {report.eps:.6g}; seed {report.seed}; {report.device}, "
+        f"{report.norm} eps = {report.eps_label}; seed {report.seed}; {report.device}, "
         f"{report.precision}.",
+    ]
+    if report.selected_on is not None:
+        lines += ["", f"The checkpoint was selected on the {report.selected_on} split."]
+    if flagged:
+        lines += ["", f"**{len(flagged)} sanity check(s) FLAGGED "
+                      f"({', '.join(c.name for c in flagged)}): do not trust these figures "
+                      "before reading the checks below.**"]
+    lines += [
         "",
         "| attack | settings | robust accuracy | time (s) |",
         "|---|---|---:|---:|",
@@ -359,8 +426,8 @@ def markdown(report: Report) -> str:
             continue
         s = a.settings
         if a.kind == "pgd":
-            desc = (f"{s['steps']} steps x {s['restarts']} restarts, step {s['step_size']:.4g}, "
-                    f"{s['loss']} loss")
+            desc = (f"{s['steps']} steps x {s['restarts']} restarts, step "
+                    f"{number_text(s['step_size'], 4)}, {s['loss']} loss")
         else:
             desc = f"{s['version']}: {', '.join(s['attacks'])} ({a.backend or ''})"
         lines.append(f"| {name} | {desc} | {a.robust_accuracy:.2%} | {a.wall_time_s:.1f} |")
@@ -375,31 +442,71 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+MIN_SPAN = 10.0
+"""The restart picture's y axis spans at least this many percentage points, so that a change of
+one example (0.2 points of 500) does not fill the picture like a cliff."""
+
+
 def restarts_figure(report: Report):
-    """Robust accuracy after each restart of every multi-restart attack of a report: does it
-    flatten (enough restarts) or still fall (more would find more)?"""
+    """Robust accuracy after each restart of every multi-restart PGD of a report: does it
+    flatten (enough restarts) or still fall (more would find more)?
+
+    The y axis is in percent and spans at least :data:`MIN_SPAN` points (within 0-100); its
+    label says what one example is worth, and a right-hand axis counts robust examples. Each
+    AutoAttack run is a dashed horizontal line at its robust accuracy. The title names the
+    model, data, n and eps.
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    n = max(report.n_examples, 1)
+    values: list[float] = []
     for name, a in report.attacks.items():
         curve = list(a.curve.values())  # {"restart 1": acc, ...}, in order
         if a.kind == "pgd" and len(curve) > 1:
-            ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], marker="o", label=name)
-    ax.set_xlabel("restarts")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_title(f"{report.model.get('arch', '')}: robust accuracy by restart", fontsize=10)
+            ys = [100 * c for c in curve]
+            ax.plot(range(1, len(curve) + 1), ys, marker="o", label=name)
+            values += ys
+    for name, a in report.attacks.items():
+        if a.kind == "autoattack":
+            y = 100 * a.robust_accuracy
+            # hlines (a collection, not a Line2D): across the whole width, beside the curves
+            ax.hlines(y, 0, 1, transform=ax.get_yaxis_transform(), colors="black",
+                      linestyles="--", linewidth=1, label=f"{name} ({y:.2f}%)")
+            values.append(y)
+    if values:
+        ax.set_ylim(*_honest_range(min(values), max(values)))
+    ax.set_xlabel("restart")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(f"robust accuracy (%; 1 example = {100 / n:.2g} points)")
+    counts = ax.secondary_yaxis("right", functions=(lambda p: p * n / 100,
+                                                    lambda k: k * 100 / n))
+    counts.set_ylabel(f"robust examples (of {report.n_examples})")
+    ax.set_title(f"{report.model.get('arch', '')}: robust accuracy after each PGD restart\n"
+                 f"{report.dataset} {report.split}, n = {report.n_examples} examples, "
+                 f"{report.norm} eps = {report.eps_label}", fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.get_lines():
+    if values:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
+def _honest_range(lo: float, hi: float) -> tuple[float, float]:
+    """A y range in percent around [lo, hi], at least :data:`MIN_SPAN` wide, inside 0-100."""
+    span = max(MIN_SPAN, 1.2 * (hi - lo))
+    bottom = (lo + hi) / 2 - span / 2
+    bottom = min(max(bottom, 0.0), 100.0 - span) if span < 100 else 0.0
+    return bottom, bottom + min(span, 100.0)
+
+
 def write_report(report: Report, path: str | Path) -> tuple[Path, Path]:
     """Write the JSON report and its Markdown twin (same name, ``.md``), and, when an attack
     has several restarts, ``NAME.restarts.png``: robust accuracy after each restart (does it
-    flatten?). Returns the JSON and Markdown paths."""
+    flatten?). Every file an earlier report at ``path`` wrote (:func:`report_files`) is removed
+    first, so nothing of it stays beside the new one. Returns the JSON and Markdown paths."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    remove_report_files(p)
     p.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     md = p.with_suffix(".md")
     md.write_text(markdown(report))
@@ -411,6 +518,28 @@ def write_report(report: Report, path: str | Path) -> tuple[Path, Path]:
 ROBUSTBENCH_THEIRS = ("link", "name", "authors", "venue", "reported", "additional_data")
 """Fields of a RobustBench model-info entry that the model's authors fill (we leave them empty:
 null for ``additional_data``, "" for the rest)."""
+
+
+MAX_DENOMINATOR = 4 * 255
+"""The largest denominator :func:`fraction_text` shows (quarters of 255ths: 1/1020)."""
+
+
+def fraction_text(x: float) -> str | None:
+    """``"8/255"`` for 0.0313725..., ``"1/10"`` for 0.1: ``x`` as a fraction with a denominator
+    up to :data:`MAX_DENOMINATOR` when that fraction gives ``x`` to a relative 1e-7 (a float32
+    round trip); None for whole numbers and numbers no such fraction gives."""
+    if not math.isfinite(x) or x <= 0:
+        return None
+    f = Fraction(x).limit_denominator(MAX_DENOMINATOR)
+    if f.denominator == 1 or abs(float(f) - x) > 1e-7 * x:
+        return None
+    return f"{f.numerator}/{f.denominator}"
+
+
+def number_text(x: float, digits: int = 6) -> str:
+    """``0.0313725 (8/255)``: the number, and its fraction when :func:`fraction_text` has one."""
+    frac = fraction_text(x)
+    return f"{x:.{digits}g}" + (f" ({frac})" if frac else "")
 
 
 def eps_text(eps: float) -> str:
@@ -464,6 +593,39 @@ def restarts_png(report_path: str | Path) -> Path:
     """Where :func:`write_report` draws the restart curves: ``report.restarts.png``."""
     p = Path(report_path)
     return p.with_name(f"{p.stem}.restarts.png")
+
+
+def state_path(report_path: str | Path) -> Path:
+    """The resume state of an evaluation writing ``report_path``: ``report.state.pt`` (under
+    torchrun each rank keeps ``report.state.rankRofN.pt``:
+    :func:`robust_amo.evaluation.sharding.state_file`)."""
+    return Path(report_path).with_suffix(".state.pt")
+
+
+def report_outputs(report_path: str | Path) -> list[Path]:
+    """The files a finished report at ``report_path`` may consist of, in one list: the JSON,
+    the Markdown, the restart picture and the RobustBench entry. A folder holding any of them
+    holds a report (``overwrite`` replaces it)."""
+    p = Path(report_path)
+    return [p, p.with_suffix(".md"), restarts_png(p), robustbench_path(p)]
+
+
+def report_files(report_path: str | Path) -> list[Path]:
+    """Every file of an evaluation at ``report_path`` that exists: :func:`report_outputs` and
+    the resume state files of any number of ranks."""
+    state = state_path(report_path)
+    ranks = sorted(state.parent.glob(f"{glob.escape(state.stem)}.rank*of*{state.suffix}"))
+    return [f for f in [*report_outputs(report_path), state, *ranks] if f.is_file()]
+
+
+def remove_report_files(report_path: str | Path) -> list[Path]:
+    """Delete every file of an earlier evaluation at ``report_path`` (:func:`report_files`)."""
+    removed = report_files(report_path)
+    for f in removed:
+        f.unlink(missing_ok=True)
+    if removed:
+        log.info("removed the earlier report's %s", ", ".join(f.name for f in removed))
+    return removed
 
 
 def validate_report(report: dict[str, Any]) -> None:

@@ -44,14 +44,16 @@ def gather_outcome(outcome: AttackOutcome, n: int, batch_size: int) -> AttackOut
     """Turn this rank's outcome (masks of its chunks, in chunk order) into the full one.
 
     Masks are assembled over ranks; warnings are merged in rank order without duplicates;
-    ``wall_time_s`` and ``resumed_chunks`` are summed (compute time over all ranks).
+    ``wall_time_s``, ``resumed_chunks`` and ``forward_passes`` are summed (compute time and
+    work over all ranks).
     """
     ctx = distributed.current()
     if not ctx.enabled:
         return outcome
     index = distributed.shard_batches(n, batch_size, ctx.rank, ctx.world_size)
     infos = distributed.gather_objects(
-        (list(outcome.steps), outcome.warnings, outcome.wall_time_s, outcome.resumed_chunks))
+        (list(outcome.steps), outcome.warnings, outcome.wall_time_s, outcome.resumed_chunks,
+         outcome.forward_passes))
     names = next((names for names, *_ in infos if names), [])
     empty = torch.zeros(0, dtype=torch.bool)
     outcome.clean = distributed.assemble(outcome.clean, index, n)
@@ -59,9 +61,10 @@ def gather_outcome(outcome: AttackOutcome, n: int, batch_size: int) -> AttackOut
     outcome.steps = {k: distributed.assemble(outcome.steps.get(k, empty), index, n)
                      for k in names}
     warnings: list[str] = []
-    for _, ws, _, _ in infos:
+    for _, ws, *_ in infos:
         warnings += [w for w in ws if w not in warnings]
     outcome.warnings = warnings
-    outcome.wall_time_s = sum(t for *_, t, _ in infos)
-    outcome.resumed_chunks = sum(r for *_, r in infos)
+    outcome.wall_time_s = sum(t for _, _, t, _, _ in infos)
+    outcome.resumed_chunks = sum(r for _, _, _, r, _ in infos)
+    outcome.forward_passes = sum(f for *_, f in infos)
     return outcome

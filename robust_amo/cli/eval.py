@@ -17,6 +17,8 @@ import argparse
 from robust_amo import distributed
 from robust_amo.evaluation import EvalRequest, run_evaluation
 from robust_amo.evaluation.attacks import attack_help
+from robust_amo.evaluation.autoattack_adapter import ATTACKS as AA_ATTACKS
+from robust_amo.evaluation.autoattack_adapter import BACKENDS as AA_BACKENDS
 from robust_amo.evaluation.report import markdown
 from robust_amo.runtime import resolve_device
 
@@ -34,22 +36,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", type=str, action="append", default=[],
                    help=f"{attack_help()}. Repeat or comma-separate for several (default: "
                         "pgd50)")
-    p.add_argument("--step-size", type=str, help="PGD step size (default: eps/4)")
+    p.add_argument("--step-size", type=str, help="PGD step size, e.g. 2/255 (default: eps/4)")
     p.add_argument("--restarts", type=int,
                    help="PGD restarts (default: 10 for pgd50, else 1)")
     p.add_argument("--loss", type=str, choices=["ce", "cw"], default="ce",
-                   help="PGD loss (default: ce)")
+                   help="PGD loss: ce (cross-entropy) or cw (Carlini-Wagner margin) "
+                        "(default: ce)")
     p.add_argument("--aa-attacks", type=str, default="",
-                   help="attacks of autoattack-custom, comma-separated, e.g. apgd-ce,square")
-    p.add_argument("--aa-backend", type=str, choices=["autoattack", "pyautoattack"],
-                   help="AutoAttack package (default: autoattack if installed, else "
-                        "pyautoattack)")
+                   help=f"attacks of autoattack-custom, comma-separated, from "
+                        f"{', '.join(AA_ATTACKS)}, e.g. apgd-ce,square (default: none; "
+                        "autoattack-custom needs it)")
+    p.add_argument("--aa-backend", type=str, choices=list(AA_BACKENDS),
+                   help="AutoAttack package: autoattack (fra31's repository) or pyautoattack "
+                        "(default: autoattack if installed, else pyautoattack)")
     p.add_argument("--out", type=str,
-                   help="report .json path (default: RUN/eval/report.json); .md beside it")
+                   help="report .json path (default: RUN/eval/report.json); the .md, the "
+                        "pictures and the state file go beside it")
     p.add_argument("--bf16", action="store_true",
-                   help="PGD forward passes in bf16 autocast on CUDA (flagged in the report)")
+                   help="PGD forward passes in bf16 autocast on CUDA, flagged in the report "
+                        "(default: off, float32)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted evaluation from its state file")
+                   help="continue an interrupted evaluation from its state file REPORT.state.pt "
+                        "(default: off: start afresh, replacing that file)")
     p.add_argument("--tolerance", type=str, default="0.03",
                    help="PGD/AutoAttack disagreement flagged above this (default 0.03)")
     p.add_argument("--format", type=str, choices=["robust-amo", "robustbench"],
@@ -58,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "write REPORT.robustbench.json, the fields of a RobustBench model-info "
                         "entry (needs --attack autoattack)")
     p.add_argument("--no-sanity", action="store_true",
-                   help="skip the large-eps gradient-masking check (other checks still run)")
+                   help="skip the large-eps gradient-masking check (default: it runs; the "
+                        "other checks always run)")
 
 
 def request(args: argparse.Namespace) -> EvalRequest:
