@@ -23,6 +23,7 @@ beating the gradient attacks) stay on; their messages are collected into the res
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata as metadata
 import inspect
@@ -176,10 +177,19 @@ def backend_version(name: str, module: Any) -> str:
 
 
 def _distributions(module_name: str) -> list[str]:
-    """The installed distributions that provide ``module_name`` (the module's own name first,
-    as ``pip`` may list another spelling of it)."""
-    names = [module_name, *metadata.packages_distributions().get(module_name, [])]
-    return list(dict.fromkeys(names))
+    """The installed distributions that may provide ``module_name``: the one of that name (both
+    AutoAttack distributions are named as their module), else those whose files hold it."""
+    try:
+        metadata.distribution(module_name)
+        return [module_name]
+    except metadata.PackageNotFoundError:
+        return _providers().get(module_name, [])
+
+
+@functools.lru_cache(maxsize=1)
+def _providers() -> dict[str, list[str]]:
+    # reads every installed distribution's file list (a second or so): once per process
+    return dict(metadata.packages_distributions())
 
 
 def _dist_version(module_name: str) -> str | None:

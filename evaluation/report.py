@@ -129,6 +129,8 @@ class Report:
         robust_accuracy, n_robust: per example, the worst case over every attack.
         sanity_checks: :class:`SanityCheck` list. wall_time_s: of the whole evaluation.
         versions: Python, torch and the packages that ran it. created: ISO time (UTC).
+        eps_fraction: eps as a simple fraction (``"8/255"``: :func:`fraction_text`), None
+            when it is none (and in older reports, which did not record it).
         selected_on: the split the checkpoint was selected on (``best.pt``: the per-epoch
             check's split), when known; shown in report.md. None: not recorded.
         extra: fields of a report.json this version does not know (kept for a round trip).
@@ -154,6 +156,7 @@ class Report:
     created: str
     data_dir: str | None = None
     selected_on: str | None = None
+    eps_fraction: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -164,11 +167,10 @@ class Report:
     @property
     def threat_model(self) -> dict[str, Any]:
         """``{"norm", "eps"}`` as report.json holds it, with ``"eps_fraction"`` (``"8/255"``)
-        when eps is a simple fraction (:func:`fraction_text`)."""
+        when the report has one."""
         out: dict[str, Any] = {"norm": self.norm, "eps": self.eps}
-        frac = fraction_text(self.eps)
-        if frac is not None:
-            out["eps_fraction"] = frac
+        if self.eps_fraction is not None:
+            out["eps_fraction"] = self.eps_fraction
         return out
 
     @property
@@ -225,6 +227,7 @@ class Report:
             sanity_checks=[SanityCheck.from_dict(c) for c in d["sanity_checks"]],
             wall_time_s=d["wall_time_s"], versions=dict(d["versions"]), created=d["created"],
             data_dir=d.get("data_dir"), selected_on=d.get("selected_on"),
+            eps_fraction=d["threat_model"].get("eps_fraction"),
             extra={k: v for k, v in d.items() if k not in known})
 
     @classmethod
@@ -395,7 +398,7 @@ def build_report(
         sanity_checks=list(checks), wall_time_s=round(wall_time_s, 3),
         versions=package_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        data_dir=data_dir, selected_on=selected_on)
+        data_dir=data_dir, selected_on=selected_on, eps_fraction=fraction_text(eps))
 
 
 def markdown(report: Report) -> str:

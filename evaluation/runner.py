@@ -42,8 +42,8 @@ from .report import FiniteLogits
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "robust-amo-eval-state"
-STATE_ADVICE = ("delete it to start the evaluation afresh, or run without resume (which "
-                "ignores it and writes a new one)")
+STATE_ADVICE = ("delete it to start the evaluation afresh, or run without resume to ignore it "
+                "(a new one replaces it)")
 """What to do about a state file that cannot be resumed from."""
 
 
