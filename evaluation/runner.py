@@ -221,14 +221,16 @@ class PassCounter:
 
 class _Progress:
     """The log lines of one attack, which appear with or without progress bars: after each
-    AutoAttack sub-attack of a chunk, after each chunk (when there are several) and when the
-    attack is done. Under torchrun only rank 0 logs, and its chunk lines are about its chunks."""
+    AutoAttack sub-attack of a chunk, after each other chunk (when there are several) and when
+    the attack is done. Under torchrun only rank 0 logs, and its chunk lines are about its
+    chunks."""
 
     def __init__(self, name: str, n_chunks: int, passes: PassCounter,
                  done: dict[int, Any]) -> None:
         self.name, self.n_chunks, self.passes, self.done = name, n_chunks, passes, done
         self.passes_at_start = passes.n
         self.t0 = time.perf_counter()
+        self.stepped: set[int] = set()  # chunks whose sub-steps had a line each
 
     def _so_far(self, extra: tuple[int, int] = (0, 0)) -> str:
         finished = [e for e in self.done.values() if e.get("finished")]
@@ -244,12 +246,13 @@ class _Progress:
         steps, robust = part.get("done"), part.get("robust")
         if not distributed.is_main() or not steps or robust is None:
             return
+        self.stepped.add(c)
         log.info("%s: %s done on chunk %d/%d; %s", self.name, steps[-1], c + 1, self.n_chunks,
                  self._so_far((int(robust.sum()), len(robust))))
 
     def chunk(self, c: int) -> None:
-        """Chunk ``c`` finished."""
-        if self.n_chunks > 1 and distributed.is_main():
+        """Chunk ``c`` finished (no line when its last sub-step had one)."""
+        if self.n_chunks > 1 and c not in self.stepped and distributed.is_main():
             log.info("%s: chunk %d/%d done; %s", self.name, c + 1, self.n_chunks,
                      self._so_far())
 
