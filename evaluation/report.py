@@ -484,6 +484,7 @@ def restarts_figure(report: Report):
     counts = ax.secondary_yaxis("right", functions=(lambda p: p * n / 100,
                                                     lambda k: k * 100 / n))
     counts.set_ylabel(f"robust examples (of {report.n_examples})")
+    counts.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"{report.model.get('arch', '')}: robust accuracy after each PGD restart\n"
                  f"{report.dataset} {report.split}, n = {report.n_examples} examples, "
                  f"{report.norm} eps = {report.eps_label}", fontsize=10)
