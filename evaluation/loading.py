@@ -69,8 +69,8 @@ def load_model(
             f"{ckpt.get('arch')}; drop arch (it is only needed for robustness checkpoints "
             "that record none)", params=("arch",)
         )
-    model = model_from_checkpoint(ckpt).to(device).eval()
     file = resolve_path(p, which)
+    model = model_from_checkpoint(ckpt, file).to(device).eval()
     meta = {
         "path": str(file),
         "format": ckpt.get("format"),
