@@ -96,9 +96,9 @@ def load_weights(module: nn.Module, path: str | Path, *, unsafe_load: bool = Fal
         found = [p / n for n in (BEST, LAST, *ROBUSTNESS_NAMES.values()) if (p / n).is_file()]
         if found:
             raise CheckpointError(
-                f"weights {p} is a run folder, not a weights file: pass checkpoint {p} (instead "
-                f"of model and weights) to use the run's model, or weights {found[0]} for its "
-                "weights", params=("weights", "checkpoint", "model"))
+                f"weights {p} is a run folder, not a weights file: give its file {found[0]}, "
+                f"or pass checkpoint {p} instead of model to use the run's own model",
+                params=("weights", "checkpoint", "model"))
         raise CheckpointError(f"weights {p} is a folder, not a weights file; pass one of the "
                               "files inside it", params=("weights",))
     if not p.is_file():

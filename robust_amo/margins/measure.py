@@ -134,8 +134,8 @@ def measure(
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
     if hasattr(model, "perturbation_points") and not model.perturbation_points():
-        raise ConfigError("the model has no perturbation points, so it has no all-layer "
-                          "margin; name the modules whose outputs to perturb (points)",
+        raise ConfigError("the model declares no perturbation point, so it has no all-layer "
+                          "margin; give points: the modules whose outputs to perturb",
                           params=("points",))
     _check_finite(model, x, batch_size, device)
     attack = None
