@@ -11,12 +11,17 @@ import textwrap
 import pytest
 import torch
 
+from robust_amo import evaluate
 from robust_amo.checkpoint import build_checkpoint
 from robust_amo.cli import main
 from robust_amo.errors import CheckpointError, ConfigError
-from robust_amo.evaluation import EvalRequest, MarginsRequest, evaluate_checkpoint
+from robust_amo.evaluation import (
+    EvalRequest,
+    MarginsRequest,
+    evaluate_checkpoint,
+    measure_checkpoint,
+)
 from robust_amo.evaluation.loading import AS_RETURNED, _check_fits
-from robust_amo.evaluation.api import measure_checkpoint
 from robust_amo.margins import measure
 from robust_amo.models import create_model
 
@@ -205,3 +210,17 @@ def test_registered_datasets_with_other_class_names():
         _check_fits(meta, "digits")
     _check_fits({**meta, "class_names": [str(i) for i in range(10)]}, "digits")
     _check_fits({**meta, "class_names": None}, "digits")
+
+
+def test_evaluate_probes_the_module_too():
+    class Detached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)).detach()
+
+    with pytest.raises(ConfigError, match="^model: its logits carry no gradient"):
+        evaluate(Detached(), dataset="digits", eps=0.1, attacks=["pgd2"], n_examples=4,
+                 device="cpu")
