@@ -82,7 +82,8 @@ class CheckpointRequest:
         checkpoint: run folder of ``robust-amo train`` or of robustness's ``train_model``, or a
             ``.pt`` file (or give ``model``).
         model: ``FILE.py:FN`` or ``package.module:FN`` returning your ``nn.Module`` (RUNS that
-            code), with ``weights``, ``mean``/``std`` (normalisation applied inside, inputs stay
+            code), with ``weights`` (required: a file, or ``"none"`` for the module as FN
+            returns it), ``mean``/``std`` (normalisation applied inside, inputs stay
             in [0, 1]) and ``input_shape`` (C, H, W; default the dataset's).
         which: ``last`` (checkpoint.pt) or ``best`` (best.pt) of a run folder.
         arch: architecture of a robustness-library checkpoint that records none.
