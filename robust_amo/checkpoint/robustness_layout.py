@@ -209,6 +209,13 @@ def from_robustness(
                 "(e.g. cifar10) or input_shape (C, H, W)", params=("dataset", "input_shape")
             )
         input_shape = dataset_info(dataset).input_shape
+    channels = model_sd.get("normalize.mean", mean).numel()
+    if channels != int(input_shape[0]):
+        # the normalisers hold one value per input channel: the shape says which data fit
+        where = f"{dataset} images have shape" if dataset else "the input shape is"
+        raise CheckpointError(
+            f"{source}: the checkpoint's model takes {channels}-channel inputs, but {where} "
+            f"{tuple(input_shape)}; pass the dataset it was trained on", params=("dataset",))
     weight = model_sd.get("classifier.weight")
     if weight is None:
         raise CheckpointError(

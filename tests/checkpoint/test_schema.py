@@ -112,3 +112,19 @@ def test_a_robustness_checkpoint_with_malformed_facts(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(path), "--n-examples", "4", "--device", "cpu",
                  "--no-progress", "--out", str(tmp_path / "e" / "report.json")]) == 2
     assert "model_kwargs {'bogus': 1} are not accepted by arch 'tiny-cnn'" in _one_line(capsys)
+
+
+def test_a_colour_robustness_checkpoint_on_grey_images_names_both_shapes(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("tiny-cnn", 10, input_shape=(3, 8, 8))
+    ck = build_checkpoint(arch="tiny-cnn", num_classes=10, input_shape=(3, 8, 8),
+                          mean=[0.0] * 3, std=[1.0] * 3, model_kwargs={}, dataset="cifar10",
+                          method="standard", model=model, epoch=1)
+    rck = to_robustness(ck)
+    del rck["robust_amo"]  # as robustness writes it: no record of the shape
+    torch.save(rck, tmp_path / "r.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "r.pt"), "--arch", "tiny-cnn",
+                 "--dataset", "digits", "--n-examples", "4", "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "e" / "report.json")]) == 2
+    assert "takes 3-channel inputs, but digits images have shape (1, 8, 8); pass the " \
+        "--dataset it was trained on" in _one_line(capsys)
