@@ -141,7 +141,7 @@ def load_external(
     info = dataset_info(dataset, data_dir, side)
     shape = list(input_shape) if input_shape is not None else list(info.input_shape)
     net = build_external(model, info.num_classes, shape, mean=mean, std=std, points=points)
-    own = weights is not None and str(weights) != NO_WEIGHTS
+    own = weights is not None and str(weights).lower() != NO_WEIGHTS
     if weights is None:
         # after FN ran, so that a broken model file is reported first
         raise ConfigError(
@@ -296,8 +296,8 @@ def threat_model(
 
 def input_gradient_problem(model: nn.Module, x: torch.Tensor) -> str | None:
     """Why the attacks cannot run on ``model``, found by one forward and backward pass of (at
-    most) two examples of ``x``: its logits carry no gradient, or none reaches the input; None
-    when a gradient does.
+    most) two examples of ``x``: it raises, its logits carry no gradient, or none reaches the
+    input; None when a gradient does.
 
     Every attack (PGD, AutoAttack, the margin searches) steps along the input gradient, so a
     model whose output does not depend on its input differentiably fails inside the first
@@ -305,7 +305,11 @@ def input_gradient_problem(model: nn.Module, x: torch.Tensor) -> str | None:
     """
     x = x[:2].detach().clone().requires_grad_(True)
     with torch.enable_grad(), eval_mode(model):
-        out = model(x)
+        try:
+            out = model(x)
+        except Exception as e:  # a model of your own may fail on real images only
+            text = " ".join(str(e).split())[:160]
+            return f"it fails on two examples of the data ({type(e).__name__}: {text})"
         if not torch.is_tensor(out) or not out.requires_grad:
             return ("its logits carry no gradient (detached, or computed under torch.no_grad "
                     "or from argmax/integer values)")

@@ -40,6 +40,8 @@ MODELS = textwrap.dedent('''
         def forward(self, x):
             if self.mode == "constant":
                 x = torch.zeros_like(x)
+            if self.mode == "picky" and x.abs().sum() > 0:
+                raise ValueError("only blank images")
             out = self.fc2(self.fc1(self.conv(x).relu().flatten(1)).relu())
             if self.mode == "detached":
                 out = out.detach()
@@ -55,6 +57,9 @@ MODELS = textwrap.dedent('''
 
     def detached(num_classes=10):
         return Net(num_classes, "detached")
+
+    def picky(num_classes=10):
+        return Net(num_classes, "picky")
 
     def nan(num_classes=10):
         return Net(num_classes, "nan")
@@ -103,7 +108,7 @@ def test_weights_none_asked_for_is_evaluated_and_recorded(tmp_path, models, caps
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["model"]["weights"] == AS_RETURNED
     assert AS_RETURNED.startswith("none (asked for)")
-    assert _margins(tmp_path, "--model", f"{models}:build", "--weights", "none") == 0
+    assert _margins(tmp_path, "--model", f"{models}:build", "--weights", "None") == 0
 
 
 def test_the_python_requests_follow_the_same_rule(tmp_path, models):
@@ -123,6 +128,7 @@ def test_the_python_requests_follow_the_same_rule(tmp_path, models):
 @pytest.mark.parametrize(("fn", "needle"), [
     ("constant", "its logits do not depend on its input"),
     ("detached", "its logits carry no gradient"),
+    ("picky", "it fails on two examples of the data (ValueError: only blank images)"),
 ])
 def test_a_model_no_input_gradient_reaches_is_one_line(tmp_path, capsys, models, run, fn,
                                                         needle):
