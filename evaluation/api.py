@@ -40,7 +40,14 @@ from robust_amo.runtime import resolve_device
 
 from . import sharding
 from .attacks import EvalAttack, parse_attack
-from .loading import Analysis, EvalData, SplitName, load_eval_data, load_for_analysis
+from .loading import (
+    Analysis,
+    EvalData,
+    SplitName,
+    input_gradient_problem,
+    load_eval_data,
+    load_for_analysis,
+)
 from .report import (
     DEFAULT_TOLERANCE,
     Report,
@@ -78,7 +85,8 @@ class CheckpointRequest:
         checkpoint: run folder of ``robust-amo train`` or of robustness's ``train_model``, or a
             ``.pt`` file (or give ``model``).
         model: ``FILE.py:FN`` or ``package.module:FN`` returning your ``nn.Module`` (RUNS that
-            code), with ``weights``, ``mean``/``std`` (normalisation applied inside, inputs stay
+            code), with ``weights`` (required: a file, or ``"none"`` for the module as FN
+            returns it), ``mean``/``std`` (normalisation applied inside, inputs stay
             in [0, 1]) and ``input_shape`` (C, H, W; default the dataset's).
         which: ``last`` (checkpoint.pt) or ``best`` (best.pt) of a run folder.
         arch: architecture of a robustness-library checkpoint that records none.
@@ -418,6 +426,10 @@ def evaluate(
         "input_shape": list(info.input_shape), "class_names": None, "config": {},
         "normalization": {"mean": mean, "std": std}, "robust_amo_version": None}
     data = load_eval_data(meta, split=split, n_examples=n_examples, data_dir=data_dir)
+    problem = input_gradient_problem(model, data.x.to(device))
+    if problem is not None:
+        raise ConfigError(f"model: {problem}; attacks need logits differentiable in the input",
+                          params=("model",))
     meta["weights_sha256"] = model_digest(model)
     specs = attack_specs(list(attacks), eps=eps, norm=norm,
                          step_size=step_size, restarts=restarts, loss=loss, seed=seed)

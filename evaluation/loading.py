@@ -9,6 +9,7 @@ attack's).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,16 @@ from robust_amo.config import Norm, SplitName, ThreatModel, check_choice, parse_
 from robust_amo.data import check_split_version, dataset_info, load_dataset, training_splits
 from robust_amo.errors import CheckpointError, ConfigError, DataError
 from robust_amo.models import build_external, normalize_name
+from robust_amo.runtime import eval_mode
+
+log = logging.getLogger(__name__)
+
+NO_WEIGHTS = "none"
+"""``weights`` that asks for the module as FN returns it, with no weights file (item 3 of
+issue 20: never by default)."""
+
+AS_RETURNED = "none (asked for): as FN returns the module, random unless FN loads weights"
+"""What the report records as ``model.weights`` when ``weights`` is :data:`NO_WEIGHTS`."""
 
 
 def load_model(
@@ -69,8 +80,8 @@ def load_model(
             f"{ckpt.get('arch')}; drop arch (it is only needed for robustness checkpoints "
             "that record none)", params=("arch",)
         )
-    model = model_from_checkpoint(ckpt).to(device).eval()
     file = resolve_path(p, which)
+    model = model_from_checkpoint(ckpt, file).to(device).eval()
     meta = {
         "path": str(file),
         "format": ckpt.get("format"),
@@ -109,14 +120,18 @@ def load_external(
             (B, num_classes), called with ``num_classes`` when it accepts it.
         dataset: the dataset to evaluate on (gives num_classes and the input shape).
         data_dir: where it lies (``imagefolder`` reads its classes there).
-        weights: a state dict or a checkpoint (read with ``weights_only=True``).
+        weights: a state dict or a checkpoint (read with ``weights_only=True``), or
+            :data:`NO_WEIGHTS` (``"none"``) for the module as FN returns it: its initial random
+            weights unless FN loads its own. Required: a model without trained weights is
+            never evaluated by default.
         input_shape: (C, H, W) when it differs from the dataset's.
         mean, std: per-channel normalisation the model expects (applied inside the wrapper, so
             inputs and attacks stay in [0, 1]).
         points: module names of the perturbation points (``margins``).
 
     Raises:
-        ConfigError: no dataset, a bad FN, or a model whose output is not (B, num_classes).
+        ConfigError: no dataset, no weights, a bad FN, or a model whose output is not
+            (B, num_classes).
         CheckpointError: weights that are unreadable or do not fit.
     """
     if not dataset:
@@ -126,14 +141,24 @@ def load_external(
     info = dataset_info(dataset, data_dir, side)
     shape = list(input_shape) if input_shape is not None else list(info.input_shape)
     net = build_external(model, info.num_classes, shape, mean=mean, std=std, points=points)
-    if weights is not None:
+    own = weights is not None and str(weights).lower() != NO_WEIGHTS
+    if weights is None:
+        # after FN ran, so that a broken model file is reported first
+        raise ConfigError(
+            f"model needs weights: a file of trained weights, or {NO_WEIGHTS!r} to use the module "
+            "as FN returns it (random initial weights unless FN loads its own)",
+            params=("model", "weights"))
+    if own:
         load_weights(net.net, weights, unsafe_load=unsafe_load)
-    where = Path(weights).expanduser() if weights is not None else Path(model.rpartition(":")[0])
+    else:
+        log.warning("weights %s: using %s as FN returns it (random initial weights unless "
+                    "FN loads its own)", NO_WEIGHTS, model)
+    where = Path(weights).expanduser() if own else Path(model.rpartition(":")[0])
     meta = {"path": str(where), "format": "external", "arch": model, "dataset": dataset,
             "method": None, "epoch": None, "num_classes": info.num_classes,
             "input_shape": shape, "config": {}, "class_names":
                 list(info.classes) if info.classes else None,
-            "weights": None if weights is None else str(weights),
+            "weights": str(weights) if own else AS_RETURNED,
             "normalization": {"mean": mean, "std": std}, "robust_amo_version": None}
     return net.to(device).eval(), meta
 
@@ -222,6 +247,16 @@ def _check_fits(meta: dict[str, Any], name: str, root: str | Path | None = None,
         raise CheckpointError(f"the model has {meta['num_classes']} classes but {name} has "
                               f"{info.num_classes}; pass the dataset it was trained on",
                               params=("dataset",))
+    trained, found = meta.get("class_names"), info.classes
+    if trained and found and list(trained) != list(found):
+        # labels are positions in the class list: other names would score other classes
+        i = next(i for i, (a, b) in enumerate(zip(trained, found, strict=False)) if a != b)
+        where = f"{name} in {root}" if root is not None else name
+        raise CheckpointError(
+            f"the model was trained on other classes than {where} holds: label {i} is "
+            f"{trained[i]!r} for the model but {found[i]!r} in the data; pass the dataset it was "
+            "trained on (for an image folder, class folders named as in training)",
+            params=("dataset",))
 
 
 def threat_model(
@@ -259,6 +294,43 @@ def threat_model(
                        train_attack.get("loss", "ce"))
 
 
+def input_gradient_problem(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the attacks cannot run on ``model``, found by one forward and backward pass of (at
+    most) two examples of ``x``: it raises, its logits carry no gradient, or none reaches the
+    input; None when a gradient does.
+
+    Every attack (PGD, AutoAttack, the margin searches) steps along the input gradient, so a
+    model whose output does not depend on its input differentiably fails inside the first
+    attack with a torch error; this finds it first.
+    """
+    x = x[:2].detach().clone().requires_grad_(True)
+    with torch.enable_grad(), eval_mode(model):
+        try:
+            out = model(x)
+        except Exception as e:  # a model of your own may fail on real images only
+            text = " ".join(str(e).split())[:160]
+            return f"it fails on two examples of the data ({type(e).__name__}: {text})"
+        if not torch.is_tensor(out) or not out.requires_grad:
+            return ("its logits carry no gradient (detached, or computed under torch.no_grad "
+                    "or from argmax/integer values)")
+        (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+    if grad is None:
+        return "its logits do not depend on its input (no gradient reaches the input)"
+    return None
+
+
+def _check_differentiable(model: nn.Module, meta: dict[str, Any], x: torch.Tensor) -> None:
+    """One-line error unless a gradient of ``model``'s logits reaches its input."""
+    problem = input_gradient_problem(model, x)
+    if problem is None:
+        return
+    fix = "attacks need logits differentiable in the input"
+    if meta.get("format") == "external":
+        raise ConfigError(f"model {meta['arch']!r}: {problem}; {fix} (no detach(), "
+                          "torch.no_grad() or argmax in its forward)", params=("model",))
+    raise CheckpointError(f"{meta['path']}: the model of this checkpoint: {problem}; {fix}")
+
+
 @dataclass
 class Analysis:
     """A checkpoint ready to analyse: the model (eval mode), its metadata, the examples, the
@@ -293,6 +365,9 @@ def load_for_analysis(
     ``input_shape``, ``mean``, ``std``, ``points``) the user's model is loaded instead of
     ``checkpoint``; it records no training attack, so ``eps`` is required.
 
+    Before anything is attacked, one forward and backward pass on two examples checks that a
+    gradient of the logits reaches the input (:func:`input_gradient_problem`).
+
     Raises:
         CheckpointError, DataError, ConfigError: with the fix in the message.
     """
@@ -316,4 +391,5 @@ def load_for_analysis(
             f"{data.dataset} examples have shape {tuple(data.x.shape[1:])}; pass the dataset "
             "it was trained on", params=("dataset",)
         )
+    _check_differentiable(model, meta, data.x.to(next(model.parameters(), data.x).device))
     return Analysis(model, meta, data, threat)

@@ -23,6 +23,7 @@ from .format import (
     Which,
     atomic_save,
     build_checkpoint,
+    check_fields,
     check_native,
     is_native,
     load_native,
@@ -69,14 +70,17 @@ def load_checkpoint(
             from the file (:func:`read_file`; the CLI's ``--unsafe-load``).
 
     Raises:
-        CheckpointError: missing, truncated/corrupt, or neither library's checkpoint.
+        CheckpointError: missing, truncated/corrupt, neither library's checkpoint, or a field
+            that fails :func:`check_fields` (one line naming the file and the field).
     """
     p = resolve_path(path, which)
     ckpt = read_file(p, map_location, unsafe_load=unsafe_load)
     if is_native(ckpt):
         return check_native(ckpt, p)
     if is_robustness_checkpoint(ckpt):
-        return from_robustness(ckpt, arch=arch, dataset=dataset)
+        converted = from_robustness(ckpt, arch=arch, dataset=dataset, source=p)
+        check_fields(converted, p)
+        return converted
     raise CheckpointError(
         f"{p} is not a robust-amo checkpoint (no format={FORMAT!r} entry), nor a checkpoint "
         "of the robustness library"
@@ -93,6 +97,7 @@ __all__ = [
     "Which",
     "atomic_save",
     "build_checkpoint",
+    "check_fields",
     "check_native",
     "convert_checkpoint",
     "from_robustness",

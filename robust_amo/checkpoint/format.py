@@ -11,6 +11,7 @@ evaluation state files) goes through :func:`read_file`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import random
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from robust_amo.errors import CheckpointError
-from robust_amo.models import create_model
+from robust_amo.models import create_model, is_registered
 from robust_amo.runs import BEST, LAST
 from robust_amo.version import __version__
 
@@ -202,16 +203,140 @@ def _corrupt(p: Path, e: Exception, advice: str | None = None,
 
 
 def check_native(ckpt: Any, source: str | Path) -> dict[str, Any]:
-    """``ckpt`` if it is a robust-amo checkpoint this version reads; CheckpointError otherwise."""
+    """``ckpt`` if it is a robust-amo checkpoint this version reads and its fields pass
+    :func:`check_fields`; CheckpointError otherwise."""
     if not is_native(ckpt):
         raise CheckpointError(f"{source} is not a robust-amo checkpoint (no format={FORMAT!r} "
                               "entry)")
-    if ckpt.get("version", 0) > VERSION:
+    version = ckpt.get("version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
         raise CheckpointError(
             f"{source} has checkpoint format version {ckpt['version']}, newer than this "
             f"robust-amo reads ({VERSION}); upgrade robust-amo"
         )
+    check_fields(ckpt, source)
     return ckpt
+
+
+MODEL_FIELDS = ("arch", "num_classes", "input_shape", "model")
+"""The fields that rebuild the model: :func:`model_from_checkpoint` needs every one."""
+
+FIX = "use a checkpoint written by robust-amo train or convert-checkpoint"
+"""What to do about a checkpoint whose fields are malformed (altered, or written elsewhere)."""
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: its type and a short repr."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)
+
+
+def _strs(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+def _state(v: Any) -> bool:
+    return (isinstance(v, Mapping) and len(v) > 0
+            and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items()))
+
+
+def _optional(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+# field -> (what it must be, check); a field that is absent is checked where it is needed
+_SCHEMA: dict[str, tuple[str, Any]] = {
+    "version": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "arch": ("the name of a registered architecture (see robust-amo archs)",
+             lambda v: isinstance(v, str) and bool(v.strip()) and is_registered(v)),
+    "num_classes": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "input_shape": ("three positive integers C, H, W",
+                    lambda v: isinstance(v, (list, tuple)) and len(v) == 3
+                    and all(_is_int(x) and x >= 1 for x in v)),
+    "mean": ("a list of finite numbers, one per channel", _optional(_numbers)),
+    "std": ("a list of positive finite numbers, one per channel",
+            _optional(lambda v: _numbers(v) and all(x > 0 for x in v))),
+    "model_kwargs": ("a mapping of option names (strings) to values",
+                     lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v)),
+    "dataset": ("a dataset name (a string) or None", _optional(lambda v: isinstance(v, str))),
+    "method": ("a method name (a string) or None", _optional(lambda v: isinstance(v, str))),
+    "model": ("a state dict (a non-empty mapping of names to tensors)", _state),
+    "epoch": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "config": ("a mapping (the training config) or None",
+               _optional(lambda v: isinstance(v, Mapping))),
+    "class_names": ("a list of class names (strings) or None", _optional(_strs)),
+    "optimizer": ("a mapping (an optimizer state dict) or None",
+                  _optional(lambda v: isinstance(v, Mapping))),
+    "scheduler": ("a mapping (a scheduler state dict) or None",
+                  _optional(lambda v: isinstance(v, Mapping))),
+    "metrics": ("a mapping or None", _optional(lambda v: isinstance(v, Mapping))),
+    "rng": ("a mapping of RNG states or None", _optional(lambda v: isinstance(v, Mapping))),
+    "best_robust_acc": ("a number or None", _optional(_is_number)),
+}
+
+
+def _field_error(source: str | Path, key: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{source}: checkpoint field {key!r} {problem}; {FIX}")
+
+
+def check_fields(ckpt: Mapping[str, Any], source: str | Path, *,
+                 require: Sequence[str] = ()) -> None:
+    """Check a robust-amo checkpoint's fields against the schema, before anything uses them.
+
+    docs/checkpoints.md, "Fields": each field present has its type and values (``arch`` a
+    registered name, ``input_shape`` three positive integers, ``mean``/``std`` one value per
+    channel, ``class_names`` one per class, ``model`` a state dict of tensors, ...); fields
+    absent are refused only when listed in ``require``. Fields this version does not know are
+    left alone (a newer robust-amo may add some).
+
+    Args:
+        ckpt: the checkpoint dict.
+        source: its file, named in the messages.
+        require: fields that must be present (:data:`MODEL_FIELDS` to rebuild the model).
+
+    Raises:
+        CheckpointError: one line naming the file and the first bad or missing field.
+    """
+    for key in require:
+        if key not in ckpt:
+            raise _field_error(source, key, "is missing")
+    for key, (wanted, ok) in _SCHEMA.items():
+        if key in ckpt and not ok(ckpt[key]):
+            raise _field_error(source, key, f"must be {wanted}, got {_shown(ckpt[key])}")
+    config = ckpt.get("config") or {}
+    for part in ("data", "attack", "eval", "optim"):  # the sections analyses read
+        if not isinstance(config.get(part) or {}, Mapping):
+            raise _field_error(source, f"config.{part}", f"must be a mapping, got "
+                                                         f"{_shown(config[part])}")
+    shape, names = ckpt.get("input_shape"), ckpt.get("class_names")
+    for key in ("mean", "std"):
+        values = ckpt.get(key)
+        if values is not None and shape is not None and len(values) != shape[0]:
+            raise _field_error(source, key, f"has {len(values)} values but input_shape "
+                                            f"{list(shape)} has {shape[0]} channels")
+    classes = ckpt.get("num_classes")
+    if names is not None and classes is not None and len(names) != classes:
+        raise _field_error(source, "class_names", f"names {len(names)} classes but "
+                                                  f"num_classes is {classes}")
+    model = ckpt.get("model")
+    if (model is not None and ckpt.get("version", 1) >= 2
+            and not any(k.startswith(MODEL_PREFIX) for k in model)):
+        raise _field_error(source, "model", f"holds no {MODEL_PREFIX}* entries (format "
+                                            f"version {ckpt['version']} stores the weights "
+                                            "in robustness's layout)")
 
 
 def is_native(obj: Any) -> bool:
@@ -305,21 +430,36 @@ def load_error_summary(e: Exception) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the registered architecture of a checkpoint and load its weights (eval mode)."""
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint"
+                          ) -> torch.nn.Module:
+    """Rebuild the registered architecture of a checkpoint and load its weights (eval mode).
+
+    The fields are checked first (:func:`check_fields`, requiring :data:`MODEL_FIELDS`).
+
+    Args:
+        ckpt: a robust-amo checkpoint dict.
+        source: its file, named in the messages.
+
+    Raises:
+        CheckpointError: a missing or malformed field, ``model_kwargs`` the architecture does
+            not take, an input shape it cannot be built for, or weights that do not fit it.
+    """
+    check_fields(ckpt, source, require=MODEL_FIELDS)
+    arch, kwargs = ckpt["arch"], dict(ckpt.get("model_kwargs") or {})
     try:
-        model = create_model(
-            ckpt["arch"],
-            ckpt["num_classes"],
-            input_shape=ckpt["input_shape"],
-            mean=ckpt["mean"],
-            std=ckpt["std"],
-            **ckpt.get("model_kwargs", {}),
-        )
+        model = create_model(arch, ckpt["num_classes"], input_shape=ckpt["input_shape"],
+                             mean=ckpt.get("mean"), std=ckpt.get("std"), **kwargs)
+    except TypeError as e:  # a builder's complaint about a keyword it does not take
+        raise _field_error(source, "model_kwargs", f"{kwargs} is not accepted by arch "
+                                                   f"{arch!r} ({e})") from None
+    except ValueError as e:  # a builder's complaint about the shape (too small to pool, ...)
+        raise _field_error(source, "input_shape", f"{list(ckpt['input_shape'])} does not "
+                                                  f"build arch {arch!r} ({e})") from None
+    try:
         model.load_state_dict(model_state(ckpt))
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(
-            f"checkpoint does not match its architecture {ckpt.get('arch')!r}: "
+            f"{source}: checkpoint does not match its architecture {arch!r}: "
             f"{load_error_summary(e)}"
         ) from None
     return model.eval()

@@ -163,6 +163,7 @@ def from_robustness(
     dataset: str | None = None,
     input_shape: Sequence[int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    source: str | Path = "the robustness checkpoint",
 ) -> dict[str, Any]:
     """A robust-amo checkpoint dict from a robustness checkpoint of a registered architecture.
 
@@ -173,6 +174,7 @@ def from_robustness(
             ``input_shape`` is given or recorded.
         input_shape: (C, H, W) of the inputs.
         model_kwargs: architecture options (e.g. ``{"dropout": 0.3}``).
+        source: the file, named in the messages.
 
     Returns:
         a robust-amo checkpoint: ``load_checkpoint``/``model_from_checkpoint`` and
@@ -184,7 +186,12 @@ def from_robustness(
     sd = rckpt.get("model", rckpt.get("state_dict"))
     if not isinstance(sd, Mapping):
         raise CheckpointError("not a robustness checkpoint: no 'model' state dict")
-    meta = dict(rckpt.get(META_KEY) or {})
+    meta = rckpt.get(META_KEY) or {}
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"{source}: field {META_KEY!r} must be a mapping, got "
+                              f"{type(meta).__name__}; {ckpt_io.FIX}")
+    meta = dict(meta)
+    ckpt_io.check_fields(meta, source)  # what to_robustness recorded, before it is used
     arch = arch or meta.get("arch")
     dataset = dataset or meta.get("dataset")
     if arch is None:
@@ -202,6 +209,13 @@ def from_robustness(
                 "(e.g. cifar10) or input_shape (C, H, W)", params=("dataset", "input_shape")
             )
         input_shape = dataset_info(dataset).input_shape
+    channels = model_sd.get("normalize.mean", mean).numel()
+    if channels != int(input_shape[0]):
+        # the normalisers hold one value per input channel: the shape says which data fit
+        where = f"{dataset} images have shape" if dataset else "the input shape is"
+        raise CheckpointError(
+            f"{source}: the checkpoint's model takes {channels}-channel inputs, but {where} "
+            f"{tuple(input_shape)}; pass the dataset it was trained on", params=("dataset",))
     weight = model_sd.get("classifier.weight")
     if weight is None:
         raise CheckpointError(
@@ -211,7 +225,15 @@ def from_robustness(
     num_classes = int(weight.shape[0])
     kwargs = dict(model_kwargs if model_kwargs is not None else meta.get("model_kwargs", {}))
     folded = _fold_into_model(model_sd, mean, std)
-    model = create_model(arch, num_classes, input_shape=input_shape, **kwargs)
+    try:
+        model = create_model(arch, num_classes, input_shape=input_shape, **kwargs)
+    except TypeError as e:  # a builder's complaint about a keyword it does not take
+        raise CheckpointError(f"{source}: model_kwargs {kwargs} are not accepted by arch "
+                              f"{arch!r} ({e})") from None
+    except ValueError as e:  # a builder's complaint about the shape
+        raise CheckpointError(f"{source}: arch {arch!r} cannot be built for input shape "
+                              f"{tuple(input_shape)} ({e}); check dataset",
+                              params=("dataset",)) from None
     try:
         model.load_state_dict(folded)
     except RuntimeError as e:

@@ -17,7 +17,15 @@ from torch import nn
 
 from robust_amo.errors import CheckpointError
 
-from .format import MODEL_PREFIX, is_native, model_state, read_file
+from .format import (
+    BEST,
+    LAST,
+    MODEL_PREFIX,
+    ROBUSTNESS_NAMES,
+    is_native,
+    model_state,
+    read_file,
+)
 
 WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
 """Keys under which checkpoints commonly keep the state dict, tried in this order."""
@@ -79,10 +87,20 @@ def load_weights(module: nn.Module, path: str | Path, *, unsafe_load: bool = Fal
     """Load the weights in ``path`` into ``module`` (strict, after :func:`match_state`).
 
     Raises:
-        CheckpointError: the file is missing, unreadable, unsafe without ``unsafe_load``, holds
+        CheckpointError: the file is missing or a folder (a run folder: naming its checkpoint
+            files), unreadable, unsafe without ``unsafe_load``, holds
             no state dict, or does not fit ``module``.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        found = [p / n for n in (BEST, LAST, *ROBUSTNESS_NAMES.values()) if (p / n).is_file()]
+        if found:
+            raise CheckpointError(
+                f"weights {p} is a run folder, not a weights file: give its file {found[0]}, "
+                f"or pass checkpoint {p} instead of model to use the run's own model",
+                params=("weights", "checkpoint", "model"))
+        raise CheckpointError(f"weights {p} is a folder, not a weights file; pass one of the "
+                              "files inside it", params=("weights",))
     if not p.is_file():
         raise CheckpointError(f"weights file {p} does not exist")
     state = match_state(module, state_dict_of(read_file(p, unsafe_load=unsafe_load), p), p)

@@ -108,8 +108,11 @@ def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None
     own.add_argument("--model", type=str, metavar="FILE.py:FN|package.module:FN",
                      help="a function returning your nn.Module (called with num_classes= when "
                           "it accepts it); THIS RUNS THE CODE IN THAT FILE OR MODULE")
-    own.add_argument("--weights", type=str,
-                     help="weights for --model: a state dict or a checkpoint (read safely)")
+    own.add_argument("--weights", type=str, metavar="FILE|none",
+                     help="weights for --model, required with it (no default): a state dict or "
+                          "a checkpoint file (read safely), or none to use the module as FN "
+                          "returns it (random initial weights unless FN loads its own; "
+                          "recorded in the report)")
     own.add_argument("--mean", type=floats, help="per-channel mean the model expects, e.g. "
                      "0.4914,0.4822,0.4465 (we normalise inside; inputs stay in [0, 1])")
     own.add_argument("--std", type=floats, help="per-channel std the model expects")

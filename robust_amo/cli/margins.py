@@ -43,9 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (default: <run folder>/margins)")
     p.add_argument("--no-plots", action="store_true", help="write CSV and JSON only")
     p.add_argument("--points", type=str, nargs="+", metavar="MODULE",
-                   help="--model: module names whose outputs are perturbation points (default: "
-                        "the model's perturbation_points(), else every Conv2d and Linear but "
-                        "the last Linear)")
+                   help="--model: names of modules (model.named_modules()) whose outputs are "
+                        "perturbation points (default: the model's perturbation_points(), else "
+                        "every Conv2d and Linear but the last Linear); a name the model does "
+                        "not have is refused, listing its modules")
 
 
 def request(args: argparse.Namespace) -> MarginsRequest:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from robust_amo.attacks import PGD
 from robust_amo.config import ThreatModel
 from robust_amo.errors import ConfigError
-from robust_amo.runtime import generator
+from robust_amo.runtime import eval_mode, generator
 
 from .estimators import SearchOptions, margins_batch
 from .report import plot_margins, summarize, write_csv
@@ -65,6 +65,26 @@ class MarginsResult:
         return folder
 
 
+def _check_finite(model: nn.Module, x: torch.Tensor, batch_size: int,
+                  device: torch.device | str) -> None:
+    """ConfigError unless the model's logits are finite on every example.
+
+    Every margin is a difference of logits and κ a spectral norm; NaN or inf logits make them
+    meaningless (and the eigen solver fail), so they are refused before any search starts.
+    """
+    bad: list[int] = []
+    with torch.no_grad(), eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i:i + batch_size].to(device))
+            rows = (~torch.isfinite(logits)).flatten(1).any(1).nonzero().flatten()
+            bad += (rows + i).tolist()
+    if bad:
+        raise ConfigError(
+            f"the model's logits are not finite (NaN or inf) on {len(bad)} of {len(x)} "
+            f"examples (the first: example {bad[0]}); margins need finite logits: check the "
+            "model and its weights (a run that diverged has NaN weights)")
+
+
 def measure(
     model: nn.Module,
     x: torch.Tensor,
@@ -102,7 +122,8 @@ def measure(
         :class:`MarginsResult`, columns in the order of the examples.
 
     Raises:
-        ConfigError: ``restarts`` or ``batch_size`` below 1, or no examples.
+        ConfigError: ``restarts`` or ``batch_size`` below 1, no examples, a model without
+            perturbation points, or logits that are not finite (NaN or inf) on some example.
     """
     for key, v in (("restarts", restarts), ("batch_size", batch_size)):
         if v < 1:
@@ -112,6 +133,11 @@ def measure(
     search = search or SearchOptions()
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
+    if hasattr(model, "perturbation_points") and not model.perturbation_points():
+        raise ConfigError("the model declares no perturbation point, so it has no all-layer "
+                          "margin; give points: the modules whose outputs to perturb",
+                          params=("points",))
+    _check_finite(model, x, batch_size, device)
     attack = None
     if threat is not None:
         attack = PGD.from_threat(model, threat, restarts=restarts,

@@ -30,6 +30,25 @@ MARGIN_LABELS = {
     "first_order_margin": "first-order margin 1/||kappa|| (approx.)",
     "input_margin_l2": "input margin, L2 (from above)",
 }
+MARGIN_UNITS = {
+    "output_margin": "F_y - max_{j != y} F_j, in logits",
+    "all_layer_margin": "||delta||_2, relative to each layer's activation norm",
+    "adv_all_layer_margin": "||delta||_2, relative to each layer's activation norm",
+    "first_order_margin": "1/||kappa||_2, relative to each layer's activation norm",
+    "input_margin_l2": "||x' - x||_2, in [0, 1] pixel units",
+}
+"""The x axis of each histogram: what the value measures and in which units (docs/margins.md)."""
+COUNT_LABEL = "examples (count)"
+
+
+def finite_note(v: torch.Tensor) -> str:
+    """How many examples a histogram draws, in words. A value that is not finite (``inf``) is an
+    example for which the search found no misclassifying perturbation; it is not drawn."""
+    n, fin = v.numel(), int(torch.isfinite(v).sum())
+    note = f"{fin} of {n} examples have a finite margin"
+    if fin < n:
+        note += f";\n{n - fin} not drawn (no misclassifying perturbation found)"
+    return note
 
 
 def write_csv(path: Path, cols: dict[str, torch.Tensor], names: list[str]) -> None:
@@ -88,6 +107,41 @@ def summarize(cols: dict[str, torch.Tensor], names: list[str],
     return s
 
 
+def histograms(cols: dict[str, torch.Tensor]) -> Any:
+    """The figure of ``margins_hist.png``: one histogram per margin, its x axis the quantity in
+    its units (:data:`MARGIN_UNITS`), its y axis the count of examples, and under its title how
+    many examples have a finite value (:func:`finite_note`; only those are drawn).
+
+    Args:
+        cols: the per-example columns of :class:`~robust_amo.margins.MarginsResult`.
+
+    Returns:
+        the matplotlib Figure (the caller saves and closes it).
+    """
+    import matplotlib  # heavy and only needed for pictures: imported when one is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    keys = [k for k in MARGIN_LABELS if k in cols]
+    ncol = min(3, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.8 * nrow), squeeze=False)
+    for ax, k in zip(axes.flat, keys, strict=False):
+        v = cols[k].double()
+        fin = v[torch.isfinite(v)].numpy()
+        ax.hist(fin, bins=30, color="tab:blue", alpha=0.8)
+        ax.set_title(f"{MARGIN_LABELS[k]}\n{finite_note(v)}", fontsize=8)
+        ax.set_xlabel(MARGIN_UNITS[k], fontsize=8)
+        ax.set_ylabel(COUNT_LABEL, fontsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 examples
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 def plot_margins(cols: dict[str, torch.Tensor], names: list[str], out: Path) -> list[Path]:
     """Histograms of the margins, κ_adv by depth (box plot), first-order vs attack (scatter).
 
@@ -99,21 +153,7 @@ def plot_margins(cols: dict[str, torch.Tensor], names: list[str], out: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    keys = [k for k in MARGIN_LABELS if k in cols]
-    ncol = min(3, len(keys))
-    nrow = math.ceil(len(keys) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
-    for ax, k in zip(axes.flat, keys, strict=False):
-        v = cols[k].double()
-        fin = v[torch.isfinite(v)].numpy()
-        ax.hist(fin, bins=30, color="tab:blue", alpha=0.8)
-        ax.set_title(MARGIN_LABELS[k], fontsize=9)
-        ax.set_xlabel(f"{len(fin)}/{len(v)} finite", fontsize=8)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    written.append(_save(fig, out / "margins_hist.png", plt))
+    written = [_save(histograms(cols), out / "margins_hist.png", plt)]
 
     kkey = "kappa_adv" if "kappa_adv" in cols else "kappa"
     data = []

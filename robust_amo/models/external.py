@@ -110,9 +110,11 @@ class ExternalModel(nn.Module):
         if points:
             unknown = [p for p in points if p not in modules or p == ""]
             if unknown:
-                shown = ", ".join(n for n in list(modules)[1:12] if n)
-                raise ConfigError(f"points: the model has no module {unknown[0]!r} (modules: "
-                                  f"{shown}, ...)", params=("points",))
+                names = [n for n in modules if n]
+                shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)"
+                                                 if len(names) > 20 else "")
+                raise ConfigError(f"points: the model has no module {unknown[0]!r}; its "
+                                  f"modules are {shown}", params=("points",))
             self._names = [f"net.{p}" for p in points]
         elif hasattr(net, "perturbation_points"):
             self._names = [f"net.{n}" for n, _ in net.perturbation_points()]
@@ -161,6 +163,8 @@ def build_external(spec: str, num_classes: int, input_shape: Sequence[int], *,
                           "torch.nn.Module", params=("model",))
     try:
         model = ExternalModel(net, int(input_shape[0]), mean, std, points, arch=spec)
+    except ConfigError:  # points naming no module: its own message, not mean/std's
+        raise
     except ValueError as e:  # Normalize: mean/std of the wrong length
         raise ConfigError(f"mean and std: {e}", params=("mean", "std")) from None
     check_output(model, input_shape, num_classes, spec)
