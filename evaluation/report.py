@@ -21,6 +21,7 @@ import torch
 
 from robust_amo.curves import pyplot, save_figure
 from robust_amo.errors import OutputError
+from robust_amo.outputs import atomic_write, disk_writes
 
 from .outcome import AttackOutcome, summarize
 
@@ -399,10 +400,11 @@ def write_report(report: Report, path: str | Path) -> tuple[Path, Path]:
     has several restarts, ``NAME.restarts.png``: robust accuracy after each restart (does it
     flatten?). Returns the JSON and Markdown paths."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with disk_writes(p.parent):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(p, json.dumps(report.to_dict(), indent=2) + "\n")  # a full disk: one line
     md = p.with_suffix(".md")
-    md.write_text(markdown(report))
+    atomic_write(md, markdown(report))
     if any(a.kind == "pgd" and len(a.curve) > 1 for a in report.attacks.values()):
         save_figure(restarts_figure(report), restarts_png(p))
     return p, md
