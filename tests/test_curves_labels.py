@@ -93,3 +93,18 @@ def test_plot_names_the_missing_run_by_its_argument(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "give RUN as run folders of robust-amo train" in err
+
+
+def test_plot_runs_from_python_names_parameters_not_flags(tmp_path):
+    import pytest
+
+    from robust_amo.curves import plot_runs
+    from robust_amo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        plot_runs([tmp_path / "nope"])
+    assert e.value.params == ("runs",) and "--" not in str(e.value)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    with pytest.raises(ConfigError, match=r"^out .*x\.jpg: the picture is a PNG") as e:
+        plot_runs([tmp_path], out=tmp_path / "x.jpg")
+    assert e.value.params == ("out",)

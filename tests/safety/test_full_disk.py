@@ -218,3 +218,10 @@ def test_a_metrics_file_that_is_not_utf8_is_read_around(tmp_path, capsys):
     (run / "metrics.jsonl").write_bytes(b"\xff\xfe\x00\x81 not text\n")
     assert main(["plot", str(run)]) == 2
     assert "holds no metrics.jsonl with epochs" in _one_line(capsys)
+
+
+def test_the_python_api_names_parameters_not_flags():
+    with pytest.raises(OutputError) as e:
+        with disk_writes("runs/x/metrics.jsonl"):
+            raise _full("runs/x/metrics.jsonl")
+    assert e.value.params == ("resume",) and "--" not in str(e.value)
