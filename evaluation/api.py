@@ -35,7 +35,7 @@ from robust_amo.errors import ConfigError
 from robust_amo.margins import MarginsResult, SearchOptions, measure
 from robust_amo.margins.measure import CSV, SUMMARY
 from robust_amo.models import ExternalModel
-from robust_amo.outputs import refuse_overwrite, writable_dir
+from robust_amo.outputs import atomic_write, refuse_overwrite, writable_dir
 from robust_amo.runtime import resolve_device
 
 from . import sharding
@@ -284,7 +284,7 @@ def _write(report: Report, out: Path, robustbench: bool) -> None:
     log.info("report written to %s and %s", json_path, md_path)
     if robustbench:
         rb = robustbench_path(out)
-        rb.write_text(json.dumps(robustbench_entry(report), indent=2) + "\n")
+        atomic_write(rb, json.dumps(robustbench_entry(report), indent=2) + "\n")
         log.info("RobustBench entry written to %s (fill link, name, authors, venue, reported, "
                  "additional_data)", rb)
     for c in report.sanity_checks:

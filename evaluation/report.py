@@ -25,6 +25,7 @@ import torch
 
 from robust_amo.curves import pyplot, save_figure
 from robust_amo.errors import OutputError
+from robust_amo.outputs import atomic_write, disk_writes
 
 from .outcome import AttackOutcome, summarize
 
@@ -509,11 +510,12 @@ def write_report(report: Report, path: str | Path) -> tuple[Path, Path]:
     flatten?). Every file an earlier report at ``path`` wrote (:func:`report_files`) is removed
     first, so nothing of it stays beside the new one. Returns the JSON and Markdown paths."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    with disk_writes(p.parent):
+        p.parent.mkdir(parents=True, exist_ok=True)
     remove_report_files(p)
-    p.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write(p, json.dumps(report.to_dict(), indent=2) + "\n")  # a full disk: one line
     md = p.with_suffix(".md")
-    md.write_text(markdown(report))
+    atomic_write(md, markdown(report))
     if any(a.kind == "pgd" and len(a.curve) > 1 for a in report.attacks.values()):
         save_figure(restarts_figure(report), restarts_png(p))
     return p, md

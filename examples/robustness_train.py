@@ -7,8 +7,11 @@ defaults, and ``train_model``. robustness's loop calls ``.cuda()``, so this need
 
     python examples/robustness_train.py --dataset digits --arch tiny-cnn --epochs 5 \\
         --eps 0.1 --attack-lr 0.025 --attack-steps 7 --out runs/robustness-digits
-    python examples/robustness_train.py --dataset cifar10 --data-dir /work/shared/data \\
+    python examples/robustness_train.py --dataset cifar10 --data-dir data/cifar10 \\
         --arch wrn16-10 --epochs 150 --step-lr 50 --batch-size 128 --out runs/robustness-cifar
+
+Every dataset but ``digits`` (bundled) needs its files: ``--data-dir DIR``, or the environment
+variable ``ROBUST_AMO_DATA`` naming the folder.
 
 robustness writes ``checkpoint.pt.latest`` and ``checkpoint.pt.best`` into ``--out``. To evaluate
 one with robust-amo:
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from fractions import Fraction
@@ -39,6 +43,9 @@ from robustness.datasets import CIFAR
 from robustness.train import train_model
 # isort: on
 from robust_amo.config import ThreatModel
+
+DATA_ENV = "ROBUST_AMO_DATA"
+"""The environment variable read when ``--data-dir`` is not given."""
 
 NORMS = {"inf": "linf", "2": "l2"}
 """robustness's constraint names as our norms."""
@@ -59,7 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=str, default="digits",
                    help="robust-amo dataset: digits, mnist, fashion-mnist, cifar10, cifar100")
-    p.add_argument("--data-dir", type=str, default=None, help="folder with the dataset")
+    p.add_argument("--data-dir", type=str, default=os.environ.get(DATA_ENV),
+                   help=f"folder with the dataset (default: ${DATA_ENV}; digits needs none)")
     p.add_argument("--arch", type=str, default="tiny-cnn", help="robust-amo architecture")
     p.add_argument("--out", type=str, default="runs/robustness-example",
                    help="robustness's out_dir (checkpoints)")
@@ -88,7 +96,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", type=str, default=None,
                    help="robustness or robust-amo checkpoint to start from (weights; with "
                         "--step-lr also optimizer, epoch and schedule)")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    if opts.data_dir is None and opts.dataset != "digits":
+        p.error(f"--dataset {opts.dataset} needs its files: pass --data-dir DIR or set "
+                f"{DATA_ENV}=DIR (only digits is bundled)")
+    return opts
 
 
 def robustness_args(opts: argparse.Namespace, regularizer=None) -> Parameters:

@@ -4,18 +4,23 @@ Every command that writes results (``train``, ``eval``, ``margins``, ``convert-c
 checks its output folder here first, so an unwritable ``out`` is a one-line error before minutes
 of work, and a folder that already holds results is refused unless the user says how to go on
 (``resume`` to continue, ``overwrite`` to start over). docs/checkpoints.md, "Reruns".
+
+Every file a command writes goes through :func:`disk_writes` (or the writers here that use it),
+so a full disk (ENOSPC) or an exhausted quota (EDQUOT) is the same one-line
+:class:`~robust_amo.errors.OutputError` wherever it happens, and no write leaves half a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, RobustAmoError
 
 try:
     import fcntl
@@ -27,6 +32,76 @@ log = logging.getLogger(__name__)
 TEMP_GLOB = ".*.tmp"
 """Names of the temporary files :func:`robust_amo.checkpoint.atomic_save` writes before its
 rename; one left behind was cut short by a kill."""
+
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""The errors of a write that more space would fix: a full device, an exhausted quota."""
+
+
+def write_error(path: str | Path, error: OSError, *, kept: str | None = None) -> OutputError:
+    """The one-line OutputError for a failed write of ``path``.
+
+    Args:
+        path: the file (or folder) being written.
+        error: what the operating system said.
+        kept: the file that is still intact (the previous checkpoint), for the message.
+    """
+    intact = f"; the previous {kept} is intact" if kept else ""
+    if error.errno in DISK_FULL:
+        return OutputError(f"no space left on the device holding {path}{intact}: free space and "
+                           "run the command again (with resume to continue a run)",
+                           params=("resume",))
+    return OutputError(f"cannot write {path} ({error.strerror or error}){intact}; choose an out "
+                       "folder you can write", params=("out",))
+
+
+@contextlib.contextmanager
+def disk_writes(path: str | Path, *, kept: str | None = None) -> Iterator[None]:
+    """Turn an OSError of the writes inside into :func:`write_error`'s OutputError.
+
+    The one handling of a full disk for every file a command writes (the lock file, metrics,
+    pictures, checkpoints, reports); errors of ours that are OSErrors pass unchanged.
+
+    Args:
+        path: what the writes inside write, for the message.
+        kept: the file that a failure leaves intact, for the message.
+    """
+    try:
+        yield
+    except RobustAmoError:
+        raise
+    except OSError as e:
+        raise write_error(path, e, kept=kept) from None
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the open file ``fd`` (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path``, all or nothing.
+
+    The line goes out in one write; when the disk fills midway the file is cut back to its
+    previous length, so a reader never meets half a line.
+
+    Raises:
+        OutputError: the line could not be written (:func:`write_error`).
+    """
+    data = (line + "\n").encode()
+    with disk_writes(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                write_fd(fd, data)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def writable_dir(path: str | Path, param: str = "out") -> Path:
@@ -46,6 +121,8 @@ def writable_dir(path: str | Path, param: str = "out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        if e.errno in DISK_FULL:
+            raise write_error(p, e) from None
         raise OutputError(f"cannot write into {p} ({param}: {e.strerror or e}); choose a folder "
                           "you can write", params=(param,)) from None
     return p
@@ -81,14 +158,25 @@ def refuse_overwrite(folder: Path, names: Iterable[str], what: str, *, overwrite
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write ``path`` through a temporary file beside it and a rename: a kill leaves the old
-    file or the new one, never half of one (the temporary name matches :data:`TEMP_GLOB`)."""
+    file or the new one, never half of one (the temporary name matches :data:`TEMP_GLOB`).
+
+    Raises:
+        OutputError: the file could not be written (:func:`write_error`); the old one is kept.
+    """
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, p)
+    raw = data if isinstance(data, bytes) else data.encode()
+    with disk_writes(p, kept=p.name if p.exists() else None):
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_fd(fd, raw)
+            finally:
+                os.close(fd)
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return p
 
 
@@ -125,7 +213,8 @@ def folder_lock(folder: str | Path, what: str, param: str = "out") -> Iterator[P
         yield p
         return
     path = p / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with disk_writes(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -133,8 +222,9 @@ def folder_lock(folder: str | Path, what: str, param: str = "out") -> Iterator[P
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             raise OutputError(f"{p} is in use by another {what} (pid {holder}); wait for it to "
                               "finish or stop it, then run again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        with disk_writes(path):
+            os.ftruncate(fd, 0)
+            write_fd(fd, str(os.getpid()).encode())  # who holds it, for the message above
         yield p
     finally:
         os.close(fd)  # releases the lock

@@ -19,9 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, rename_deprecated, save_yaml
-from .errors import CheckpointError, ConfigError
-from .outputs import LOCK_NAME, folder_lock, refuse_overwrite, remove_temp_files, writable_dir
+import yaml
+
+from .config import TrainConfig, rename_deprecated
+from .errors import CheckpointError, ConfigError, OutputError
+from .outputs import (
+    LOCK_NAME,
+    append_line,
+    atomic_write,
+    folder_lock,
+    refuse_overwrite,
+    remove_temp_files,
+    writable_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +94,26 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
 def _parse(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
     """Every non-blank line of a metrics file with its row, None for an unreadable line.
 
-    A row is a JSON object with an ``epoch``; anything else is a line a kill (or a full disk)
-    cut short, or not ours.
+    A row is a JSON object with an ``epoch``; anything else (not JSON, not UTF-8) is a line a
+    kill (or a full disk) cut short, or not ours.
+
+    Raises:
+        OutputError: the file exists but cannot be read.
     """
     lines: list[tuple[str, dict[str, Any] | None]] = []
     if not path.is_file():
         return lines
-    for ln in path.read_text().splitlines():
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise OutputError(f"cannot read {path} ({e.strerror or e})") from None
+    for b in raw.splitlines():
+        ln = b.decode("utf-8", errors="replace")
         if not ln.strip():
             continue
         try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:
+            row = json.loads(b.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             row = None
         lines.append((ln, row if isinstance(row, dict) and "epoch" in row else None))
     return lines
@@ -182,9 +200,10 @@ class RunDir:
         return self.epochs_done() >= epochs
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
-        """Append one epoch's row to metrics.jsonl, one JSON object on one line."""
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        """Append one epoch's row to metrics.jsonl, one JSON object on one line, all or
+        nothing (:func:`robust_amo.outputs.append_line`: a full disk leaves the earlier lines
+        as they were)."""
+        append_line(self.metrics, json.dumps(row))
 
     def truncate_metrics(self, after_epoch: int) -> None:
         """Drop the lines of epochs past ``after_epoch`` (a run killed after logging them, before
@@ -198,11 +217,22 @@ class RunDir:
                             ln)
             elif row["epoch"] <= after_epoch:
                 keep.append(ln)
-        self.metrics.write_text("".join(ln + "\n" for ln in keep))
+        atomic_write(self.metrics, "".join(ln + "\n" for ln in keep))
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The run's config.yaml as a mapping, for pictures and listings; None when it is
+        missing or unreadable (a run's own checks read the checkpoint's config instead)."""
+        try:
+            data = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def write_config(self, cfg: TrainConfig) -> None:
-        """Write the run's resolved config (config.yaml)."""
-        save_yaml(cfg, self.config)
+        """Write the run's resolved config (config.yaml), atomically
+        (:func:`robust_amo.outputs.atomic_write`: a full disk is one line and no half file);
+        the text is :func:`robust_amo.config.save_yaml`'s."""
+        atomic_write(self.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[Path]:

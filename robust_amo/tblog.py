@@ -1,9 +1,10 @@
 """TensorBoard logging of a training run (``logging.tensorboard: true`` or ``--tensorboard``).
 
 Writes RUN/tb with: every numeric metric of metrics.jsonl per epoch (``epoch/KEY`` at step =
-epoch), the training loss every ``log_every`` steps (``train/loss`` at step = global step), and
-the resolved config as text. TensorBoard is an optional extra (``pip install -e
-".[tensorboard]"``); asking for it without the package is a one-line error before training.
+epoch) except the constants of :data:`CONSTANT` (the size of the check is no curve), the
+training loss every ``log_every`` steps (``train/loss`` at step = global step), and the resolved
+config as text. TensorBoard is an optional extra (``pip install -e ".[tensorboard]"``); asking
+for it without the package is a one-line error before training.
 The training loop creates the writer on rank 0 only.
 """
 
@@ -17,6 +18,9 @@ import yaml
 
 from .errors import ConfigError
 from .runs import TB_FOLDER as FOLDER
+
+CONSTANT = frozenset({"epoch", "n", "check_examples"})
+"""Keys of a metrics row that are not curves: the step itself and the check's size."""
 
 
 class TensorBoardLog:
@@ -43,10 +47,10 @@ class TensorBoardLog:
         self.writer.add_scalar("train/loss", loss, global_step)
 
     def epoch(self, metrics: dict[str, Any]) -> None:
-        """Every finite numeric metric of one epoch's metrics.jsonl line."""
+        """Every finite numeric metric of one epoch's metrics.jsonl line but :data:`CONSTANT`."""
         epoch = int(metrics["epoch"])
         for k, v in metrics.items():
-            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) \
+            if k not in CONSTANT and isinstance(v, (int, float)) and not isinstance(v, bool) \
                     and math.isfinite(v):
                 self.writer.add_scalar(f"epoch/{k}", v, epoch)
         self.writer.flush()

@@ -27,6 +27,7 @@ from torch import nn
 
 from robust_amo.errors import CheckpointError
 from robust_amo.models import create_model, is_registered
+from robust_amo.outputs import write_error
 from robust_amo.runs import BEST, LAST
 from robust_amo.version import __version__
 
@@ -48,15 +49,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     :func:`robust_amo.outputs.remove_temp_files` at the next start after a kill.
 
     Raises:
-        CheckpointError: the file could not be written (naming the OS error).
+        OutputError: the file could not be written (a full disk, naming the OS error:
+            :func:`robust_amo.outputs.write_error`).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}); choose a folder you can "
-                              "write") from None
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -65,11 +66,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(
-            f"could not write {path} ({e.strerror or e}); the previous {path.name} is intact: "
-            "free space (or choose another out) and run the command again (with resume to "
-            "continue)", params=("out", "resume")
-        ) from None
+        raise write_error(path, e, kept=path.name if path.exists() else None) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

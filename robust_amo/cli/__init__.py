@@ -4,6 +4,8 @@
 One module per command, each with ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> exit status``, listed in :data:`COMMANDS` (no registration by import side effect).
 Every option has a type; errors the user can fix print one line and exit with status 2.
+Flags are never abbreviated (``allow_abbrev=False``): ``--un`` is an error, not
+``--unsafe-load``, so no flag that runs code is enabled by a prefix.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from robust_amo.errors import RobustAmoError
+from robust_amo.outputs import DISK_FULL, write_error
 from robust_amo.version import __version__
 
 from . import archs, convert, margins, plot, reproduce, train
@@ -40,13 +43,16 @@ log = logging.getLogger("robust_amo")
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="robust-amo", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"robust-amo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands")
     for command in COMMANDS:
-        p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
+        # no prefixes of flags: --un must not mean --unsafe-load (which runs a file's code)
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP,
+                           allow_abbrev=False)
         command.add_arguments(p)
         # the library names its parameters; every command says them as its flags
         flags = flags_of(p, getattr(command, "PARAM_FLAGS", None))
@@ -66,6 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except RobustAmoError as e:
         print(f"robust-amo: error: {flag_message(e, args.param_flags)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # the library turns a full disk into OutputError where it writes; this catches a write
+        # elsewhere (a package's cache, TensorBoard's events) the same way
+        if e.errno not in DISK_FULL:
+            raise
+        error = write_error(e.filename or "the output", e)
+        print(f"robust-amo: error: {flag_message(error, args.param_flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = ("rerun the same command to continue" if args.command == "reproduce" else

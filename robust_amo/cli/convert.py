@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from robust_amo.checkpoint.robustness_layout import ROBUST_AMO, ROBUSTNESS, convert_checkpoint
+from robust_amo.data import dataset_names
 from robust_amo.outputs import refuse_overwrite, writable_dir
 
 from .common import add_overwrite, add_unsafe_load, input_shape
@@ -23,11 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=str, help="checkpoint file (or robust-amo run folder)")
     p.add_argument("dst", type=str, help="where to write the converted checkpoint")
     p.add_argument("--to", type=str, choices=[ROBUSTNESS, ROBUST_AMO],
-                   help="target format (default: the other one)")
+                   help=f"target format, {ROBUSTNESS} or {ROBUST_AMO} (default: the other one "
+                        "than SRC's)")
     p.add_argument("--arch", type=str,
-                   help="architecture of a robustness checkpoint (robust-amo archs)")
-    p.add_argument("--dataset", type=str, help="dataset of a robustness checkpoint, e.g. cifar10")
-    p.add_argument("--input-shape", type=input_shape, help="C,H,W when --dataset is not known")
+                   help="architecture of a robustness checkpoint, which does not record it; "
+                        "robust-amo archs lists them (default: the one SRC records)")
+    p.add_argument("--dataset", type=str,
+                   help=f"dataset of a robustness checkpoint: {', '.join(dataset_names())} "
+                        "(default: the one SRC records)")
+    p.add_argument("--input-shape", type=input_shape,
+                   help="C,H,W of the inputs, e.g. 3,32,32 (default: the dataset's)")
     add_unsafe_load(p)
     add_overwrite(p, "file at DST")
 

@@ -8,20 +8,16 @@ its own run as RUN/curves.png at the end.
 from __future__ import annotations
 
 import argparse
-import logging
-from pathlib import Path
 
-from robust_amo.curves import curves_figure, run_names, save_figure
-from robust_amo.errors import ConfigError, OutputError
-from robust_amo.outputs import writable_dir
-from robust_amo.runs import RunDir, read_metrics
+from robust_amo.curves import plot_runs
 
 from .common import add_overwrite
 
 NAME = "plot"
 HELP = "plot training curves (loss, accuracy, learning rate) of one or more runs"
 
-log = logging.getLogger(__name__)
+PARAM_FLAGS = {"runs": "RUN"}
+""":func:`robust_amo.curves.plot_runs`'s parameters as this command says them."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,24 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Read every run's metrics.jsonl, draw, save."""
-    runs = []
-    for r in args.runs:
-        rows = read_metrics(r)
-        if not rows:
-            raise ConfigError(f"{r} holds no metrics.jsonl with epochs; pass a run folder of "
-                              "robust-amo train")
-        runs.append(rows)
-    one_run = len(args.runs) == 1 and Path(args.runs[0]).is_dir()
-    default = RunDir(args.runs[0]).curves if one_run else Path("curves.png")
-    out = Path(args.out) if args.out else default
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out {out}: the picture is a PNG; name it FILE.png")
-    writable_dir(out.parent if str(out.parent) else Path("."))
-    if out.exists() and not args.overwrite:
-        raise OutputError(f"{out} exists; pass --overwrite to replace it, or choose another "
-                          "--out")
-    fig = curves_figure(list(zip(run_names(args.runs), runs, strict=True)))
-    save_figure(fig, out)
-    log.info("curves of %d run(s) written to %s", len(runs), out)
+    """Draw and save (:func:`robust_amo.curves.plot_runs`)."""
+    plot_runs(args.runs, args.out, overwrite=args.overwrite)
     return 0

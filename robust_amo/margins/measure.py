@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from robust_amo.attacks import PGD
 from robust_amo.config import ThreatModel
 from robust_amo.errors import ConfigError
+from robust_amo.outputs import disk_writes
 from robust_amo.runtime import eval_mode, generator
 
 from .estimators import SearchOptions, margins_batch
@@ -57,11 +58,12 @@ class MarginsResult:
             The folder.
         """
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_csv(folder / CSV, self.columns, self.points)
-        (folder / SUMMARY).write_text(json.dumps(self.summary, indent=2, allow_nan=False))
-        if plots:
-            plot_margins(self.columns, self.points, folder)
+        with disk_writes(folder):  # a full disk is one line, as for every write
+            folder.mkdir(parents=True, exist_ok=True)
+            write_csv(folder / CSV, self.columns, self.points)
+            (folder / SUMMARY).write_text(json.dumps(self.summary, indent=2, allow_nan=False))
+            if plots:
+                plot_margins(self.columns, self.points, folder)
         return folder
 
 

@@ -12,7 +12,7 @@ import torch
 from robust_amo import checkpoint as ckpt_io
 from robust_amo.checkpoint import format as ckpt_format
 from robust_amo.cli import main
-from robust_amo.errors import CheckpointError
+from robust_amo.errors import OutputError
 from robust_amo.models import create_model
 from robust_amo.runs import config_differences
 from robust_amo.train import train
@@ -122,7 +122,7 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_format.torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+    with pytest.raises(OutputError, match="no space left on the device .*checkpoint.pt is intact"):
         train(_cfg(out), resume=True)
     monkeypatch.undo()
     assert (out / ckpt_io.LAST).read_bytes() == before
