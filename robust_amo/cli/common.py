@@ -9,6 +9,7 @@ from typing import Any
 
 from robust_amo.checkpoint import UNSAFE_FLAG
 from robust_amo.config import SplitName, choices, parse_float
+from robust_amo.data import dataset_names
 from robust_amo.errors import ConfigError, RobustAmoError
 
 DEVICE_HELP = "auto|cpu|cuda[:N]; auto is cuda when a CUDA device is available, else cpu"
@@ -103,27 +104,32 @@ def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None
     """
     p.add_argument("--checkpoint", type=str,
                    help="run folder of `robust-amo train` or of robustness's train_model, or a "
-                        ".pt file (or use --model)")
+                        ".pt file; required unless --model is given (no default)")
     own = p.add_argument_group("your own model (instead of --checkpoint)")
     own.add_argument("--model", type=str, metavar="FILE.py:FN|package.module:FN",
                      help="a function returning your nn.Module (called with num_classes= when "
-                          "it accepts it); THIS RUNS THE CODE IN THAT FILE OR MODULE")
+                          "it accepts it), instead of --checkpoint (default: none); THIS RUNS "
+                          "THE CODE IN THAT FILE OR MODULE")
     own.add_argument("--weights", type=str, metavar="FILE|none",
                      help="weights for --model, required with it (no default): a state dict or "
                           "a checkpoint file (read safely), or none to use the module as FN "
                           "returns it (random initial weights unless FN loads its own; "
                           "recorded in the report)")
     own.add_argument("--mean", type=floats, help="per-channel mean the model expects, e.g. "
-                     "0.4914,0.4822,0.4465 (we normalise inside; inputs stay in [0, 1])")
-    own.add_argument("--std", type=floats, help="per-channel std the model expects")
+                     "0.4914,0.4822,0.4465 (we normalise inside; inputs stay in [0, 1]; "
+                     "default: none, the model gets [0, 1] inputs)")
+    own.add_argument("--std", type=floats, help="per-channel std the model expects, positive "
+                     "(default: none; give both or neither)")
     own.add_argument("--input-shape", type=input_shape,
                      help="C,H,W of the model's inputs (default: the dataset's)")
     p.add_argument("--which", type=str, choices=["last", "best"], default="last",
                    help="checkpoint of a run folder: last (checkpoint.pt, default) or best "
                         "(best.pt)")
     p.add_argument("--arch", type=str,
-                   help="architecture of a robustness-library checkpoint (robust-amo archs)")
-    p.add_argument("--dataset", type=str, help="dataset (default: the checkpoint's)")
+                   help="architecture of a robustness-library checkpoint, one of `robust-amo "
+                        "archs` (default: the one the checkpoint records)")
+    p.add_argument("--dataset", type=str,
+                   help=f"dataset: {', '.join(dataset_names())} (default: the checkpoint's)")
     p.add_argument("--data-dir", type=str, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--split", type=str, choices=choices(SplitName), default="test",
                    help="test split, the run's held-out val split, or the training split "
