@@ -30,7 +30,8 @@ from robust_amo.studies import (
     plan,
     run_study,
 )
-from robust_amo.studies.runner import eval_job, train_job
+from robust_amo.studies.runner import check_data, eval_job, list_estimate, train_job
+from robust_amo.studies.spec import base_config
 
 from .common import DEVICE_HELP, device, refuse_renamed
 
@@ -91,10 +92,11 @@ def _list(studies_dir: str | None) -> int:
     rows = []
     for f in files:
         spec = load_study(f)
+        base = base_config(spec)
         counts = []
         for grid in ("quick", "paper"):
-            states = plan(spec, Options(out=Path("runs/studies") / spec.name, grid=grid))
-            counts.append(f"{grid}: {len(states)} runs, ~{_hours(estimate_s(spec, states))}")
+            n, seconds = list_estimate(spec, grid, base)
+            counts.append(f"{grid}: {n} runs, ~{_hours(seconds)}")
         rows.append(f"{spec.name:28s} {'; '.join(counts)} on {spec.cost.device}\n"
                     f"{'':28s} {spec.title}")
     print("\n".join(rows))
@@ -120,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
                    data_dir=args.data_dir, progress=not args.no_progress)
     if args.dry_run:
         states = plan(spec, opts)
+        check_data(states, opts.data_dir)
         for s in states:
             state = ("done" if s.finished else
                      f"resume at epoch {s.epochs_done}" if s.epochs_done else "to train")
