@@ -146,7 +146,9 @@ def plan(spec: StudySpec, opts: Options) -> list[RunState]:
         key = (r.cell, r.point)
         if key not in resolved:
             resolved[key] = resolve_run(spec, r, folder, base)
-        # the seed is the runs' last override and a checked int: nothing else differs
+        # the seed and the folder are the runs' last overrides (the seed a checked int):
+        # nothing else differs; the configs share their unchanged sections, which nothing
+        # mutates
         cfg = dataclasses.replace(resolved[key], seed=r.seed, out=str(folder))
         states.append(refresh(RunState(r, folder, cfg), spec.select.by))
     return states
@@ -321,7 +323,7 @@ def wait_for_orphans(states: list[RunState], timeout_s: float = ORPHAN_WAIT_S) -
             raise OutputError(
                 f"run folder {s.folder} is in use by process {holder} (a job left running "
                 f"by an earlier runner, or another command on that run); wait for it to end "
-                f"or stop it (kill {holder}), then run again", params=("out",))
+                f"or stop it (kill {holder}), then run again")
 
 
 def run_study(spec: StudySpec, opts: Options) -> int:
@@ -359,13 +361,13 @@ def _stop(running: dict[subprocess.Popen, Job]) -> None:
 def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
     select = opts.select or spec.select.split
     check_out(opts.out, spec)
+    wait_for_orphans(states)  # before cell.yaml is rewritten under a job still running
     for s in states:
         writable_dir(s.folder)
         save_yaml(s.cfg, s.folder / CELL_CONFIG)
     threads = opts.threads or max(1, (os.cpu_count() or 1) // max(1, opts.workers))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     ev = eval_spec(spec, select)
-    wait_for_orphans(states)
     child_setup = die_with_parent()
 
     scheduled: set[Path] = set()

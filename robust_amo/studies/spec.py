@@ -513,7 +513,7 @@ def resolve_run(spec: StudySpec, run: Run, out: Path,
         return resolve(None, overrides)
     except RobustAmoError as e:
         raise type(e)(f"{spec.path}: cell {run.cell_key} ({run.point_label}, seed "
-                      f"{run.seed}): {e}") from None
+                      f"{run.seed}): {e}", params=e.params) from None
 
 
 def train_numbers(base: dict[str, Any], run: Run) -> tuple[int, int | None]:
