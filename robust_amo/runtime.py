@@ -9,8 +9,11 @@ from the run's seed through :func:`derive_seed`" is written once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -128,3 +131,42 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal a process gets when the thread that started it exits."""
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` that makes the child get SIGTERM when this
+    process dies, however it dies (``kill -9`` too); None where Linux's ``prctl`` is missing.
+
+    A study runner starts its jobs so: a job outliving its runner would keep its run folder
+    locked and the rerun would fail that run. The C library is looked up here, in the parent,
+    because the child between fork and exec must not load libraries; a parent that died before
+    the child set the signal is caught by comparing the child's parent with this process.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: nobody waits
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
+
+
+def stop_group(pid: int, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to the process group ``pid`` leads (a child started with
+    ``start_new_session=True``), so the child's own children stop with it; a group that is
+    gone already is no error."""
+    if not hasattr(os, "killpg"):  # Windows: no process groups
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)

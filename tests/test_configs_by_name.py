@@ -110,11 +110,13 @@ def test_reproduce_list_and_dry_run_from_another_folder(elsewhere, capsys):
     listed = capsys.readouterr().out
     for name in STUDIES:
         assert name in listed
-    assert main(["reproduce", "wei-ma-table2", "--dry-run", "--out", str(elsewhere / "s")]) == 0
+    # a dry run checks the data folder first: any existing folder passes that check
+    assert main(["reproduce", "wei-ma-table2", "--dry-run", "--out", str(elsewhere / "s"),
+                 "--data-dir", str(elsewhere)]) == 0
     assert "4 runs, 4 to train" in capsys.readouterr().out
     assert main(["reproduce", "sokolic-table1.yaml", "--dry-run", "--only", "arch=cnn2",
                  "--only", "samples=256", "--only", "loss=ce", "--only", "reg=none",
-                 "--seeds", "0", "--out", str(elsewhere / "t")]) == 0
+                 "--seeds", "0", "--out", str(elsewhere / "t"), "--data-dir", str(elsewhere)]) == 0
     assert "1 runs, 1 to train" in capsys.readouterr().out
     assert main(["reproduce", "no-such-study"]) == 2
     err = capsys.readouterr().err

@@ -30,7 +30,8 @@ from robust_amo.studies import (
     plan,
     run_study,
 )
-from robust_amo.studies.runner import eval_job, train_job
+from robust_amo.studies.runner import check_data, eval_job, list_estimate, train_job
+from robust_amo.studies.spec import base_config
 
 from .common import DEVICE_HELP, device, refuse_renamed
 
@@ -48,9 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", type=str, nargs="?",
                    help="a study's name, e.g. sokolic-table1 (see --list), or a study .yaml file")
     p.add_argument("--list", action="store_true",
-                   help="list the studies with their run counts and estimated cost")
+                   help="list the studies with the run count and estimated cost of each grid, "
+                        "read from the study files alone (default: off)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the runs (and what is done) without starting any")
+                   help="check the study and the data folder, then print the runs (and what "
+                        "is done) without starting any (default: off)")
     p.add_argument("--studies-dir", type=str, metavar="DIR",
                    help="folder of your own study files (default: the studies shipped with "
                         "robust-amo, found from any folder)")
@@ -59,10 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "paper's)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's)")
     p.add_argument("--only", type=str, action="append", default=[], metavar="AXIS=LABEL",
-                   help="keep only these levels of an axis (repeat; e.g. --only arch=cnn2)")
+                   help="keep only these levels of an axis (repeat; e.g. --only arch=cnn2) "
+                        "(default: every level)")
     p.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every run, e.g. --set epochs=30 (use a new "
-                        "--out: the runs of another config are other runs)")
+                        "--out: the runs of another config are other runs) (default: none)")
     p.add_argument("--n-examples", type=int, metavar="N",
                    help="test images of the eval step (default: the study's eval.n_examples)")
     p.add_argument("--eval-examples", type=str, help=argparse.SUPPRESS)
@@ -70,13 +74,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="select hyperparameters on the test set (the papers' protocol) or on "
                         "held-out training examples (val) (default: the study's select.split)")
     p.add_argument("--out", type=str, help="study folder (default runs/studies/STUDY)")
-    p.add_argument("--data-dir", type=str, help="dataset folder passed to every run")
+    p.add_argument("--data-dir", type=str,
+                   help="dataset folder passed to every run, checked before the first run "
+                        "(default: each run's data.data_dir)")
     p.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--threads", type=int,
                    help="CPU threads per worker (default: cores / workers)")
     p.add_argument("--device", type=device, default="auto", metavar="DEVICE",
                    help=f"device of every run: {DEVICE_HELP} (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar counting the jobs)")
 
 
 def _hours(seconds: float) -> str:
@@ -91,10 +98,11 @@ def _list(studies_dir: str | None) -> int:
     rows = []
     for f in files:
         spec = load_study(f)
+        base = base_config(spec)
         counts = []
         for grid in ("quick", "paper"):
-            states = plan(spec, Options(out=Path("runs/studies") / spec.name, grid=grid))
-            counts.append(f"{grid}: {len(states)} runs, ~{_hours(estimate_s(spec, states))}")
+            n, seconds = list_estimate(spec, grid, base)
+            counts.append(f"{grid}: {n} runs, ~{_hours(seconds)}")
         rows.append(f"{spec.name:28s} {'; '.join(counts)} on {spec.cost.device}\n"
                     f"{'':28s} {spec.title}")
     print("\n".join(rows))
@@ -120,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
                    data_dir=args.data_dir, progress=not args.no_progress)
     if args.dry_run:
         states = plan(spec, opts)
+        check_data(states, opts.data_dir)
         for s in states:
             state = ("done" if s.finished else
                      f"resume at epoch {s.epochs_done}" if s.epochs_done else "to train")

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,49 +243,135 @@ def table_md(spec: StudySpec, chosen: dict[str, Selection], select_split: str,
     return "\n".join(lines)
 
 
-def plot_png(spec: StudySpec, chosen: dict[str, Selection], select_split: str) -> bytes:
-    """Bars per table row (one per column, ± std over seeds), the paper's value as a marker;
-    one panel per metric. Returns PNG bytes."""
-    plt = pyplot()
+CellValues = dict[str, dict[str, list[float]]]
+"""Per table cell (labels joined by ``/``): each metric's values, one per seed of the cell's
+selected grid point (NaN where not measured)."""
 
-    present = set(chosen)
+
+def cell_values(spec: StudySpec, chosen: dict[str, Selection], select_split: str) -> CellValues:
+    """The metric values of every cell's selected runs (what the plot shows)."""
+    return {cell: {m.name: [metric_value(s, metric_source(m, select_split), m.kind)
+                            for s in sel.runs] for m in spec.metrics}
+            for cell, sel in chosen.items()}
+
+
+def csv_values(spec: StudySpec, text: str) -> CellValues:
+    """:func:`cell_values` read back from a results.csv (its selected rows), so a study's plot
+    can be redrawn without its run folders (:func:`replot`).
+
+    Raises:
+        OutputError: the file lacks a column of the study (another study's results).
+    """
+    rows = list(csv.DictReader(io.StringIO(text)))
+    need = [a.name for a in spec.axes] + ["selected"] + [m.name for m in spec.metrics]
+    missing = [c for c in need if rows and c not in rows[0]]
+    if missing:
+        raise OutputError(f"results.csv has no column {missing[0]!r}: it holds another "
+                          f"study's results than {spec.name!r}")
+    out: CellValues = {}
+    for r in rows:
+        if r["selected"] != "True":
+            continue
+        cell = "/".join(r[a.name] for a in spec.axes)
+        for m in spec.metrics:
+            out.setdefault(cell, {}).setdefault(m.name, []).append(_float(r[m.name]))
+    return out
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # "—": not measured
+        return math.nan
+
+
+def _seeds_text(counts: set[int]) -> str:
+    lo, hi = min(counts, default=0), max(counts, default=0)
+    return f"n = {lo} seeds" if lo == hi else f"n = {lo} to {hi} seeds"
+
+
+def plot_figure(spec: StudySpec, values: CellValues):
+    """One panel per metric: per table row (x) and method (colour: a column of the table, or
+    each row when the table has no columns), the mean over the seeds of the cell's selected
+    grid point as a dot with whiskers of ± one sample standard deviation, and the paper's value
+    as a black x. The y axis is the metric in percent; the caption under the panels says what
+    dots and whiskers are and over how many seeds. Returns the matplotlib Figure."""
+    plt = pyplot()
+    present = set(values)
     rows = _combos(spec, spec.table.rows, present)
     cols = _combos(spec, spec.table.columns, present)
+    # without column axes each row is a method of its own: its own colour and legend entry
+    series = cols if spec.table.columns else [{}]
     fig, axs = plt.subplots(len(spec.metrics), 1, squeeze=False,
-                            figsize=(max(6.0, 1.2 * len(rows) * max(1, len(cols)) ** 0.5 + 3),
-                                     3.2 * len(spec.metrics)))
-    width = 0.8 / max(1, len(cols))
+                            figsize=(max(6.0, 1.2 * len(rows) * max(1, len(series)) ** 0.5 + 3),
+                                     3.2 * len(spec.metrics) + 0.5))
+    width = 0.8 / max(1, len(series))
+    counts: set[int] = set()
+    any_paper = False
     for ax, m in zip(axs[:, 0], spec.metrics, strict=True):
-        src = metric_source(m, select_split)
-        for j, c in enumerate(cols):
-            xs, means, stds, papers = [], [], [], []
+        shown: list[float] = []
+        labelled: set[str] = set()
+        for j, c in enumerate(series):
             for i, r in enumerate(rows):
-                sel = chosen.get(_cell_key(spec, {**r, **c}))
-                if sel is None:
+                key = _cell_key(spec, {**r, **c})
+                if key not in values:
                     continue
-                mean, std, _ = mean_std([metric_value(s, src, m.kind) for s in sel.runs])
-                xs.append(i + (j - (len(cols) - 1) / 2) * width)
-                means.append(mean)
-                stds.append(std)
-                papers.append(m.paper.get(_cell_key(spec, {**r, **c}), math.nan))
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=" ".join(c.values()) or "ours")
-            ax.plot(xs, papers, "kx", markersize=6,
-                    label="paper" if j == 0 and any(math.isfinite(p) for p in papers) else None)
+                mean, std, n = mean_std(values[key].get(m.name, []))
+                counts.add(n)
+                x = i + (j - (len(series) - 1) / 2) * width
+                colour = f"C{j if spec.table.columns else i}"
+                label = " ".join((c if spec.table.columns else r).values()) or spec.name
+                ax.errorbar([x], [mean], yerr=[std], fmt="o", color=colour, capsize=4,
+                            markersize=6, label=None if label in labelled else label)
+                labelled.add(label)
+                paper = m.paper.get(key, math.nan)
+                if math.isfinite(paper):
+                    ax.plot([x], [paper], "kx", markersize=8,
+                            label=None if "paper" in labelled else "paper")
+                    labelled.add("paper")
+                    any_paper = True
+                shown += [mean - std, mean + std, paper]
         ax.set_xticks(range(len(rows)), [" ".join(r.values()) for r in rows])
+        ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_ylabel(f"{m.name} (%)")
-        finite = [mean_std([metric_value(s, src, m.kind) for s in sel.runs])[0]
-                  for sel in chosen.values()] + [v for v in m.paper.values()]
-        finite = [v for v in finite if math.isfinite(v)]
-        if finite and m.kind == "error":
-            ax.set_ylim(0, 1.25 * max(finite) + 1)
-        elif finite:
-            lo = min(finite)
-            ax.set_ylim(max(0.0, lo - 0.15 * (100 - lo) - 2), 100)
-        ax.legend(fontsize=7, ncol=min(4, len(cols) + 1))
+        finite = [v for v in shown if math.isfinite(v)]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = max(1.0, 0.15 * (hi - lo))
+            ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+        ax.legend(fontsize=7, ncol=min(4, len(series) + 1), loc="best")
         ax.grid(axis="y", alpha=0.3)
     axs[0, 0].set_title(spec.title, fontsize=9)
-    fig.tight_layout()
-    return png_bytes(fig)
+    caption = textwrap.wrap(
+        f"Dots: mean over seeds of each cell's selected grid point; whiskers: ± 1 sample "
+        f"standard deviation ({_seeds_text(counts)}; none with 1 seed)"
+        + ("; x: the paper's value." if any_paper else "."),
+        width=int(14 * fig.get_figwidth()))
+    height = fig.get_figheight()
+    fig.text(0.5, 0.1 / height, "\n".join(caption), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, (0.2 + 0.13 * len(caption)) / height, 1, 1))
+    return fig
+
+
+def plot_png(spec: StudySpec, chosen: dict[str, Selection], select_split: str) -> bytes:
+    """:func:`plot_figure` of the selected runs as PNG bytes."""
+    return png_bytes(plot_figure(spec, cell_values(spec, chosen, select_split)))
+
+
+def replot(folder: str | Path, spec: StudySpec) -> Path:
+    """Redraw FOLDER/NAME.png from FOLDER/results.csv (a study folder, or its copy in
+    docs/reproductions/), without the run folders; returns the picture's path.
+
+    Raises:
+        OutputError: no results.csv there, or another study's.
+    """
+    d = Path(folder)
+    path = d / "results.csv"
+    if not path.is_file():
+        raise OutputError(f"{path} does not exist; give a study folder (it holds results.csv)",
+                          params=("folder",))
+    return atomic_write(d / f"{spec.name}.png",
+                        png_bytes(plot_figure(spec, csv_values(spec, path.read_text()))))
 
 
 def write_results(out: Path, spec: StudySpec, states: list[RunState], select_split: str,

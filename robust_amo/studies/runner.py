@@ -18,6 +18,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,16 +29,22 @@ from typing import Any
 
 from tqdm import tqdm
 
-from robust_amo.config import HeldOutSplit, check_at_least, check_int, save_yaml
-from robust_amo.errors import ConfigError, OutputError
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked (robust_amo.outputs.folder_lock)
+    fcntl = None  # type: ignore[assignment]
+
+from robust_amo.config import HeldOutSplit, TrainConfig, check_at_least, check_int, save_yaml
+from robust_amo.data import dataset_info, load_dataset
+from robust_amo.errors import ConfigError, DataError, OutputError
 from robust_amo.evaluation import EvalRequest
 from robust_amo.jobs import EvalJobRequest, Request, TrainRequest, write_request
-from robust_amo.outputs import folder_lock, writable_dir
+from robust_amo.outputs import LOCK_NAME, folder_lock, writable_dir
 from robust_amo.runs import RunDir
-from robust_amo.runtime import sigterm_as_interrupt
+from robust_amo.runtime import die_with_parent, sigterm_as_interrupt, stop_group
 
 from .results import REPORT, RunState, Selection, metric_source, refresh, write_results
-from .spec import EvalSpec, Grid, Run, StudySpec, expand, resolve_run
+from .spec import EvalSpec, Grid, Run, StudySpec, base_config, expand, resolve_run, train_numbers
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,11 @@ CELL_CONFIG = "cell.yaml"
 """The resolved config the runner writes into a run folder and trains with."""
 WORKER = "robust_amo.worker"
 """The module a job's process runs with its request file."""
+ORPHAN_WAIT_S = 30.0
+"""How long a runner waits for a job left running by an earlier runner to end (it got
+SIGTERM when that runner died, and may still be saving) before it reports the process."""
+STOP_WAIT_S = 30.0
+"""How long a stopping runner waits for its jobs after SIGTERM before it kills them."""
 
 
 @dataclass
@@ -108,7 +120,17 @@ class Job:
 
 
 def plan(spec: StudySpec, opts: Options) -> list[RunState]:
-    """The study's runs with their resolved configs and folders (nothing is written)."""
+    """The study's runs with their resolved configs and folders (nothing is written).
+
+    Every run's config is checked here, before anything starts: the base file is read once,
+    and the runs of one cell and grid point, which differ only in their seed and folder, are
+    resolved once.
+
+    Raises:
+        RobustAmoError: a config error of a run, naming the study file, the cell and the
+            grid point; a metric that ``select`` cannot measure; an ``only`` that leaves no
+            run.
+    """
     select = opts.select or spec.select.split
     root = opts.out / ("runs" if select == "test" else "runs-val")
     runs: list[Run] = expand(spec, opts.grid, opts.seeds, opts.only, select, opts.sets)
@@ -116,12 +138,70 @@ def plan(spec: StudySpec, opts: Options) -> list[RunState]:
         raise ConfigError("only leaves no run of the study", params=("only",))
     for m in spec.metrics:
         metric_source(m, select)  # fails early for a metric --select val cannot measure
+    base = base_config(spec)
+    resolved: dict[tuple[tuple[str, ...], tuple[tuple[str, Any], ...]], TrainConfig] = {}
     states = []
     for r in runs:
         folder = r.folder(root)
-        states.append(refresh(RunState(r, folder, resolve_run(spec, r, folder)),
-                              spec.select.by))
+        key = (r.cell, r.point)
+        if key not in resolved:
+            resolved[key] = resolve_run(spec, r, folder, base)
+        # the seed and the folder are the runs' last overrides (the seed a checked int):
+        # nothing else differs; the configs share their unchanged sections, which nothing
+        # mutates
+        cfg = dataclasses.replace(resolved[key], seed=r.seed, out=str(folder))
+        states.append(refresh(RunState(r, folder, cfg), spec.select.by))
     return states
+
+
+def list_estimate(spec: StudySpec, grid: Grid,
+                  base: dict[str, Any] | None = None) -> tuple[int, float]:
+    """The number of runs of the whole study on ``grid`` and the seconds they would take on
+    the study's cost device, from the study file alone (no config is resolved and no run
+    folder read: what ``--list`` shows); ``base``: the study's :func:`base_config`, when read
+    already."""
+    runs = expand(spec, grid)
+    base = base_config(spec) if base is None else base
+    c = spec.cost
+    total = 0.0
+    for r in runs:
+        epochs, subset = train_numbers(base, r)
+        total += epochs * c.epoch_s * _scale(c.reference_examples, subset) * r.cost
+    if eval_spec(spec, spec.select.split) is not None:
+        total += len({r.cell for r in runs}) * max(1, len({r.seed for r in runs})) * c.eval_s
+    return len(runs), total
+
+
+def _scale(reference: int | None, subset: int | None) -> float:
+    """How much longer than the cost's reference an epoch of ``subset`` examples takes."""
+    return subset / reference if reference and subset else 1.0
+
+
+def check_data(states: list[RunState], data_dir: str | None = None) -> None:
+    """The data every run reads is there: each run's data folder (``data_dir`` when given,
+    else its config's ``data.data_dir``) exists, and a dataset read from files has one.
+
+    Checked before the first run (and by ``--dry-run``), so a missing folder is one line
+    rather than a failure of every run.
+
+    Raises:
+        DataError: naming the folder, the dataset, how many runs read it and the fix.
+    """
+    needs: dict[tuple[str, str | None, int | None], int] = {}
+    for s in states:
+        key = (s.cfg.dataset, data_dir or s.cfg.data.data_dir, s.cfg.data.image_size)
+        needs[key] = needs.get(key, 0) + 1
+    for (dataset, folder, image_size), n in needs.items():
+        if folder is not None:
+            where = Path(folder).expanduser()
+            if not where.exists():
+                raise DataError(f"data_dir {where} does not exist ({dataset}, read by {n} "
+                                "runs); give the folder that holds the dataset's files",
+                                params=("data_dir",))
+            dataset_info(dataset, where, image_size)  # an image folder's classes
+        else:
+            # a dataset of files refuses at once without a folder; a bundled one loads
+            load_dataset(dataset, None, image_size=image_size)
 
 
 def eval_spec(spec: StudySpec, select: HeldOutSplit) -> EvalSpec | None:
@@ -186,10 +266,8 @@ def estimate_s(spec: StudySpec, states: list[RunState], eval_runs: int | None = 
     total = 0.0
     for s in states:
         left = max(0, s.cfg.epochs - s.epochs_done)
-        scale = 1.0
-        if c.reference_examples and s.cfg.data.train_subset:
-            scale = s.cfg.data.train_subset / c.reference_examples
-        total += left * c.epoch_s * scale * s.run.cost
+        total += left * c.epoch_s * _scale(c.reference_examples, s.cfg.data.train_subset) \
+            * s.run.cost
     if eval_runs is None:
         n_cells = len({s.run.cell_key for s in states})
         eval_runs = n_cells * max(1, len({s.run.seed for s in states}))
@@ -206,27 +284,91 @@ def describe(spec: StudySpec, states: list[RunState], opts: Options) -> str:
             f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
 
 
+def lock_holder(folder: Path) -> str | None:
+    """The pid (as the lock file records it, else ``unknown``) of the live process holding
+    ``folder``'s lock (:func:`robust_amo.outputs.folder_lock`), or None when it is free."""
+    path = folder / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # releases the probe's lock
+    return None
+
+
+def wait_for_orphans(states: list[RunState], timeout_s: float = ORPHAN_WAIT_S) -> None:
+    """Wait until no run folder of ``states`` is held by another process (a job an earlier
+    runner left behind stops on its own once that runner died), at most ``timeout_s``.
+
+    Raises:
+        OutputError: a folder still held then, naming the folder, the pid and the fix.
+    """
+    deadline = time.monotonic() + timeout_s
+    for s in states:
+        holder = lock_holder(s.folder)
+        if holder is not None:
+            log.warning("%s is in use by process %s; waiting up to %.0f s for it to end",
+                        s.folder, holder, max(0.0, deadline - time.monotonic()))
+        while holder is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            holder = lock_holder(s.folder)
+        if holder is not None:
+            raise OutputError(
+                f"run folder {s.folder} is in use by process {holder} (a job left running "
+                f"by an earlier runner, or another command on that run); wait for it to end "
+                f"or stop it (kill {holder}), then run again")
+
+
 def run_study(spec: StudySpec, opts: Options) -> int:
     """Train and evaluate every run not yet done; returns the number of failed jobs.
 
     The study folder is locked while the runner works (:func:`robust_amo.outputs.folder_lock`):
     a second runner on the same folder is refused rather than training the same runs twice.
     SIGTERM stops the runner as Ctrl-C does: its processes are terminated, not orphaned.
+    Each job runs in its own process group, which the runner stops as a whole, and on Linux
+    gets SIGTERM from the kernel when the runner dies in any way (``kill -9`` too:
+    :func:`robust_amo.runtime.die_with_parent`). A run folder still held by a job of an earlier
+    runner is waited for, then reported (:func:`wait_for_orphans`).
     """
     states = plan(spec, opts)
+    check_data(states, opts.data_dir)
     with folder_lock(opts.out, "robust-amo reproduce"), sigterm_as_interrupt():
         return _run(spec, opts, states)
+
+
+def _stop(running: dict[subprocess.Popen, Job]) -> None:
+    """Stop the process groups of the jobs still running (Ctrl-C, SIGTERM or an error of the
+    runner): SIGTERM, then SIGKILL after :data:`STOP_WAIT_S`."""
+    for proc in running:
+        stop_group(proc.pid)
+    deadline = time.monotonic() + STOP_WAIT_S
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("job %s did not stop after SIGTERM; killing it", proc.pid)
+            stop_group(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
     select = opts.select or spec.select.split
     check_out(opts.out, spec)
+    wait_for_orphans(states)  # before cell.yaml is rewritten under a job still running
     for s in states:
         writable_dir(s.folder)
         save_yaml(s.cfg, s.folder / CELL_CONFIG)
     threads = opts.threads or max(1, (os.cpu_count() or 1) // max(1, opts.workers))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     ev = eval_spec(spec, select)
+    child_setup = die_with_parent()
 
     scheduled: set[Path] = set()
     seeds: dict[str, set[int]] = {}
@@ -271,8 +413,10 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
                 with job.log_path.open("ab") as f:
                     f.write(f"$ {' '.join(job.argv)}\n".encode())
                     f.flush()
+                    # its own process group, stopped as one; SIGTERM when the runner dies
                     proc = subprocess.Popen(job.argv, stdout=f, stderr=subprocess.STDOUT,
-                                            env=env)
+                                            env=env, start_new_session=True,
+                                            preexec_fn=child_setup)
                 running[proc] = job
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
@@ -293,13 +437,8 @@ def _run(spec: StudySpec, opts: Options, states: list[RunState]) -> int:
                     bar.total += len(new) - expected.pop(cell)  # the estimate becomes real
                     bar.refresh()
                 queue.extend(new)
-    except KeyboardInterrupt:
-        for proc in running:
-            proc.terminate()
-        for proc in running:
-            proc.wait()
-        raise
     finally:
+        _stop(running)
         bar.close()
     publish()
     done = sum(s.finished for s in states)

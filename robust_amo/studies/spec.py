@@ -28,8 +28,10 @@ from robust_amo.config import (
     from_dict,
     load_yaml,
     parse_float,
+    rename_deprecated,
 )
-from robust_amo.errors import ConfigError
+from robust_amo.errors import ConfigError, RobustAmoError
+from robust_amo.evaluation import parse_attack
 from robust_amo.resolve import resolve
 
 Grid = Literal["quick", "paper"]
@@ -37,6 +39,13 @@ MetricKind = Literal["accuracy", "error"]
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 """Level labels name folders and table cells: letters, digits and ``._+-``."""
+
+SELECT_METRICS = ("robust_acc", "clean_acc", "train_acc")
+"""The per-epoch metrics of metrics.jsonl a cell can be selected by (the largest wins, so
+accuracies only): the per-epoch check's ``clean_acc`` and ``robust_acc`` and the training
+accuracy ``train_acc`` (written by :func:`robust_amo.train.train`)."""
+EPOCH_METRICS = (*SELECT_METRICS, "train_loss", "lr", "epoch")
+"""The per-epoch metrics a ``best.KEY`` metric can report."""
 
 
 @dataclass
@@ -309,6 +318,10 @@ def parse_study(data: dict[str, Any], source: str) -> StudySpec:
                           f"{spec.table.columns}")
     if spec.select.val_size < 1:
         raise ConfigError(f"{source}: select.val_size must be >= 1")
+    if spec.select.by not in SELECT_METRICS:
+        raise ConfigError(f"{source}: select.by {spec.select.by!r} is no per-epoch accuracy of "
+                          f"metrics.jsonl; use one of {', '.join(SELECT_METRICS)}")
+    _check_eval(spec)
     cells = {"/".join(c) for c in itertools.product(*[[lv.label for lv in a.levels]
                                                       for a in axes])}
     if not isinstance(spec.cells, dict) or not all(isinstance(v, dict)
@@ -326,6 +339,41 @@ def parse_study(data: dict[str, Any], source: str) -> StudySpec:
                               f"is no table cell (cells are labels joined by /, e.g. "
                               f"{sorted(cells)[0]})")
     return spec
+
+
+def _check_eval(spec: StudySpec) -> None:
+    """The eval step's attacks exist and its counts are >= 1; every metric names something
+    the runs measure: a per-epoch metric (``best.KEY``) or ``clean`` or an attack of the eval
+    step (``eval.ATTACK``)."""
+    source = spec.path
+    ev = spec.eval
+    names: list[str] = ["clean"]
+    if ev is not None:
+        if not isinstance(ev.attacks, list) or not ev.attacks:
+            raise ConfigError(f"{source}: eval.attacks must be a non-empty list of attack "
+                              "names, e.g. [pgd50, autoattack]")
+        names = [a.strip().lower() for v in ev.attacks for a in str(v).split(",") if a.strip()]
+        for name in names:
+            try:
+                # eps does not decide whether a name exists; the checkpoint's eps is used later
+                parse_attack(name, eps=0.1)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: eval.attacks: {e}") from None
+        for key, value in (("n_examples", ev.n_examples), ("batch_size", ev.batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{source}: eval.{key} must be >= 1, got {value} (leave "
+                                  "n_examples out for the whole test split)")
+        names = ["clean", *(n for n in names if n != "clean")]
+    for m in spec.metrics:
+        kind, _, key = m.source.partition(".")
+        if kind == "best" and key not in EPOCH_METRICS:
+            raise ConfigError(f"{source}: metric {m.name}: {m.source} is no per-epoch metric "
+                              f"of metrics.jsonl; use best. with one of "
+                              f"{', '.join(EPOCH_METRICS)}")
+        if kind == "eval" and key.lower() not in names:
+            raise ConfigError(f"{source}: metric {m.name}: {m.source} names no attack of the "
+                              f"eval step (eval.attacks: {', '.join(names[1:]) or 'none'}); "
+                              f"use eval. with one of {', '.join(names)}, or add the attack")
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -439,11 +487,47 @@ def base_path(spec: StudySpec) -> Path | None:
     return beside if beside.exists() else config_path(spec.base)
 
 
-def resolve_run(spec: StudySpec, run: Run, out: Path) -> TrainConfig:
-    """The run's resolved training config (registries checked), written to ``out``."""
-    overrides = [*run.overrides, {"out": str(out)}]
+def base_config(spec: StudySpec) -> dict[str, Any]:
+    """The study's base config file as a mapping (read once; ``{}`` without a base)."""
+    path = base_path(spec)
+    if path is None:
+        return {}
+    return rename_deprecated(load_yaml(path), f"config file {path}")
+
+
+def resolve_run(spec: StudySpec, run: Run, out: Path,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """The run's resolved training config (registries checked), written to ``out``.
+
+    Args:
+        base: the study's :func:`base_config`, when the caller has read it already (a study of
+            thousands of runs reads its base file once, not once per run).
+
+    Raises:
+        RobustAmoError: the config error of the run (an unknown key, value or architecture),
+            naming the study file, the table cell and the grid point.
+    """
+    overrides = [base if base is not None else base_config(spec), *run.overrides,
+                 {"out": str(out)}]
     try:
-        return resolve(base_path(spec), overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{spec.path}: cell {run.cell_key} ({run.point_label}): {e}") from None
+        return resolve(None, overrides)
+    except RobustAmoError as e:
+        raise type(e)(f"{spec.path}: cell {run.cell_key} ({run.point_label}, seed "
+                      f"{run.seed}): {e}", params=e.params) from None
+
+
+def train_numbers(base: dict[str, Any], run: Run) -> tuple[int, int | None]:
+    """The run's ``epochs`` and ``data.train_subset`` from its mappings alone, without
+    resolving its config (what ``--list`` needs for its estimate; an unreadable value counts
+    as the default)."""
+    default = TrainConfig()
+    epochs, subset = default.epochs, default.data.train_subset
+    for o in (base, *run.overrides):
+        if isinstance(o.get("epochs"), int):
+            epochs = o["epochs"]
+        data = o.get("data")
+        if isinstance(data, dict) and "train_subset" in data:
+            v = data["train_subset"]
+            subset = v if isinstance(v, int) or v is None else subset
+    return epochs, subset
 

@@ -21,7 +21,7 @@ from robust_amo.runs import read_metrics
 from robust_amo.studies import Options, expand, load_study, plan, run_study, select
 from robust_amo.studies import runner as runner_mod
 from robust_amo.studies.results import RunState
-from robust_amo.studies.spec import parse_only
+from robust_amo.studies.spec import EPOCH_METRICS, parse_only
 from tests.helpers import ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -169,6 +169,14 @@ def test_runs_select_and_write_csv_md_png(finished_study):
     assert cell_cfg["arch"] == "tiny-mlp" and cell_cfg["out"] == str(out / mlp_none["run_dir"])
 
 
+def test_the_selection_metrics_are_what_train_writes(finished_study):
+    """A study's select.by and best.KEY are checked against these names: keys of every
+    metrics.jsonl line of a run (the last epoch's runs the per-epoch check)."""
+    _, out, _ = finished_study
+    for path in out.rglob("metrics.jsonl"):
+        assert set(EPOCH_METRICS) <= set(read_metrics(path)[-1]), path
+
+
 def test_a_finished_study_starts_nothing(finished_study, monkeypatch):
     spec, out, _ = finished_study
     before = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")}
@@ -255,7 +263,7 @@ def test_another_studys_folder_is_refused(finished_study, tmp_path, capsys):
     assert "holds the results of study 'tiny'" in capsys.readouterr().err
 
 
-def test_shipped_studies_list_and_dry_run(capsys):
+def test_shipped_studies_list_and_dry_run(tmp_path, capsys):
     studies = ROOT / "configs" / "studies"
     assert main(["reproduce", "--list", "--studies-dir", str(studies)]) == 0
     listed = capsys.readouterr().out
@@ -264,7 +272,7 @@ def test_shipped_studies_list_and_dry_run(capsys):
         assert name in listed
     assert "sokolic-table1               quick: 168 runs" in listed
     assert main(["reproduce", "wei-ma-table2", "--studies-dir", str(studies), "--dry-run",
-                 "--out", "/nonexistent/study"]) == 0
+                 "--out", "/nonexistent/study", "--data-dir", str(tmp_path)]) == 0
     dry = capsys.readouterr().out
     assert "wrn28-10/robust-amo" in dry and "4 runs, 4 to train" in dry
     spec = load_study(studies / "wei-ma-table2.yaml")
@@ -304,7 +312,8 @@ def test_val_selection_holds_examples_out_and_evaluates_on_test(tmp_path):
     request = read_request(write_request(job.request, tmp_path / "eval-request.json"))
     assert request.evaluation["split"] == "test"
     # a study without an eval step still reports test numbers under val: clean accuracy
-    no_eval = load_study(write_study(tmp_path, {**TINY, "eval": None, "name": "noeval"}, "n.yaml"))
+    no_eval = load_study(write_study(tmp_path, {**TINY, "eval": None, "name": "noeval",
+                                                "metrics": TINY["metrics"][:1]}, "n.yaml"))
     ev = runner_mod.eval_spec(no_eval, "val")
     assert ev is not None and ev.attacks == ["clean"] and ev.n_examples is None
     assert runner_mod.eval_spec(no_eval, "test") is None
@@ -346,6 +355,7 @@ def test_an_eval_job_is_a_worker_request_that_resumes(tmp_path):
     assert runner_mod.eval_job(state, spec, opts).request.evaluation["resume"] is True
     # clean accuracy only: no large-eps check, which is about attacks
     clean = load_study(write_study(tmp_path, {**TINY, "eval": {"attacks": ["clean"]},
-                                              "name": "clean"}, "c.yaml"))
+                                              "name": "clean", "metrics": TINY["metrics"][:1]},
+                                   "c.yaml"))
     fields = runner_mod.eval_job(plan(clean, opts)[0], clean, opts).request.evaluation
     assert fields["sanity"] is False and fields["n_examples"] == 1000
