@@ -91,6 +91,13 @@ def create_model(
         UnknownModelError: naming the known architectures.
     """
     key = normalize_name(name)
+    if ":" in name and not is_registered(key):
+        # a run of `train` with a model of the user's own records its FILE.py:FN as arch; a
+        # checkpoint never imports code by itself, so the caller has to name it
+        raise UnknownModelError(
+            f"architecture {name!r} is code of your own, which a checkpoint never runs by "
+            f"itself; load it with model {name} and weights RUN/best.pt",
+            params=("model", "weights"))
     if not is_registered(key):
         raise UnknownModelError(
             f"unknown architecture {name!r}; known architectures: {', '.join(list_models())} "
