@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sokolic_table1/mnist_cnn2_256_ce_lm, ...: found from any folder) or a "
                         "YAML file; flags and --set override it")
     p.add_argument("--arch", type=str,
-                   help=f"architecture, e.g. wrn28-10; robust-amo archs lists them "
-                        f"(default {d.arch}; --model replaces it)")
+                   help=f"architecture, e.g. wrn28-10 (or --model, your own); robust-amo "
+                        f"archs lists them (default {d.arch})")
     p.add_argument("--model", type=str, metavar="FILE.py:FN|package.module:FN",
                    help="train your own architecture instead of --arch: FN returns an "
                         "nn.Module mapping [0, 1] images (B, C, H, W) to logits (called with "
