@@ -61,6 +61,6 @@ def check_names(cfg: TrainConfig) -> None:
         c, h, w = info.input_shape
         raise ConfigError(
             f"data.image_size {size}: {normalize_dataset_name(cfg.dataset)} images are "
-            f"{h}x{w} and are not resized (image_size applies to imagefolder); drop image_size",
+            f"{h}x{w} and are not resized; drop image_size (it resizes imagefolder only)",
             params=("image_size",))
     method_options(cfg)
