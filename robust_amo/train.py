@@ -452,7 +452,8 @@ def _held_out(s: _Session, ck: dict[str, Any] | None, n_train: int) -> TrainConf
                         "data.val_size 0 and eval.split auto, before held-out examples were "
                         "the default); it goes on doing so, so its best.pt test accuracy is "
                         "optimistic")
-    if check_split_of(cfg) == "test" and cfg.eval.split != "test" and ck is None:
+    if check_split_of(cfg) == "test" and cfg.eval.split != "test" and ck is None \
+            and cfg.eval.n_examples > 0:
         raise ConfigError(
             "data.val_size 0 holds no training examples out, so the per-epoch check would "
             "choose best.pt on the test split; hold examples out (data.val_size auto or a "

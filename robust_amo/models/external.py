@@ -9,7 +9,7 @@ and declares perturbation points for the all-layer margins: the model's own
 ``perturbation_points()`` if it has one, else the modules named by ``points``, else every
 ``Conv2d`` and ``Linear`` output in registration order except the last ``Linear`` (the
 classifier, which Jacobian-LM's penalty reads). docs/evaluation.md, "Your own model";
-``robust-amo train --model`` trains such a model (docs/methods.md, "Your own architecture").
+``robust-amo train --model`` trains such a model (docs/config.md, "Your own architecture").
 """
 
 from __future__ import annotations
