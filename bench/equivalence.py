@@ -69,10 +69,7 @@ def _train(tree: Path, out: Path, method: str, epochs: int, resume: bool = False
             "--method", method, "--epochs", str(epochs), "--device", "cpu", "--no-progress"]
     for s in TRAIN_SETTINGS:
         argv += ["--set", s]
-    # the resume phase runs this tree only; a stopped 1-epoch run goes on to 2 epochs, which
-    # the constant schedule continues at its one rate (the explicit choice a resume past the
-    # planned epochs needs)
-    _cli([*argv, "--resume", "--lr-extension", "final"] if resume else argv)
+    _cli([*argv, "--resume"] if resume else argv)
 
 
 class _KeepState(Exception):

@@ -217,7 +217,7 @@ class _Session:
     unsafe_load: bool
     progress: bool
     callbacks: list[EpochCallback]
-    lr_extension: LrExtension | None = None
+    lr_extension: LrExtension = "final"
 
 
 @dataclass
@@ -273,7 +273,7 @@ def train(
     unsafe_load: bool = False,
     progress: bool = False,
     callbacks: list[EpochCallback] | None = None,
-    lr_extension: LrExtension | None = None,
+    lr_extension: LrExtension = "final",
 ) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``cfg.dataset`` with ``cfg.method``; see the module docstring.
 
@@ -296,19 +296,17 @@ def train(
             every rank with the same (reduced) metrics; guard file writes with
             ``robust_amo.distributed.is_main()``.
         lr_extension: resuming with more epochs than the learning-rate schedule was planned
-            for: ``"final"`` keeps its last rate, ``"restart"`` runs it again over the added
-            epochs (:class:`LRSchedule`); without it such a resume is refused.
+            for: ``"final"`` (default) keeps its last rate, with a warning; ``"restart"`` runs
+            it again over the added epochs (:class:`LRSchedule`).
 
     Raises:
         ConfigError: among others, a new run whose per-epoch check would fall on the test
-            split without ``eval.split: test``, or a resume past the schedule's epochs without
-            ``lr_extension``.
+            split without ``eval.split: test``, or an unknown ``lr_extension``.
 
     Returns:
         the last epoch's metrics (also the last line of ``metrics.jsonl``).
     """
-    if lr_extension is not None:
-        check_choice("lr_extension", lr_extension, LrExtension)
+    check_choice("lr_extension", lr_extension, LrExtension)
     run = RunDir(cfg.out)
     fresh = not run.path.exists()
     try:
@@ -540,8 +538,8 @@ def _resume(s: _Session, opt: Optimisation, ck: dict[str, Any]) -> Progress:
 
 
 def _extend_schedule(s: _Session, opt: Optimisation, ck: dict[str, Any]) -> None:
-    """Keep the learning-rate schedule the run was planned with; epochs past it need the
-    caller's ``lr_extension`` (:class:`LRSchedule`)."""
+    """Keep the learning-rate schedule the run was planned with; epochs past it follow the
+    caller's ``lr_extension`` (:class:`LRSchedule`), never a stretched schedule's jump."""
     schedule = opt.scheduler.lr_lambdas[0]
     if not isinstance(schedule, LRSchedule):  # pragma: no cover (the trainer builds one)
         return
@@ -553,23 +551,21 @@ def _extend_schedule(s: _Session, opt: Optimisation, ck: dict[str, Any]) -> None
     planned = schedule.planned_epochs
     if s.cfg.epochs <= planned:
         return
-    if s.lr_extension is None:
-        raise ConfigError(
-            f"resume: epochs {s.cfg.epochs} go past the {planned} epochs this run's "
-            f"learning-rate schedule ({s.cfg.optim.schedule}) was planned for; say how to "
-            f"schedule epochs {planned + 1}-{s.cfg.epochs}: lr_extension final (keep the "
-            "schedule's last rate) or restart (the whole schedule again over the added epochs)",
-            params=("lr_extension",))
     schedule.extend(s.cfg.epochs, s.lr_extension)
     # the next iteration's rate: LambdaLR set it from the old plan when the run stopped
     lrs = [base * schedule(opt.scheduler.last_epoch) for base in opt.scheduler.base_lrs]
     for group, lr in zip(opt.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     opt.scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
-    log.info("resume: epochs %d-%d %s (learning-rate schedule planned for %d epochs)",
-             planned + 1, s.cfg.epochs,
-             "keep the schedule's last rate" if s.lr_extension == "final" else
-             "run the schedule again", planned)
+    if s.ctx.is_main and s.lr_extension == "final":
+        log.warning("resume: epochs %d-%d go past the %d epochs the learning-rate schedule "
+                    "(%s) was planned for; they keep its final rate, %.4g (lr_extension "
+                    "restart runs the schedule again over them instead)", planned + 1,
+                    s.cfg.epochs, planned, s.cfg.optim.schedule, lrs[0])
+    elif s.ctx.is_main:
+        log.info("resume: epochs %d-%d run the learning-rate schedule (%s) again, over %d "
+                 "epochs", planned + 1, s.cfg.epochs, s.cfg.optim.schedule,
+                 s.cfg.epochs - planned)
 
 
 def _build_method(s: _Session, data: TrainData, opt: Optimisation, start_epoch: int) -> Method:

@@ -216,7 +216,7 @@ def test_a_run_written_with_eval_examples_still_resumes(tmp_path, capsys):
     torch.save(ck, ck_path)
     saved = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(saved.replace("n_examples:", "examples:"))
-    assert main([*base, "--epochs", "2", "--resume", "--lr-extension", "final"]) == 0
+    assert main([*base, "--epochs", "2", "--resume"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     # the old key is compared under its new name: another count is another run
     ck = torch.load(ck_path, weights_only=False)

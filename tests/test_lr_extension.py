@@ -1,7 +1,7 @@
 """Resuming with more epochs keeps the learning-rate schedule the run was planned with: the
-added epochs are refused unless the caller says how to schedule them (``lr_extension``:
-``final`` keeps the last rate, ``restart`` runs the schedule again), the same rule for every
-schedule, and never a silent jump (issue 20, item 2)."""
+added epochs keep its final rate (``lr_extension: final``, the default, with a warning) or run
+the schedule again (``restart``), the same rule for every schedule, and never the jump of a
+stretched schedule (issue 20, item 2)."""
 
 from __future__ import annotations
 
@@ -108,28 +108,30 @@ def _lrs(run):
     return [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_trainer_refuses_a_silent_extension_and_applies_the_chosen_one(tmp_path, capsys):
+def test_the_trainer_keeps_the_final_rate_by_default_or_restarts_when_asked(tmp_path, capsys,
+                                                                           caplog):
     run = tmp_path / "run"
     train(_cosine(run))
     assert _lrs(run)[-1] == 0.0  # cosine ends at 0
-    with pytest.raises(ConfigError, match="epochs 3-4: lr_extension final") as e:
-        train(_cosine(run, epochs=4), resume=True)
-    assert e.value.params == ("lr_extension",)
-    assert len(_lrs(run)) == 2  # nothing ran
 
-    assert main(["train", "--dataset", "digits", "--out", str(run), "--resume", "--epochs", "4",
+    # the issue's case: a cosine run resumed with more epochs jumped back up; now the added
+    # epochs keep the final rate, and the log says so and names the other choice
+    final = tmp_path / "final"
+    assert main(["train", "--dataset", "digits", "--out", str(final), "--epochs", "2",
                  "--batch-size", "64", "--lr", "0.05", "--set", "data.augment=false",
                  "--set", "data.train_subset=200", "--set", "optim.schedule=cosine",
                  "--eps", "0.1", "--set", "attack.step_size=0.05", "--set", "attack.steps=2",
-                 "--n-examples", "32", "--set", "eval.steps=2", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "--lr-extension final (keep the schedule's last rate) or restart" in err
-    assert err.count("\n") == 1
-
-    final = tmp_path / "final"
-    train(_cosine(final))
-    train(_cosine(final, epochs=4), resume=True, lr_extension="final")
+                 "--n-examples", "32", "--set", "eval.steps=2", "--no-progress"]) == 0
+    caplog.clear()
+    assert main(["train", "--dataset", "digits", "--out", str(final), "--resume", "--epochs",
+                 "4", "--batch-size", "64", "--lr", "0.05", "--set", "data.augment=false",
+                 "--set", "data.train_subset=200", "--set", "optim.schedule=cosine",
+                 "--eps", "0.1", "--set", "attack.step_size=0.05", "--set", "attack.steps=2",
+                 "--n-examples", "32", "--set", "eval.steps=2", "--no-progress"]) == 0
     assert _lrs(final) == [_lrs(run)[0], 0.0, 0.0, 0.0]  # no jump after epoch 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("epochs 3-4 go past the 2 epochs" in w and "lr_extension restart" in w
+               for w in warned)
 
     restart = tmp_path / "restart"
     train(_cosine(restart))
@@ -145,9 +147,7 @@ def test_a_checkpoint_without_a_saved_plan_keeps_the_epochs_it_was_started_with(
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     ck["scheduler"]["lr_lambdas"] = [None]
     torch.save(ck, run / "checkpoint.pt")
-    with pytest.raises(ConfigError, match="past the 2 epochs"):
-        train(_cosine(run, epochs=3), resume=True)
-    train(_cosine(run, epochs=3), resume=True, lr_extension="final")
+    train(_cosine(run, epochs=3), resume=True)
     assert _lrs(run)[1:] == [0.0, 0.0]
     assert math.isfinite(ckpt_io.load_checkpoint(run)["best_robust_acc"])
 

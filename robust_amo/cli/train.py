@@ -101,11 +101,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its config must match, epochs may grow: "
                         "see --lr-extension) (default: off)")
-    p.add_argument("--lr-extension", type=str, choices=choices(LrExtension),
+    p.add_argument("--lr-extension", type=str, choices=choices(LrExtension), default="final",
                    help="--resume with more epochs than the learning-rate schedule was "
                         "planned for: final keeps the schedule's last rate (0 after a cosine), "
-                        "restart runs the whole schedule again over the added epochs (default: "
-                        "none, such a resume is refused)")
+                        "restart runs the whole schedule again over the added epochs (default "
+                        "final)")
     add_overwrite(p, "run (checkpoints and metrics)")
     add_unsafe_load(p)
     p.add_argument("--init-weights", type=str, metavar="FILE",
