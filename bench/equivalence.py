@@ -135,7 +135,12 @@ def _same(a: Any, b: Any) -> bool:
 
 def _checkpoint(path: Path) -> dict[str, Any]:
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: ck[k] for k in ("model", "optimizer", "scheduler", "epoch", "best_robust_acc")}
+    out = {k: ck[k] for k in ("model", "optimizer", "scheduler", "epoch", "best_robust_acc")}
+    # the schedule's record of its plan (saved since the plan survives a resume; None before)
+    # differs between a run resumed past its planned epochs and an uninterrupted one by
+    # design: the rates it gives are compared, in the optimiser's param_groups
+    out["scheduler"] = {k: v for k, v in ck["scheduler"].items() if k != "lr_lambdas"}
+    return out
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:

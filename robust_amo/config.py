@@ -46,8 +46,17 @@ split. A study selects hyperparameters on one of them (``select.split``)."""
 SplitName = Literal["train", HeldOutSplit]
 """A dataset's split names: the one Literal of splits (``eval``/``margins`` ``--split``)."""
 CheckSplit = Literal["auto", HeldOutSplit]
-"""``eval.split`` of the per-epoch check: a held-out split, or ``auto`` (``val`` when
-``data.val_size > 0``, else ``test``)."""
+"""``eval.split`` of the per-epoch check (and so of best.pt): ``val``, the examples held out
+of the training set (``data.val_size``); ``test``, the test split, only when a config names it
+(selecting on the test set, as some papers did, makes the test accuracy optimistic); or
+``auto``, ``val`` whenever something is held out (always, with ``data.val_size: auto``)."""
+AutoSize = Literal["auto"]
+"""``data.val_size: auto``: 10% of the training examples, at most 1000
+(:func:`robust_amo.data.held_out_size`)."""
+LrExtension = Literal["final", "restart"]
+"""How a resumed run schedules epochs past the ones its learning-rate schedule was planned
+for: ``final`` keeps the schedule's last rate (0 at the end of a cosine), ``restart`` runs the
+whole schedule (warmup, milestones, cosine) again over the added epochs."""
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -175,14 +184,21 @@ def check_keys(data: Any, path: str = "", source: str = "config") -> None:
 
 @dataclass
 class DataConfig:
-    """Where the data comes from and how it is split and augmented."""
+    """Where the data comes from and how it is split and augmented.
+
+    ``val_size``: training examples held out for the per-epoch check (and best.pt): a count,
+    0 for none, or ``auto`` (default): 10% of the training examples, at most 1000, and none
+    when ``eval.split`` is ``test``. A run records the count it used in its config.yaml.
+    ``image_size``: the side ``imagefolder`` images are resized to; datasets of a fixed size
+    refuse any other.
+    """
 
     data_dir: str | None = None
     download: bool = False
     train_subset: int | None = None
     subset_seed: int = 0
     augment: bool = True
-    val_size: int = 0
+    val_size: int | AutoSize = "auto"
     image_size: int | None = None
 
 
@@ -292,7 +308,9 @@ class EvalConfig:
 
     ``n_examples``: how many examples of the split are checked, the first ones (called
     ``eval.examples`` up to robust-amo 0.2.0, a name still read with a warning: :data:`RENAMED`).
-    ``split``: ``val`` (needs ``data.val_size > 0``), ``test`` or ``auto`` (:data:`CheckSplit`);
+    ``split``: ``auto`` (default: the held-out training examples), ``val`` (the same, needs
+    ``data.val_size`` > 0 or ``auto``) or ``test`` (the test split: only when you mean it,
+    :data:`CheckSplit`);
     ``steps``/``restarts`` of the PGD used (its eps/norm/step are the training attack's;
     ``step_size`` may override).
     """
@@ -315,7 +333,13 @@ class LoggingConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; see ``configs/*.yaml`` and ``docs/config.md``."""
+    """Everything a training run needs; see ``configs/*.yaml`` and ``docs/config.md``.
+
+    ``model``: your own architecture, ``FILE.py:FN`` or ``package.module:FN`` (loading it runs
+    that code), instead of the registered ``arch``; ``model_points``: the module names of its
+    perturbation points (default: its ``perturbation_points()``, else every Conv2d and Linear
+    but the last Linear), as ``margins`` takes them.
+    """
 
     arch: str = "tiny-cnn"
     dataset: str = "digits"
@@ -333,6 +357,8 @@ class TrainConfig:
     out: str = "runs/default"
     log_every: int = 50
     init_weights: str | None = None
+    model: str | None = None
+    model_points: list[str] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -627,7 +653,9 @@ def validate(cfg: TrainConfig) -> None:
     non_negative = {"optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
                     "optim.momentum": cfg.optim.momentum,
                     "optim.warmup_epochs": cfg.optim.warmup_epochs,
-                    "eval.n_examples": cfg.eval.n_examples, "data.val_size": cfg.data.val_size}
+                    "eval.n_examples": cfg.eval.n_examples}
+    if cfg.data.val_size != "auto":
+        non_negative["data.val_size"] = cfg.data.val_size
     if cfg.eval.step_size is not None:
         non_negative["eval.step_size"] = cfg.eval.step_size
     for key, v in non_negative.items():
@@ -642,8 +670,15 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.data.image_size is not None and cfg.data.image_size < 1:
         raise ConfigError(f"data.image_size must be >= 1, got {cfg.data.image_size}")
-    if cfg.eval.split == "val" and cfg.data.val_size <= 0:
-        raise ConfigError("eval.split: val needs data.val_size > 0")
+    if cfg.eval.split == "val" and cfg.data.val_size == 0:
+        raise ConfigError("eval.split: val needs data.val_size > 0 (or auto)")
+    if cfg.model is None and cfg.model_points is not None:
+        raise ConfigError("model_points: only a model of your own (model: FILE.py:FN) takes "
+                          "perturbation points by name; drop it", params=("model_points",))
+    if cfg.model is not None and cfg.model_kwargs:
+        raise ConfigError(f"model_kwargs {cfg.model_kwargs} are options of a registered arch; "
+                          f"your model {cfg.model} takes none (set them inside FN)",
+                          params=("model_kwargs",))
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

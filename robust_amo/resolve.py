@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, load_config
-from .data import normalize_dataset_name
+from .data import fixed_info, normalize_dataset_name
 from .errors import ConfigError, DataError, UnknownModelError
 from .methods import method_options
 from .models import is_registered, list_models
@@ -37,19 +37,30 @@ def resolve(
 
 
 def check_names(cfg: TrainConfig) -> None:
-    """The config's architecture, dataset and method (with its options) exist.
+    """The config's architecture (unless ``model`` names your own), dataset and method (with
+    its options) exist, and ``data.image_size`` is one the dataset takes.
 
     Raises:
         UnknownModelError: an unknown ``arch`` (the message lists the known ones).
-        ConfigError: an unknown ``dataset`` or ``method``, or bad ``method_args``.
+        ConfigError: an unknown ``dataset`` or ``method``, bad ``method_args``, or an
+            ``image_size`` other than the size of a dataset that is not resized.
     """
-    if not is_registered(cfg.arch):
+    if cfg.model is None and not is_registered(cfg.arch):
         raise UnknownModelError(
             f"arch: unknown architecture {cfg.arch!r}; known architectures: "
-            f"{', '.join(list_models())} (see `robust-amo archs`)"
+            f"{', '.join(list_models())} (see `robust-amo archs`), or train your own with "
+            "model FILE.py:FN", params=("model",)
         )
     try:
-        normalize_dataset_name(cfg.dataset)
+        info = fixed_info(cfg.dataset)
     except DataError as e:
         raise ConfigError(f"dataset: {e}") from None
+    size = cfg.data.image_size
+    if info is not None and size is not None and size != info.input_shape[-1]:
+        # a fixed-size dataset is never resized: a recorded image_size would be a false fact
+        c, h, w = info.input_shape
+        raise ConfigError(
+            f"data.image_size {size}: {normalize_dataset_name(cfg.dataset)} images are "
+            f"{h}x{w} and are not resized; drop image_size (it resizes imagefolder only)",
+            params=("image_size",))
     method_options(cfg)

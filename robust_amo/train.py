@@ -14,6 +14,7 @@ The run folder's files and checks are :mod:`robust_amo.runs`'; a checked config 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .attacks import PGD, AttackFn
 from .compiled import CompiledModel, probe
-from .config import TrainConfig
+from .config import LrExtension, OptimConfig, TrainConfig, check_choice
 from .curves import write_curves
 from .data import (
     DatasetInfo,
@@ -38,15 +39,17 @@ from .data import (
     Loader,
     check_split_version,
     dataset_info,
+    held_out_size,
     load_dataset,
     require_examples,
+    take_subset,
     training_splits,
 )
 from .errors import CheckpointError, ConfigError, RobustAmoError
 from .methods import build_objective, method_spec
-from .models import create_model
+from .models import ExternalModel, build_external, create_model
 from .resolve import check_names
-from .runs import RESUME_ADVICE, RESUME_ADVICE_PARAMS, RunDir
+from .runs import LOCK, RESUME_ADVICE, RESUME_ADVICE_PARAMS, RunDir
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
 from .tblog import TensorBoardLog
 
@@ -55,27 +58,70 @@ log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Learning-rate multiplier per iteration: warmup, then multistep, cosine or constant.
+class LRSchedule:
+    """The learning-rate multiplier per iteration: warmup, then multistep, cosine or constant.
 
     Milestones are in epochs (as in the papers), applied at the first iteration of that epoch.
-    """
-    o = cfg.optim
+    The schedule is planned for the run's ``epochs`` when it starts and keeps that plan:
+    resuming with more epochs appends a segment (:meth:`extend`) in which the added epochs
+    either keep the last rate (``final``) or run the whole schedule again (``restart``), never
+    a silent jump of a stretched schedule. Its attributes are plain data, so ``LambdaLR``'s
+    state dict (and so the checkpoint) carries the plan.
 
-    def f(it: int) -> float:
-        t = it / steps_per_epoch  # epochs done, fractional
-        if o.warmup_epochs > 0 and t < o.warmup_epochs:
-            return (it + 1) / (o.warmup_epochs * steps_per_epoch)
-        if o.schedule == "multistep":
-            gammas = o.gamma if isinstance(o.gamma, list) else [o.gamma] * len(o.milestones)
-            return math.prod((g for m, g in zip(o.milestones, gammas, strict=True)
-                              if it >= m * steps_per_epoch), start=1.0)
-        if o.schedule == "cosine":
-            total = max(cfg.epochs - o.warmup_epochs, 1e-9)
-            return 0.5 * (1 + math.cos(math.pi * min((t - o.warmup_epochs) / total, 1.0)))
+    Attributes:
+        segments: ``[first_epoch, end_epoch, how]`` per part of the run: ``"plan"`` for the
+            schedule as configured, then one entry per extension.
+    """
+
+    def __init__(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> None:
+        self.schedule = optim.schedule
+        self.milestones = list(optim.milestones)
+        self.gammas = (list(optim.gamma) if isinstance(optim.gamma, list)
+                       else [optim.gamma] * len(optim.milestones))
+        self.warmup_epochs = optim.warmup_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.segments: list[list[Any]] = [[0, epochs, "plan"]]
+
+    @property
+    def planned_epochs(self) -> int:
+        """The epochs the schedule covers (its plan and every extension)."""
+        return int(self.segments[-1][1])
+
+    def extend(self, epochs: int, how: LrExtension) -> None:
+        """Schedule the epochs past :attr:`planned_epochs` up to ``epochs``: ``final`` keeps
+        the rate the schedule ends with, ``restart`` runs it again over the added epochs."""
+        if epochs > self.planned_epochs:
+            self.segments.append([self.planned_epochs, epochs, how])
+
+    def __call__(self, it: int) -> float:
+        spe = self.steps_per_epoch
+        i = max(j for j, seg in enumerate(self.segments) if it >= seg[0] * spe)
+        return self._at(i, it)
+
+    def _at(self, i: int, it: int) -> float:
+        start, end, how = self.segments[i]
+        if how == "final":  # the previous segment's rate at its end, where this one starts
+            return self._at(i - 1, start * self.steps_per_epoch)
+        return self._base(it - start * self.steps_per_epoch, end - start)
+
+    def _base(self, it: int, epochs: int) -> float:
+        """The configured schedule over ``epochs`` epochs, at iteration ``it`` of it."""
+        spe = self.steps_per_epoch
+        t = it / spe  # epochs done, fractional
+        if self.warmup_epochs > 0 and t < self.warmup_epochs:
+            return (it + 1) / (self.warmup_epochs * spe)
+        if self.schedule == "multistep":
+            return math.prod((g for m, g in zip(self.milestones, self.gammas, strict=True)
+                              if it >= m * spe), start=1.0)
+        if self.schedule == "cosine":
+            total = max(epochs - self.warmup_epochs, 1e-9)
+            return 0.5 * (1 + math.cos(math.pi * min((t - self.warmup_epochs) / total, 1.0)))
         return 1.0
 
-    return f
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> LRSchedule:
+    """The learning-rate multiplier per iteration of a run of ``cfg`` (:class:`LRSchedule`)."""
+    return LRSchedule(cfg.optim, cfg.epochs, steps_per_epoch)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
@@ -171,6 +217,7 @@ class _Session:
     unsafe_load: bool
     progress: bool
     callbacks: list[EpochCallback]
+    lr_extension: LrExtension = "final"
 
 
 @dataclass
@@ -182,6 +229,7 @@ class TrainData:
     eval_split: Examples
     loader: Loader
     eval_loader: Loader
+    check_split: str = "val"
 
 
 @dataclass
@@ -225,6 +273,7 @@ def train(
     unsafe_load: bool = False,
     progress: bool = False,
     callbacks: list[EpochCallback] | None = None,
+    lr_extension: LrExtension = "final",
 ) -> dict[str, Any]:
     """Train ``cfg.arch`` on ``cfg.dataset`` with ``cfg.method``; see the module docstring.
 
@@ -246,17 +295,40 @@ def train(
         callbacks: called as ``cb(epoch, metrics)`` after each epoch's checkpoint is written, on
             every rank with the same (reduced) metrics; guard file writes with
             ``robust_amo.distributed.is_main()``.
+        lr_extension: resuming with more epochs than the learning-rate schedule was planned
+            for: ``"final"`` (default) keeps its last rate, with a warning; ``"restart"`` runs
+            it again over the added epochs (:class:`LRSchedule`).
+
+    Raises:
+        ConfigError: among others, a new run whose per-epoch check would fall on the test
+            split without ``eval.split: test``, or an unknown ``lr_extension``.
 
     Returns:
         the last epoch's metrics (also the last line of ``metrics.jsonl``).
     """
+    check_choice("lr_extension", lr_extension, LrExtension)
     run = RunDir(cfg.out)
-    with distributed.session(resolve_device(cfg.device)) as (ctx, device), \
-            contextlib.ExitStack() as stack:
-        if ctx.is_main:  # one writer per run folder: a second train into it is refused
-            stack.enter_context(run.lock())
-        return _train(_Session(cfg, ctx, device, run, resume, overwrite, unsafe_load, progress,
-                               callbacks or []))
+    fresh = not run.path.exists()
+    try:
+        with distributed.session(resolve_device(cfg.device)) as (ctx, device), \
+                contextlib.ExitStack() as stack:
+            if ctx.is_main:  # one writer per run folder: a second train into it is refused
+                stack.enter_context(run.lock())
+            return _train(_Session(cfg, ctx, device, run, resume, overwrite, unsafe_load,
+                                   progress, callbacks or [], lr_extension))
+    except BaseException:
+        if fresh:
+            _remove_empty_run(run)
+        raise
+
+
+def _remove_empty_run(run: RunDir) -> None:
+    """Remove the folder a failed run created if it holds nothing but the lock file: a run
+    that could not even load its data must not leave a folder behind (a rerun would find it)."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in run.path.iterdir()} <= {LOCK}:
+            (run.path / LOCK).unlink(missing_ok=True)
+            run.path.rmdir()
 
 
 def _train(s: _Session) -> dict[str, Any]:
@@ -267,18 +339,21 @@ def _train(s: _Session) -> dict[str, Any]:
         s.run.prepare(resume=s.resume, overwrite=s.overwrite)
     # weight init and dropout only; attacks and methods use their own generators
     torch.manual_seed(derive_seed(cfg.seed, "init"))
-    data = _build_data(cfg, ctx, s.device, local_batch)
+    ck = _read_last(s)
+    s.cfg, data = _build_data(s, ck, local_batch)
+    cfg = s.cfg
     opt = _build_model_and_optimiser(s, data)
-    state = _start(s, opt)
+    state = _start(s, opt, ck)
     method = _build_method(s, data, opt, state.start_epoch)
 
     tb = TensorBoardLog(s.run.path, cfg.to_dict()) if cfg.logging.tensorboard and ctx.is_main \
         else None
     if ctx.is_main:
-        log.info("training %s on %s with %s for %d epochs on %s x %d (%d train, %d eval "
-                 "examples, global batch %d)", cfg.arch, cfg.dataset, cfg.method, cfg.epochs,
-                 s.device, ctx.world_size, len(data.train_split), len(data.eval_split),
-                 cfg.batch_size)
+        log.info("training %s on %s with %s for %d epochs on %s x %d (%d train examples; the "
+                 "per-epoch check and best.pt: %d %s examples; global batch %d)",
+                 cfg.model or cfg.arch, cfg.dataset, cfg.method, cfg.epochs, s.device,
+                 ctx.world_size, len(data.train_split), len(data.eval_split),
+                 _SPLIT_WORDS[data.check_split], cfg.batch_size)
     for epoch in range(state.start_epoch, cfg.epochs):
         metrics = _run_epoch(s, epoch, data, opt, method, tb)
         _check_and_checkpoint(s, epoch, metrics, state, data, opt, method, tb)
@@ -292,18 +367,25 @@ def _train(s: _Session) -> dict[str, Any]:
     return state.metrics
 
 
-def _build_data(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.device,
-                local_batch: int) -> TrainData:
+def _build_data(s: _Session, ck: dict[str, Any] | None, local_batch: int
+                ) -> tuple[TrainConfig, TrainData]:
     """Subset, held-out split, loaders that keep the uint8 set on the device; each rank takes
-    its share of every global batch and whole batches of the evaluation examples."""
+    its share of every global batch and whole batches of the evaluation examples.
+
+    Returns:
+        the config with ``data.val_size`` a count (:func:`_held_out`), and the data.
+    """
+    cfg, ctx, device = s.cfg, s.ctx, s.device
     info = dataset_info(cfg.dataset, cfg.data.data_dir, cfg.data.image_size)
     train_split, test_split = load_dataset(cfg.dataset, cfg.data.data_dir, cfg.data.download,
                                            cfg.data.image_size)
+    pool = len(take_subset(train_split, cfg.data.train_subset, cfg.data.subset_seed))
+    cfg = _held_out(s, ck, pool)
     train_split, val_split = training_splits(
         train_split, train_subset=cfg.data.train_subset, subset_seed=cfg.data.subset_seed,
-        val_size=cfg.data.val_size, seed=cfg.seed)
-    use_val = cfg.eval.split == "val" or (cfg.eval.split == "auto" and len(val_split) > 0)
-    eval_split = val_split if use_val else test_split
+        val_size=cfg.data.val_size, seed=cfg.seed, check_split=cfg.eval.split)
+    check_split = check_split_of(cfg)
+    eval_split = val_split if check_split == "val" else test_split
     if cfg.eval.n_examples > 0:
         require_examples(eval_split, "the per-epoch check")
     eval_split = eval_split.subset(torch.arange(min(cfg.eval.n_examples, len(eval_split))))
@@ -313,20 +395,90 @@ def _build_data(cfg: TrainConfig, ctx: distributed.DistContext, device: torch.de
     eval_shard = distributed.shard_batches(len(eval_split), cfg.eval.batch_size, ctx.rank,
                                            ctx.world_size)
     eval_loader = Loader(eval_split.subset(eval_shard), cfg.eval.batch_size, device)
-    return TrainData(info, train_split, eval_split, loader, eval_loader)
+    return cfg, TrainData(info, train_split, eval_split, loader, eval_loader, check_split)
+
+
+_SPLIT_WORDS = {"val": "held-out training (val)", "test": "TEST-split"}
+
+
+def check_split_of(cfg: TrainConfig) -> str:
+    """The split of the per-epoch check (``"val"`` or ``"test"``) of a config whose
+    ``data.val_size`` is a count: ``eval.split``, with ``auto`` read as ``val`` when examples
+    are held out."""
+    if cfg.eval.split != "auto":
+        return cfg.eval.split
+    return "val" if cfg.data.val_size != 0 else "test"
+
+
+def _read_last(s: _Session) -> dict[str, Any] | None:
+    """The run's last checkpoint when resuming (None for a new run, or a resume that finds
+    none yet); read before the data, since its config settles the held-out part."""
+    if not s.resume:
+        return None
+    path = s.run.last
+    if not path.exists():
+        log.warning("resume: no checkpoint in %s yet, starting from scratch", s.run.path)
+        return None
+    return ckpt_io.load_native(path, unsafe_load=s.unsafe_load, advice=RESUME_ADVICE,
+                               advice_params=RESUME_ADVICE_PARAMS)
+
+
+def _held_out(s: _Session, ck: dict[str, Any] | None, n_train: int) -> TrainConfig:
+    """The config with ``data.val_size: auto`` resolved to a count, and the check's split
+    refused or announced when it is the test split.
+
+    ``auto`` is 10% of the training examples (at most 1000; none under ``eval.split: test``,
+    :func:`robust_amo.data.held_out_size`) for a new run, and the count the run recorded for a
+    resumed one: a run started before ``auto`` was the default recorded 0 and, with
+    ``eval.split: auto``, checked on the test split, and it goes on doing so.
+    """
+    cfg = s.cfg
+    size = cfg.data.val_size
+    saved = ((ck or {}).get("config") or {}).get("data") or {}
+    if size == "auto" and isinstance(saved.get("val_size"), int):
+        size = saved["val_size"]
+    elif size == "auto":
+        size = held_out_size("auto", n_train, cfg.eval.split)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_size=size))
+    if check_split_of(cfg) == "test" and cfg.eval.n_examples > 0 and s.ctx.is_main:
+        if cfg.eval.split == "test":
+            log.warning("the per-epoch check, and so best.pt, uses the test split (eval.split: "
+                        "test): the test accuracy of best.pt is then optimistic (Rice et al. "
+                        "2020); hold training examples out (eval.split: auto) to select fairly")
+        elif ck is not None:
+            log.warning("this run selects best.pt on the test split (it was started with "
+                        "data.val_size 0 and eval.split auto, before held-out examples were "
+                        "the default); it goes on doing so, so its best.pt test accuracy is "
+                        "optimistic")
+    if check_split_of(cfg) == "test" and cfg.eval.split != "test" and ck is None \
+            and cfg.eval.n_examples > 0:
+        raise ConfigError(
+            "data.val_size 0 holds no training examples out, so the per-epoch check would "
+            "choose best.pt on the test split; hold examples out (data.val_size auto or a "
+            "count) or, to select on the test set knowingly, set eval.split: test",
+            params=("data.val_size",))
+    return cfg
 
 
 def _build_model_and_optimiser(s: _Session, data: TrainData) -> Optimisation:
     """The model (from ``init_weights`` when fine-tuning), optimiser, schedule, autocast."""
     cfg, device, info = s.cfg, s.device, data.info
-    try:
-        net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape,
-                           mean=info.mean, std=info.std, **cfg.model_kwargs).to(device)
-    except TypeError as e:  # an option the architecture's constructor does not take
-        raise ConfigError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.arch}: {e}") from None
+    net: nn.Module
+    if cfg.model is not None:
+        # the user's FN, wrapped as eval and margins wrap it (inputs in [0, 1], no
+        # normalisation, the same perturbation points); this runs the user's code
+        net = build_external(cfg.model, info.num_classes, info.input_shape,
+                             points=cfg.model_points).to(device)
+    else:
+        try:
+            net = create_model(cfg.arch, info.num_classes, input_shape=info.input_shape,
+                               mean=info.mean, std=info.std, **cfg.model_kwargs).to(device)
+        except TypeError as e:  # an option the architecture's constructor does not take
+            raise ConfigError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.arch}: "
+                              f"{e}") from None
     if cfg.init_weights and not (s.resume and s.run.last.exists()):
         # fine-tuning: start from these weights (a resumed run continues from its checkpoint)
-        ckpt_io.load_weights(net, cfg.init_weights, unsafe_load=s.unsafe_load)
+        ckpt_io.load_weights(_own_module(net), cfg.init_weights, unsafe_load=s.unsafe_load)
         log.info("initial weights from %s", cfg.init_weights)
     channels_last = cfg.channels_last and device.type == "cuda"
     if device.type == "cuda" and cfg.cudnn_benchmark:
@@ -338,12 +490,19 @@ def _build_model_and_optimiser(s: _Session, data: TrainData) -> Optimisation:
     return Optimisation(net, optimizer, scheduler, amp_factory(device, cfg.bf16), channels_last)
 
 
-def _start(s: _Session, opt: Optimisation) -> Progress:
+def _own_module(net: nn.Module) -> nn.Module:
+    """The module whose weights a weights file holds: the user's network inside an
+    :class:`ExternalModel` (a state dict of it loads as eval ``--model`` loads one), else the
+    model itself."""
+    return net.net if isinstance(net, ExternalModel) else net
+
+
+def _start(s: _Session, opt: Optimisation, ck: dict[str, Any] | None) -> Progress:
     """A fresh start, or the resumed run's state (the live objects loaded, metric lines past
     its checkpoint dropped); then the run's config.yaml."""
     state = Progress()  # a finished run that is resumed returns its last epoch's metrics
     if s.resume:
-        state = _resume(s, opt)
+        state = _resume(s, opt, ck) if ck is not None else Progress()
         found = distributed.gather_objects(state.start_epoch)
         if len(set(found)) > 1:
             raise CheckpointError(
@@ -357,18 +516,13 @@ def _start(s: _Session, opt: Optimisation) -> Progress:
     return state
 
 
-def _resume(s: _Session, opt: Optimisation) -> Progress:
-    """Load the run's last checkpoint into the live objects."""
+def _resume(s: _Session, opt: Optimisation, ck: dict[str, Any]) -> Progress:
+    """Load the run's last checkpoint (read already) into the live objects."""
     path = s.run.last
-    if not path.exists():
-        log.warning("resume: no checkpoint in %s yet, starting from scratch", s.run.path)
-        return Progress()
-    ck = ckpt_io.load_native(path, unsafe_load=s.unsafe_load, advice=RESUME_ADVICE,
-                             advice_params=RESUME_ADVICE_PARAMS)
     s.run.check_resume(ck, s.cfg)
     check_split_version(
         ck.get("robust_amo_version"),
-        needed=s.cfg.data.val_size > 0 or s.cfg.data.train_subset is not None,
+        needed=s.cfg.data.val_size != 0 or s.cfg.data.train_subset is not None,
         refuse=lambda v: CheckpointError(
             f"cannot resume {path}: robust-amo {v} drew data.train_subset/data.val_size "
             "differently, so the run would go on with other training data; start a new run "
@@ -377,9 +531,41 @@ def _resume(s: _Session, opt: Optimisation) -> Progress:
     opt.net.load_state_dict(ckpt_io.model_state(ck))
     opt.optimizer.load_state_dict(ck["optimizer"])
     opt.scheduler.load_state_dict(ck["scheduler"])
+    _extend_schedule(s, opt, ck)
     ckpt_io.set_rng_state(ck["rng"])
     log.info("resumed from %s after epoch %d", path, ck["epoch"])
     return Progress(ck["epoch"], ck["best_robust_acc"], dict(ck.get("metrics") or {}))
+
+
+def _extend_schedule(s: _Session, opt: Optimisation, ck: dict[str, Any]) -> None:
+    """Keep the learning-rate schedule the run was planned with; epochs past it follow the
+    caller's ``lr_extension`` (:class:`LRSchedule`), never a stretched schedule's jump."""
+    schedule = opt.scheduler.lr_lambdas[0]
+    if not isinstance(schedule, LRSchedule):  # pragma: no cover (the trainer builds one)
+        return
+    if (ck["scheduler"].get("lr_lambdas") or [None])[0] is None:
+        # a checkpoint of a version whose schedule saved no plan: it was planned for the
+        # epochs of the run's saved config
+        planned = int((ck.get("config") or {}).get("epochs", s.cfg.epochs))
+        schedule.segments = [[0, planned, "plan"]]
+    planned = schedule.planned_epochs
+    if s.cfg.epochs <= planned:
+        return
+    schedule.extend(s.cfg.epochs, s.lr_extension)
+    # the next iteration's rate: LambdaLR set it from the old plan when the run stopped
+    lrs = [base * schedule(opt.scheduler.last_epoch) for base in opt.scheduler.base_lrs]
+    for group, lr in zip(opt.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    opt.scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+    if s.ctx.is_main and s.lr_extension == "final":
+        log.warning("resume: epochs %d-%d go past the %d epochs the learning-rate schedule "
+                    "(%s) was planned for; they keep its final rate, %.4g (lr_extension "
+                    "restart runs the schedule again over them instead)", planned + 1,
+                    s.cfg.epochs, planned, s.cfg.optim.schedule, lrs[0])
+    elif s.ctx.is_main:
+        log.info("resume: epochs %d-%d run the learning-rate schedule (%s) again, over %d "
+                 "epochs", planned + 1, s.cfg.epochs, s.cfg.optim.schedule,
+                 s.cfg.epochs - planned)
 
 
 def _build_method(s: _Session, data: TrainData, opt: Optimisation, start_epoch: int) -> Method:
@@ -471,15 +657,18 @@ def _check_and_checkpoint(s: _Session, epoch: int, metrics: dict[str, Any], stat
     if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
         # the same starts every epoch
         method.eval_gen.manual_seed(derive_seed(cfg.seed, "eval-attack", ctx.rank))
-        metrics.update(evaluate(method.fwd, data.eval_loader, method.eval_attack, opt.amp,
-                                reduce_ranks=ctx.enabled))
+        checked = evaluate(method.fwd, data.eval_loader, method.eval_attack, opt.amp,
+                           reduce_ranks=ctx.enabled)
+        metrics.update(checked, check_split=data.check_split, check_examples=checked["n"])
 
     robust = metrics.get("robust_acc", float("nan"))
     is_best = math.isfinite(robust) and robust > state.best
     state.best = robust if is_best else state.best
     state.metrics = metrics
     if ctx.is_main:
-        log.info("epoch %d: %s", epoch + 1, json.dumps(metrics))
+        checked = f" (check on the {metrics['check_split']} split)" if "check_split" in metrics \
+            else ""
+        log.info("epoch %d%s: %s", epoch + 1, checked, json.dumps(metrics))
         s.run.append_metrics(metrics)
         if tb is not None:
             tb.epoch(metrics)
@@ -491,9 +680,13 @@ def _check_and_checkpoint(s: _Session, epoch: int, metrics: dict[str, Any], stat
 
 def _checkpoint_dict(cfg: TrainConfig, info: DatasetInfo, opt: Optimisation, epoch: int,
                      best: float, metrics: dict[str, Any]) -> dict[str, Any]:
+    mean, std = info.mean, info.std
+    if isinstance(opt.net, ExternalModel):  # the user's model: no normalisation of ours
+        norm = opt.net.normalize
+        mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
     return ckpt_io.build_checkpoint(
-        arch=cfg.arch, num_classes=info.num_classes, input_shape=info.input_shape,
-        mean=info.mean, std=info.std, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
+        arch=cfg.model or cfg.arch, num_classes=info.num_classes, input_shape=info.input_shape,
+        mean=mean, std=std, model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
         method=cfg.method, model=opt.net, epoch=epoch, optimizer=opt.optimizer.state_dict(),
         scheduler=opt.scheduler.state_dict(), best_robust_acc=best, metrics=metrics,
         class_names=list(info.classes) if info.classes else None,

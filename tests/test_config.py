@@ -26,7 +26,7 @@ def test_fraction_and_defaults():
     ({"attack": {"norm": "l1"}}, "attack.norm"),
     ({"batch_size": 0}, "batch_size"),
     ({"attack": "strong"}, "attack"),
-    ({"eval": {"split": "val"}}, "val_size"),
+    ({"eval": {"split": "val"}, "data": {"val_size": 0}}, "val_size"),
     ({"eval": {"step_size": -0.1}}, "eval.step_size"),
     ({"eval": {"n_examples": -1}}, "eval.n_examples"),
     ({"optim": {"momentum": -1}}, "optim.momentum"),

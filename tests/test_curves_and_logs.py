@@ -21,7 +21,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _cfg(out, **kw):
-    base = {"epochs": 3, "log_every": 2, "data": {"train_subset": 256},
+    base = {"epochs": 3, "log_every": 2, "data": {"train_subset": 320, "val_size": 64},
             "optim": {"schedule": "multistep", "milestones": [2]},
             "eval": {"n_examples": 64, "every": 2}}
     return tiny_run(out, **{**base, **kw})

@@ -159,7 +159,7 @@ def test_training_on_an_empty_test_split_is_refused(tmp_path):
     path = _npz(tmp_path, x_test=a["x_test"][:0], y_test=a["y_test"][:0])
     cfg = resolve(None, [{"arch": "tiny-mlp", "dataset": "mnist", "method": "standard",
                           "epochs": 1, "out": str(tmp_path / "run"),
-                          "data": {"data_dir": str(path)}}])
+                          "data": {"data_dir": str(path)}, "eval": {"split": "test"}}])
     with pytest.raises(DataError, match="test split has no examples"):
         train(cfg)
 

@@ -34,7 +34,12 @@ WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
 def state_dict_of(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict inside a loaded file (see the module docstring)."""
     if isinstance(obj, dict) and is_native(obj):
-        return model_state(obj)
+        state = model_state(obj)
+        if ":" in str(obj.get("arch", "")):
+            # a run of `train --model FILE.py:FN`: the user's network is under net. (beside
+            # the wrapper's identity normalisation), and its weights are what --weights means
+            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        return state
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         state = obj
     else:

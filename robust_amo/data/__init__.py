@@ -44,14 +44,18 @@ from .registry import (
     DatasetInfo,
     dataset_info,
     dataset_names,
+    fixed_info,
     load_dataset,
     normalize_dataset_name,
     register_dataset,
     unregister_dataset,
 )
 from .splits import (
+    AUTO_FRACTION,
+    AUTO_MAX,
     Examples,
     check_split_version,
+    held_out_size,
     hold_out,
     require_examples,
     take_subset,
@@ -59,12 +63,12 @@ from .splits import (
 )
 
 __all__ = [
-    "CIFAR10_CLASSES", "DIGITS", "FASHION_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD",
-    "IMAGE_EXTENSIONS", "DataRequest", "DatasetInfo", "Examples", "Loader", "augment",
-    "check_split_version", "checked_split", "dataset_info", "dataset_names", "datasets",
-    "from_files", "hold_out", "load_dataset", "load_npz", "normalize_dataset_name",
-    "register_dataset", "require_examples", "take_subset", "training_splits",
-    "unregister_dataset",
+    "AUTO_FRACTION", "AUTO_MAX", "CIFAR10_CLASSES", "DIGITS", "DataRequest", "DatasetInfo",
+    "Examples", "FASHION_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "Loader",
+    "augment", "check_split_version", "checked_split", "dataset_info", "dataset_names", "datasets",
+    "fixed_info", "from_files", "held_out_size", "hold_out", "load_dataset", "load_npz",
+    "normalize_dataset_name", "register_dataset", "require_examples", "take_subset",
+    "training_splits", "unregister_dataset",
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 import zipfile
 import zlib
 from pathlib import Path
@@ -244,10 +245,21 @@ def from_files(
         looked.append(str(root / fname))
         if (root / fname).is_file():
             return load_npz(root / fname, name, info)
+    created = request.download and not root.exists()
     try:
         return _load_torchvision(name, info, torchvision_class, root, request.download,
                                  by_split)
     except (RuntimeError, FileNotFoundError, OSError) as e:
+        if request.download:
+            if created:
+                # torchvision made the folder and may have left a partial archive in it: the
+                # folder is ours alone, and an empty or half-filled one would mislead a rerun
+                shutil.rmtree(root, ignore_errors=True)
+            raise DataError(
+                f"dataset {name!r}: downloading it into {root} failed "
+                f"({' '.join(str(e).split())[:160]}); check the network connection, or put one "
+                f"of {', '.join(npz_names)} (or torchvision's files) in that folder"
+            ) from None
         looked.append(f"{root} (torchvision layout: {e})")
         raise DataError(
             f"dataset {name!r} not found; looked in: {'; '.join(looked)}. Put one of "

@@ -73,7 +73,11 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _load_image(path: Path, size: int) -> np.ndarray:
-    """RGB, shorter side resized to ``size`` (bilinear), centre-cropped: (size, size, 3) uint8."""
+    """RGB, shorter side resized to ``size`` (bilinear), centre-cropped: (size, size, 3) uint8.
+
+    Raises:
+        DataError: the file is no image PIL reads, or an image too large to decode.
+    """
     from PIL import Image, UnidentifiedImageError  # only image folders need it
 
     try:
@@ -85,6 +89,11 @@ def _load_image(path: Path, size: int) -> np.ndarray:
             im = im.resize((nw, nh), Image.BILINEAR)
             left, top = (nw - size) // 2, (nh - size) // 2
             return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except Image.DecompressionBombError as e:
+        # PIL refuses an image of more than 2 * Image.MAX_IMAGE_PIXELS pixels (a small file
+        # that would fill the memory when decoded): the file's problem, not a crash
+        raise DataError(f"cannot read the image {path}: it is too large to decode "
+                        f"({' '.join(str(e).split())[:160]}); remove it or shrink it") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read the image {path} ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:120]}); remove or replace it") from None

@@ -143,6 +143,17 @@ def _request(name: str, data_dir: str | Path | None, download: bool,
     return entry, DataRequest(entry.name, info, root, download, image_size)
 
 
+def fixed_info(name: str) -> DatasetInfo | None:
+    """The registered :class:`DatasetInfo` of ``name``, or None for a dataset whose facts come
+    from its files (``imagefolder``): only those take an ``image_size``.
+
+    Raises:
+        DataError: the name is unknown.
+    """
+    info = _REGISTRY[normalize_dataset_name(name)].info
+    return info if isinstance(info, DatasetInfo) else None
+
+
 def dataset_info(name: str, data_dir: str | Path | None = None,
                  image_size: int | None = None) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name``; ``imagefolder`` reads its classes from

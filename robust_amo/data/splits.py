@@ -103,8 +103,36 @@ def hold_out(split: Examples, size: int, seed: int) -> tuple[Examples, Examples]
     return split.subset(perm[size:]), Examples(val.x, val.y, held, split.classes)
 
 
+AUTO_FRACTION = 0.1
+"""``data.val_size: auto`` holds out this fraction of the training examples ..."""
+AUTO_MAX = 1000
+"""... but at most this many (CIFAR-10: 1000 of 50,000; digits: 150 of 1500)."""
+
+
+def held_out_size(val_size: int | str, n_train: int, check_split: str = "auto") -> int:
+    """How many training examples a run holds out: ``data.val_size`` with ``auto`` resolved.
+
+    Args:
+        val_size: ``data.val_size``: a count, or ``"auto"``: :data:`AUTO_FRACTION` of the
+            training examples (after ``train_subset``), at least 1 and at most
+            :data:`AUTO_MAX`; none when the check is on the test split (``check_split``
+            ``"test"``), which needs no held-out part.
+        n_train: the training examples there are (after ``train_subset``).
+        check_split: ``eval.split`` of the run.
+
+    Returns:
+        the count (0: nothing held out).
+    """
+    if val_size != "auto":
+        return int(val_size)
+    if check_split == "test":
+        return 0
+    return min(AUTO_MAX, max(1, int(n_train * AUTO_FRACTION)))
+
+
 def training_splits(
-    train: Examples, *, train_subset: int | None, subset_seed: int, val_size: int, seed: int,
+    train: Examples, *, train_subset: int | None, subset_seed: int, val_size: int | str,
+    seed: int, check_split: str = "auto",
 ) -> tuple[Examples, Examples]:
     """The examples a run trains on and the part it holds out, as training drew them.
 
@@ -115,8 +143,10 @@ def training_splits(
         train: the dataset's whole training split.
         train_subset: ``data.train_subset`` (None: all of ``train``).
         subset_seed: ``data.subset_seed``.
-        val_size: ``data.val_size`` (0: nothing held out).
+        val_size: ``data.val_size`` (0: nothing held out; ``"auto"``: :func:`held_out_size`).
         seed: the run's ``seed``.
+        check_split: the run's ``eval.split`` (``auto`` resolves to no held-out part under
+            ``test``).
 
     Returns:
         ``(train, held_out)``; ``held_out`` is empty when ``val_size`` is 0.
@@ -124,7 +154,8 @@ def training_splits(
     Raises:
         DataError: ``train_subset`` is not positive, or ``val_size`` leaves no training data.
     """
-    return hold_out(take_subset(train, train_subset, subset_seed), val_size, seed)
+    pool = take_subset(train, train_subset, subset_seed)
+    return hold_out(pool, held_out_size(val_size, len(pool), check_split), seed)
 
 
 def check_split_version(

@@ -37,9 +37,13 @@ class Normalize(nn.Module):
     """(x - mean) / std with per-channel buffers; saved in the state dict.
 
     Args:
-        mean: per-channel mean, length C (defaults to zeros: identity).
-        std: per-channel standard deviation, length C (defaults to ones).
+        mean: per-channel mean, length C, finite (defaults to zeros: identity).
+        std: per-channel standard deviation, length C, finite and > 0 (defaults to ones).
         channels: number of input channels C.
+
+    Raises:
+        ValueError: a length other than C, a mean that is not finite, or a std <= 0 or not
+            finite.
     """
 
     def __init__(
@@ -56,6 +60,11 @@ class Normalize(nn.Module):
             raise ValueError(
                 f"mean/std need {channels} values, got {mean_t.numel()}/{std_t.numel()}"
             )
+        if not bool(torch.isfinite(mean_t).all()):
+            raise ValueError(f"mean must be finite numbers, got {mean_t.tolist()}")
+        if not bool((torch.isfinite(std_t) & (std_t > 0)).all()):
+            # dividing by 0 (or a negative std) gives inf or flipped inputs: never a model
+            raise ValueError(f"std must be finite numbers > 0, got {std_t.tolist()}")
         self.register_buffer("mean", mean_t.view(1, channels, 1, 1))
         self.register_buffer("std", std_t.view(1, channels, 1, 1))
 

@@ -8,7 +8,8 @@ and is called with ``num_classes=`` when it accepts it. :class:`ExternalModel` n
 and declares perturbation points for the all-layer margins: the model's own
 ``perturbation_points()`` if it has one, else the modules named by ``points``, else every
 ``Conv2d`` and ``Linear`` output in registration order except the last ``Linear`` (the
-classifier). docs/evaluation.md, "Your own model".
+classifier, which Jacobian-LM's penalty reads). docs/evaluation.md, "Your own model";
+``robust-amo train --model`` trains such a model (docs/config.md, "Your own architecture").
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ from .base import Normalize
 
 
 def _short(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        # sys.exit(code) in the user's code: say so, since the code alone reads like a number
+        return f"it called sys.exit({e.code!r})"
     text = " ".join(str(e).split()) or type(e).__name__
     return f"{type(e).__name__}: {text[:200]}"
+
+
+USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
+"""What running the user's code may raise that is the user's to fix: any exception, and
+``SystemExit`` (``sys.exit`` at import or in FN would otherwise end the command with its code
+and no message). ``KeyboardInterrupt`` is the person at the keyboard, never caught here."""
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
@@ -59,14 +69,14 @@ def load_factory(spec: str) -> Callable[..., Any]:
         sys.modules[name] = module  # dataclasses and pickling look modules up by name
         try:
             module_spec.loader.exec_module(module)
-        except Exception as e:  # the user's code: any error is theirs to fix
+        except USER_CODE_ERRORS as e:  # the user's code: any error is theirs to fix
             sys.modules.pop(name, None)
             raise ConfigError(f"model {spec!r}: running {path} failed ({_short(e)})",
                               params=("model",)) from None
     else:
         try:
             module = importlib.import_module(where)
-        except Exception as e:
+        except USER_CODE_ERRORS as e:
             raise ConfigError(f"model {spec!r}: cannot import {where} ({_short(e)}); is it "
                               "installed or on PYTHONPATH?", params=("model",)) from None
     factory = getattr(module, fn, None)
@@ -103,7 +113,10 @@ class ExternalModel(nn.Module):
                  std: Sequence[float] | None = None, points: Sequence[str] | None = None,
                  arch: str = "") -> None:
         super().__init__()
-        self.normalize = Normalize(mean, std, channels)
+        try:
+            self.normalize = Normalize(mean, std, channels)
+        except ValueError as e:  # a wrong length, std 0, a NaN: the caller's numbers
+            raise ConfigError(f"mean and std: {e}", params=("mean", "std")) from None
         self.net = net
         self.arch = arch
         modules = dict(net.named_modules())
@@ -128,6 +141,26 @@ class ExternalModel(nn.Module):
         """``(qualified_name, module)`` of each perturbation point, in forward order."""
         modules = dict(self.named_modules())
         return [(n, modules[n]) for n in self._names]
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The final linear layer (logits = classifier(features)), which Jacobian-LM's penalty
+        divides by: the network's own ``classifier`` if it is an ``nn.Linear``, else its last
+        ``nn.Linear`` in registration order (the one :func:`default_points` leaves out).
+
+        Raises:
+            ConfigError: the network has no ``nn.Linear``.
+        """
+        own = getattr(self.net, "classifier", None)
+        if isinstance(own, nn.Linear):
+            return own
+        linear = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+        if not linear:
+            # not an AttributeError: nn.Module.__getattr__ would hide this message
+            raise ConfigError(f"model {self.arch!r} has no nn.Linear layer, so there is no "
+                              "classifier matrix for this method; end the network with an "
+                              "nn.Linear (or name it classifier)", params=("model",))
+        return linear[-1]
 
 
 def default_points(net: nn.Module) -> list[str]:
@@ -155,18 +188,13 @@ def build_external(spec: str, num_classes: int, input_shape: Sequence[int], *,
     factory = load_factory(spec)
     try:
         net = factory(num_classes=num_classes) if _accepts_num_classes(factory) else factory()
-    except Exception as e:
+    except USER_CODE_ERRORS as e:
         raise ConfigError(f"model {spec!r}: calling it raised {_short(e)}",
                           params=("model",)) from None
     if not isinstance(net, nn.Module):
         raise ConfigError(f"model {spec!r} returned a {type(net).__name__}, not a "
                           "torch.nn.Module", params=("model",))
-    try:
-        model = ExternalModel(net, int(input_shape[0]), mean, std, points, arch=spec)
-    except ConfigError:  # points naming no module: its own message, not mean/std's
-        raise
-    except ValueError as e:  # Normalize: mean/std of the wrong length
-        raise ConfigError(f"mean and std: {e}", params=("mean", "std")) from None
+    model = ExternalModel(net, int(input_shape[0]), mean, std, points, arch=spec)
     check_output(model, input_shape, num_classes, spec)
     return model
 
@@ -179,7 +207,7 @@ def check_output(model: nn.Module, input_shape: Sequence[int], num_classes: int,
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
-    except Exception as e:
+    except USER_CODE_ERRORS as e:
         # the fix before the user's error text, which may hold the word input_shape itself
         raise ConfigError(f"model {name!r} fails on inputs of shape (2, "
                           f"{', '.join(map(str, input_shape))}) (check input_shape): "

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import UnknownModelError
+from ..errors import ConfigError, UnknownModelError
 from .base import RobustModel
 
 Builder = Callable[..., RobustModel]
@@ -89,8 +89,17 @@ def create_model(
 
     Raises:
         UnknownModelError: naming the known architectures.
+        ConfigError: ``name`` is a ``FILE.py:FN`` of the user's (the ``arch`` a run of
+            ``train`` with ``model`` records): saying to load it as a model with weights.
     """
     key = normalize_name(name)
+    if ":" in name and not is_registered(key):
+        # a run of `train` with a model of the user's own records its FILE.py:FN as arch; a
+        # checkpoint never imports code by itself, so the caller has to name it
+        raise ConfigError(
+            f"architecture {name!r} is code of your own, which a checkpoint never runs by "
+            f"itself; load it with model {name} and weights RUN/best.pt",
+            params=("model", "weights"))
     if not is_registered(key):
         raise UnknownModelError(
             f"unknown architecture {name!r}; known architectures: {', '.join(list_models())} "
