@@ -28,7 +28,15 @@ from torch import nn
 
 from robust_amo import distributed
 from robust_amo.checkpoint import Which
-from robust_amo.config import AttackLoss, Norm, check_at_least, check_choice, check_int, parse_float
+from robust_amo.config import (
+    AttackLoss,
+    Norm,
+    check_at_least,
+    check_choice,
+    check_int,
+    check_split_of,
+    parse_float,
+)
 from robust_amo.data import dataset_info
 from robust_amo.distributed import DistContext
 from robust_amo.errors import ConfigError
@@ -36,6 +44,7 @@ from robust_amo.margins import MarginsResult, SearchOptions, measure
 from robust_amo.margins.measure import CSV, SUMMARY
 from robust_amo.models import ExternalModel
 from robust_amo.outputs import atomic_write, refuse_overwrite, writable_dir
+from robust_amo.runs import BEST
 from robust_amo.runtime import resolve_device
 
 from . import sharding
@@ -276,7 +285,30 @@ def _run(model: nn.Module, meta: dict[str, Any], data: EvalData, specs: list[Eva
     return build_report(outcomes=outcomes, model_meta=meta, dataset=data.dataset,
                         split=data.split, norm=norm, eps=eps, seed=seed, device=str(device),
                         bf16=bf16, wall_time_s=time.perf_counter() - t_start, checks=checks,
-                        data_dir=data.data_dir)
+                        data_dir=data.data_dir, selected_on=selection_of(meta))
+
+
+def selection_of(meta: dict[str, Any]) -> str | None:
+    """What chose a ``best.pt`` (issue 20): the split of its run's per-epoch check, read from
+    the run's config in the checkpoint (:func:`robust_amo.config.check_split_of`).
+
+    Returns:
+        ``"the val split (held-out training examples)"`` or a ``"the test split ..."`` text
+        that says the file's test accuracy is optimistic; None for other files
+        (``checkpoint.pt`` is the last epoch, chosen by nothing) and for models without a run's
+        config (your own model, robustness checkpoints).
+    """
+    if Path(str(meta.get("path", ""))).name != BEST:
+        return None
+    cfg = meta.get("config") or {}
+    ev, data = cfg.get("eval"), cfg.get("data")
+    if not isinstance(ev, dict) or not isinstance(data, dict):
+        return None
+    split = check_split_of(ev.get("split", "auto"), data.get("val_size", 0))
+    if split == "val":
+        return "the val split (held-out training examples)"
+    return ("the test split, so its test accuracy here is optimistic (selection on the test "
+            "set, Rice et al. 2020)")
 
 
 def _write(report: Report, out: Path, robustbench: bool) -> None:

@@ -132,8 +132,9 @@ class Report:
         versions: Python, torch and the packages that ran it. created: ISO time (UTC).
         eps_fraction: eps as a simple fraction (``"8/255"``: :func:`fraction_text`), None
             when it is none (and in older reports, which did not record it).
-        selected_on: the split the checkpoint was selected on (``best.pt``: the per-epoch
-            check's split), when known; shown in report.md. None: not recorded.
+        selected_on: for a ``best.pt``, the examples its run's per-epoch check chose it on
+            (:func:`robust_amo.evaluation.api.selection_of`); shown in report.md. None: another
+            file, a model without a run's config, or not recorded.
         extra: fields of a report.json this version does not know (kept for a round trip).
     """
 
@@ -414,7 +415,7 @@ def markdown(report: Report) -> str:
         f"{report.precision}.",
     ]
     if report.selected_on is not None:
-        lines += ["", f"The checkpoint was selected on the {report.selected_on} split."]
+        lines += ["", f"best.pt was chosen by its run's per-epoch check on {report.selected_on}."]
     if flagged:
         lines += ["", f"**{len(flagged)} sanity check(s) FLAGGED "
                       f"({', '.join(c.name for c in flagged)}): do not trust these figures "

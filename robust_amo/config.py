@@ -124,6 +124,16 @@ SEED_MAX = 2**63 - 1
 """Seeds lie in ``0 <= seed <= SEED_MAX``: what ``torch.Generator.manual_seed`` takes as given."""
 
 
+def check_split_of(split: CheckSplit, val_size: int | str) -> HeldOutSplit:
+    """The split of a run's per-epoch check (which chooses ``best.pt``): ``eval.split``, with
+    ``auto`` read as ``val`` when examples are held out (``data.val_size`` a count > 0, or
+    ``auto`` before it is resolved), else ``test`` (runs started
+    before held-out checks were the default)."""
+    if split != "auto":
+        return split
+    return "val" if val_size != 0 else "test"
+
+
 def check_at_least(key: str, value: int | None, minimum: int = 1) -> None:
     """ConfigError naming option ``key`` unless ``value`` (when given) is >= ``minimum``; the
     one check of a count such as ``n_examples``, ``batch_size`` or ``workers``."""

@@ -31,7 +31,7 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .attacks import PGD, AttackFn
 from .compiled import CompiledModel, probe
-from .config import LrExtension, OptimConfig, TrainConfig, check_choice
+from .config import LrExtension, OptimConfig, TrainConfig, check_choice, check_split_of
 from .curves import write_curves
 from .data import (
     DatasetInfo,
@@ -384,7 +384,7 @@ def _build_data(s: _Session, ck: dict[str, Any] | None, local_batch: int
     train_split, val_split = training_splits(
         train_split, train_subset=cfg.data.train_subset, subset_seed=cfg.data.subset_seed,
         val_size=cfg.data.val_size, seed=cfg.seed, check_split=cfg.eval.split)
-    check_split = check_split_of(cfg)
+    check_split = check_split_of(cfg.eval.split, cfg.data.val_size)
     eval_split = val_split if check_split == "val" else test_split
     if cfg.eval.n_examples > 0:
         require_examples(eval_split, "the per-epoch check")
@@ -399,15 +399,6 @@ def _build_data(s: _Session, ck: dict[str, Any] | None, local_batch: int
 
 
 _SPLIT_WORDS = {"val": "held-out training (val)", "test": "TEST-split"}
-
-
-def check_split_of(cfg: TrainConfig) -> str:
-    """The split of the per-epoch check (``"val"`` or ``"test"``) of a config whose
-    ``data.val_size`` is a count: ``eval.split``, with ``auto`` read as ``val`` when examples
-    are held out."""
-    if cfg.eval.split != "auto":
-        return cfg.eval.split
-    return "val" if cfg.data.val_size != 0 else "test"
 
 
 def _read_last(s: _Session) -> dict[str, Any] | None:
@@ -440,7 +431,8 @@ def _held_out(s: _Session, ck: dict[str, Any] | None, n_train: int) -> TrainConf
     elif size == "auto":
         size = held_out_size("auto", n_train, cfg.eval.split)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_size=size))
-    if check_split_of(cfg) == "test" and cfg.eval.n_examples > 0 and s.ctx.is_main:
+    on_test = check_split_of(cfg.eval.split, cfg.data.val_size) == "test"
+    if on_test and cfg.eval.n_examples > 0 and s.ctx.is_main:
         if cfg.eval.split == "test":
             log.warning("the per-epoch check, and so best.pt, uses the test split (eval.split: "
                         "test): the test accuracy of best.pt is then optimistic (Rice et al. "
@@ -450,8 +442,7 @@ def _held_out(s: _Session, ck: dict[str, Any] | None, n_train: int) -> TrainConf
                         "data.val_size 0 and eval.split auto, before held-out examples were "
                         "the default); it goes on doing so, so its best.pt test accuracy is "
                         "optimistic")
-    if check_split_of(cfg) == "test" and cfg.eval.split != "test" and ck is None \
-            and cfg.eval.n_examples > 0:
+    if on_test and cfg.eval.split != "test" and ck is None and cfg.eval.n_examples > 0:
         raise ConfigError(
             "data.val_size 0 holds no training examples out, so the per-epoch check would "
             "choose best.pt on the test split; hold examples out (data.val_size auto or a "

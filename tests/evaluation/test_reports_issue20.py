@@ -18,6 +18,7 @@ from robust_amo.cli import build_parser, main
 from robust_amo.errors import CheckpointError
 from robust_amo.evaluation import AttackOutcome, evaluate_attacks, parse_attack
 from robust_amo.evaluation import autoattack_adapter as aa_adapter
+from robust_amo.evaluation.api import selection_of
 from robust_amo.evaluation.report import (
     MIN_SPAN,
     build_report,
@@ -327,3 +328,29 @@ def test_every_eval_option_says_its_default():
     for flag in own:
         assert "default" in helps[flag], flag
     assert all(a in helps["--aa-attacks"] for a in aa_adapter.ATTACKS)
+
+
+# item 1: the report says what chose best.pt ----------------------------------------------
+
+def test_the_report_of_best_pt_says_which_split_chose_it(run, tmp_path):
+    out = tmp_path / "ev" / "report.json"
+    assert _eval(run, out, "--attack", "clean", "--which", "best") == 0
+    report = json.loads(out.read_text())
+    assert report["selected_on"].startswith("the val split")  # the default holds examples out
+    assert "best.pt was chosen by its run's per-epoch check on the val split" in \
+        out.with_suffix(".md").read_text()
+    last = tmp_path / "last" / "report.json"
+    assert _eval(run, last, "--attack", "clean") == 0  # checkpoint.pt: chosen by nothing
+    assert "selected_on" not in json.loads(last.read_text())
+
+
+@pytest.mark.parametrize(("split", "val_size", "chosen_on"), [
+    ("auto", 150, "the val split"), ("val", 10, "the val split"),
+    ("test", 0, "the test split"), ("auto", 0, "the test split")])  # auto + 0: older runs
+def test_selection_of_reads_the_runs_check_split(split, val_size, chosen_on):
+    meta = {"path": "runs/x/best.pt",
+            "config": {"eval": {"split": split}, "data": {"val_size": val_size}}}
+    assert selection_of(meta).startswith(chosen_on)
+    assert ("optimistic" in selection_of(meta)) == (chosen_on == "the test split")
+    assert selection_of({**meta, "path": "runs/x/checkpoint.pt"}) is None
+    assert selection_of({"path": "w.pt", "config": {}}) is None
