@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from robust_amo.errors import CheckpointError
-from robust_amo.models import create_model, is_registered
+from robust_amo.errors import CheckpointError, ConfigError
+from robust_amo.models import create_model, is_registered, is_user_model
 from robust_amo.outputs import write_error
 from robust_amo.runs import BEST, LAST
 from robust_amo.version import __version__
@@ -257,8 +257,10 @@ def _optional(check: Any) -> Any:
 # field -> (what it must be, check); a field that is absent is checked where it is needed
 _SCHEMA: dict[str, tuple[str, Any]] = {
     "version": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
-    "arch": ("the name of a registered architecture (see robust-amo archs)",
-             lambda v: isinstance(v, str) and bool(v.strip()) and is_registered(v)),
+    "arch": ("the name of a registered architecture (see robust-amo archs), or the FILE.py:FN "
+             "of a model of your own",
+             lambda v: isinstance(v, str) and bool(v.strip())
+             and (is_registered(v) or is_user_model(v))),
     "num_classes": ("a positive integer", lambda v: _is_int(v) and v >= 1),
     "input_shape": ("three positive integers C, H, W",
                     lambda v: isinstance(v, (list, tuple)) and len(v) == 3
@@ -446,6 +448,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint
     try:
         model = create_model(arch, ckpt["num_classes"], input_shape=ckpt["input_shape"],
                              mean=ckpt.get("mean"), std=ckpt.get("std"), **kwargs)
+    except ConfigError:  # the FILE.py:FN of a model of the user's: how to load it instead
+        raise
     except TypeError as e:  # a builder's complaint about a keyword it does not take
         raise _field_error(source, "model_kwargs", f"{kwargs} is not accepted by arch "
                                                    f"{arch!r} ({e})") from None

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from robust_amo.errors import CheckpointError
+from robust_amo.models import is_user_model
 
 from .format import (
     BEST,
@@ -35,7 +36,7 @@ def state_dict_of(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict inside a loaded file (see the module docstring)."""
     if isinstance(obj, dict) and is_native(obj):
         state = model_state(obj)
-        if ":" in str(obj.get("arch", "")):
+        if is_user_model(str(obj.get("arch", ""))):
             # a run of `train --model FILE.py:FN`: the user's network is under net. (beside
             # the wrapper's identity normalisation), and its weights are what --weights means
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}

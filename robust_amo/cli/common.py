@@ -147,7 +147,8 @@ def add_checkpoint_options(p: argparse.ArgumentParser, *, n_examples: int | None
                    help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the attacks' random starts (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines of each step stay)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the log lines of each step stay)")
     add_unsafe_load(p)
     add_overwrite(p, "report")
 

@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=str, metavar="NAME|FILE",
                    help="a shipped config by name (quickstart, "
                         "sokolic_table1/mnist_cnn2_256_ce_lm, ...: found from any folder) or a "
-                        "YAML file; flags and --set override it (default: none, the built-in defaults of "
-                        "docs/config.md)")
+                        "YAML file; flags and --set override it (default: none, the built-in "
+                        "defaults of docs/config.md)")
     p.add_argument("--arch", type=str,
                    help=f"architecture, e.g. wrn28-10 (or --model, your own); robust-amo "
                         f"archs lists them (default {d.arch})")

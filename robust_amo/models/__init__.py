@@ -3,7 +3,14 @@
 from . import preact_resnet, small, wrn  # noqa: F401  (registration side effects)
 from .base import FakeReLU, Normalize, RobustModel
 from .external import ExternalModel, build_external, default_points, load_factory
-from .registry import create_model, is_registered, list_models, normalize_name, register_model
+from .registry import (
+    create_model,
+    is_registered,
+    is_user_model,
+    list_models,
+    normalize_name,
+    register_model,
+)
 
 __all__ = [
     "ExternalModel",
@@ -14,6 +21,7 @@ __all__ = [
     "create_model",
     "default_points",
     "is_registered",
+    "is_user_model",
     "list_models",
     "load_factory",
     "normalize_name",

@@ -60,6 +60,12 @@ def is_registered(name: str) -> bool:
     return key in _EXACT or any(rx.fullmatch(key) for rx, _, _ in _PATTERNS)
 
 
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` is a ``FILE.py:FN`` (or ``package.module:FN``) of the user's rather than
+    a registered name: what a run of ``train`` with ``model`` records as its ``arch``."""
+    return ":" in name and not is_registered(name)
+
+
 def list_models() -> list[str]:
     """Registered names, then the patterned families as examples (e.g. ``wrnD-K``)."""
     return sorted(_EXACT) + [ex for _, ex, _ in _PATTERNS]
@@ -93,7 +99,7 @@ def create_model(
             ``train`` with ``model`` records): saying to load it as a model with weights.
     """
     key = normalize_name(name)
-    if ":" in name and not is_registered(key):
+    if is_user_model(name):
         # a run of `train` with a model of the user's own records its FILE.py:FN as arch; a
         # checkpoint never imports code by itself, so the caller has to name it
         raise ConfigError(
