@@ -122,8 +122,9 @@ class NativeTrainer:
         cfg.attack = cfg.attack.replace(eps=args.eps, step_size=args.step_size, steps=steps)
         self.net = model if model is not None else make_model(args, device)
         self.channels_last = device.type == "cuda"
+        # cudnn.benchmark is the caller's to set (cudnn_benchmark below): a global flag set here
+        # would stay on for whatever the process times next
         if self.channels_last:
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # as robust_amo.train does
             self.net = self.net.to(memory_format=torch.channels_last)
         self.fwd = CompiledModel(self.net) if args.compile else self.net
         self.optimizer = make_optimizer(self.net, cfg, device)
@@ -159,6 +160,43 @@ class NativeTrainer:
             timed += len(y) if i >= warmup else 0
         sync(self.device)
         return timed / (time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = on`` inside, the previous setting restored after.
+
+    On, cuDNN tunes every convolution for each new input shape the first time it sees it: right
+    for fixed-shape training (``robust_amo.train`` turns it on), wrong where batches shrink
+    (attacks that drop broken examples), which would re-tune inside the timed region.
+    """
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def matmul_tflops(device: torch.device, n: int, reps: int) -> tuple[float, str]:
+    """Dense matmul throughput: bf16 n×n on CUDA (tensor cores), float32 on the CPU.
+
+    The measured ceiling the MFU is judged against first (a datasheet peak does not say which
+    variant of a GPU, its clocks or its power limit).
+    """
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    dt = (time.perf_counter() - t0) / reps
+    return 2 * n**3 / dt / 1e12, f"{str(dtype).split('.')[1]} {n}x{n} matmul"
 
 
 @contextlib.contextmanager

@@ -36,8 +36,12 @@ from bench.common import (
 )
 
 
-def robustness_images_per_s(args, device: torch.device) -> float:
-    """Throughput of robustness.train.train_model on the same model and batches."""
+def robustness_images_per_s(args, device: torch.device, use_best: int = 1) -> float:
+    """Throughput of robustness.train.train_model on the same model and batches.
+
+    ``use_best=1`` (its default) adds a forward per attack step to keep the highest-loss iterate;
+    ``0`` keeps the last one, as robust-amo's PGD does.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Could not import amp" (apex): not used here
         from robustness.attacker import AttackerModel
@@ -61,7 +65,7 @@ def robustness_images_per_s(args, device: torch.device) -> float:
             out_dir=out, adv_train=1, adv_eval=0, epochs=1, lr=0.1, momentum=0.9,
             weight_decay=5e-4, step_lr=None, step_lr_gamma=0.1, custom_lr_multiplier=None,
             lr_interpolation="step", log_iters=1, save_ckpt_iters=-1, attack_steps=10,
-            constraint="inf", eps=args.eps, attack_lr=args.step_size, use_best=1,
+            constraint="inf", eps=args.eps, attack_lr=args.step_size, use_best=use_best,
             random_restarts=0, random_start=1, custom_eps_multiplier=None, mixed_precision=0,
             iteration_hook=hook)
         # its progress bars and warnings would drown the figures

@@ -9,7 +9,9 @@ per step are counted.
 
 Memory: the largest autograd graph that any one forward of the step builds (bytes of the distinct
 storages saved for backward, double-backward graphs included, weights included; deterministic,
-any device), and on CUDA also the real peak, ``torch.cuda.max_memory_allocated``.
+any device), and on CUDA also the real peak, ``torch.cuda.max_memory_allocated``, of each method
+built by itself after the timed ones are freed, counted over what was allocated before it
+(:func:`own_peak_bytes`: model, gradients, optimiser state, inputs and graphs).
 
 Examples::
 
@@ -22,14 +24,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -181,6 +186,46 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
 
+def _prepare(args: Settings, name: str) -> dict:
+    """One method built and stepped once: its step (which alone holds its model), device, pass
+    counts and graph size."""
+    device, model, x, y, objective, opt, amp = _setup(args, name)
+    counter, saved = Counter(model), SavedBytes(model)
+    step = _make_step(model, x, y, objective, opt, amp)
+    with saved.hooks():
+        step()  # warm-up, pass count and graph size of one step
+    saved.close()
+    sync(device)
+    return {"step": step, "device": device, "times": [], "saved": saved.peak,
+            "forward": counter.forward, "backward": counter.backward}
+
+
+def own_peak_bytes(make: Callable[[], Callable[[], None]], device: torch.device,
+                   mem: Any = torch.cuda) -> float:
+    """Peak device bytes one method needs by itself: its model, gradients, optimiser state,
+    inputs and the graphs of a step, over what was allocated before it was built.
+
+    ``make`` builds the method and returns its step; the step runs once to create the gradients
+    and optimiser state, then once measured. Whatever else is still allocated (other methods'
+    models, a caller's tensors) is the baseline and not counted, so ratios between methods are
+    not pulled towards 1. ``mem``: ``torch.cuda`` (a stand-in in the tests).
+    """
+    gc.collect()
+    mem.empty_cache()
+    before = mem.memory_allocated()
+    step = make()
+    step()
+    sync(device)
+    mem.reset_peak_memory_stats()
+    step()
+    sync(device)
+    peak = mem.max_memory_allocated() - before
+    del step
+    gc.collect()
+    mem.empty_cache()
+    return float(peak)
+
+
 def measure(args: Settings) -> dict:
     """Time, count and size one step of every method in ``args.methods`` (round-robin).
 
@@ -197,17 +242,7 @@ def measure(args: Settings) -> dict:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
 
-    runs = {}
-    for n in names:
-        device, model, x, y, objective, opt, amp = _setup(args, n)
-        counter, saved = Counter(model), SavedBytes(model)
-        step = _make_step(model, x, y, objective, opt, amp)
-        with saved.hooks():
-            step()  # warm-up, pass count and graph size of one step
-        saved.close()
-        sync(device)
-        runs[n] = {"step": step, "device": device, "times": [], "saved": saved.peak,
-                   "forward": counter.forward, "backward": counter.backward}
+    runs = {n: _prepare(args, n) for n in names}
     for _ in range(args.rounds):
         for n in names:
             r = runs[n]
@@ -216,17 +251,10 @@ def measure(args: Settings) -> dict:
     device = runs[names[0]]["device"]
     cuda_peak: dict[str, float] = {}
     if device.type == "cuda":
+        for r in runs.values():  # the timed models, gradients and optimiser states
+            r.pop("step")
         for n in names:
-            _, model, x, y, objective, opt, amp = _setup(args, n)
-            step = _make_step(model, x, y, objective, opt, amp)
-            step()
-            sync(device)
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            sync(device)
-            cuda_peak[n] = float(torch.cuda.max_memory_allocated())
-            del model, objective, opt, step
-            torch.cuda.empty_cache()
+            cuda_peak[n] = own_peak_bytes(lambda n=n: _make_step(*_setup(args, n)[1:]), device)
 
     med = {n: statistics.median(runs[n]["times"]) for n in names}
     dev_name = (torch.cuda.get_device_name() if device.type == "cuda"

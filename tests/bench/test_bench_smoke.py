@@ -25,7 +25,8 @@ TINY = ["--device", "cpu", "--arch", "tiny-cnn", "--channels", "1", "--image-siz
 
 CASES = {
     "pgd_train_vs_robustness": ([], "ratio robust-amo / robustness"),
-    "mfu": (["--steps", "2", "--peak-tflops", "0.05"], "MFU (achieved / peak)"),
+    "mfu": (["--steps", "2", "--peak-tflops", "0.05", "--matmul-n", "64"],
+            "MFU vs measured ceiling"),
     "eval_vs_robustness": (["--dataset", "digits", "--examples", "16", "--pgd-steps", "3",
                            "--restarts", "2"], "ratio robustness time / robust-amo time"),
     "data_pipeline": (["--steps", "2", "--rounds", "1"], "idle fraction caused by data"),

@@ -26,6 +26,8 @@ FIGURE_KEYS = {"value", "unit", "target", "pass", "step", "note"}
 def _table_rows(md: str) -> dict[str, list[str]]:
     rows = {}
     for line in md.splitlines()[4:]:
+        if not line.strip():  # the steps table follows the figures
+            break
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
         rows[cells[0]] = cells
     return rows
