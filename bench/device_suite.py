@@ -6,23 +6,28 @@ a run killed at its time limit still returns what it measured:
 
 1. ``environment``: GPU, memory, driver, torch/CUDA/cuDNN, the peers installed, a bf16 matmul
    TFLOP/s probe (the ceiling the MFU is judged against, beside the datasheet peak);
-2. ``gpu_tests``: ``pytest -m gpu`` in a subprocess, pass/fail per test (junit XML), among them
-   the no-host-sync tests of the training step and the PGD loop;
-3. ``step_cost``: s/step and peak memory of every method on WRN-28-10, batch 128, bf16,
-   channels_last (:func:`bench.step_cost.measure`), ratios to pgd, robust AMO with the fused
-   and the reference perturbation ops;
+2. ``gpu_tests``: ``pytest -m gpu`` on the gpu-marked test files in a subprocess, pass/fail per
+   test (junit XML), among them the no-host-sync tests of the training step and the PGD loop;
+   files that fail to import are reported apart;
+3. ``step_cost``: s/step and peak memory (each method's own) of every method on WRN-28-10,
+   batch 128, bf16, channels_last (:func:`bench.step_cost.measure`), ratios to pgd, robust AMO
+   with the fused and the reference perturbation ops; one guarded run per Jacobian-LM variant;
 4. ``mfu``: model FLOP utilisation of the native PGD-10 step (:func:`bench.mfu.measure`,
    analytic FLOPs) and the CIFAR-10 epoch time it implies;
-5. ``pgd_train``: native PGD-10 training vs ``robustness.train.train_model``, images/s;
+5. ``pgd_train``: native PGD-10 training (bf16 and float32) vs ``robustness.train.train_model``
+   (``use_best`` 1 and 0), images/s;
 6. ``eval``: PGD-50 × 10 of ``robust-amo eval`` vs robustness's attacker with
-   ``random_restarts=10`` on a model PGD-trained here for a minute or two on CIFAR-10;
-7. ``autoattack``: AutoAttack standard throughput on that model, extrapolated to WRN-28-10 on
-   the 10,000 CIFAR-10 test images;
+   ``random_restarts=10`` and with its restarts looped here, on a model PGD-trained here for a
+   minute or two on CIFAR-10;
+7. ``autoattack``: AutoAttack standard on that model, time and survivors per attack,
+   extrapolated per attack to WRN-28-10 on the 10,000 CIFAR-10 test images;
 8. ``data``: the share of a PGD-10 epoch the device waits on data loading.
 
-``--smoke`` runs the same code on the CPU with tiny models and synthetic data in well under a
-minute (tests/bench/test_device_suite.py). Targets are judged (``pass``) only on CUDA, except
-correctness figures (failed tests, robust accuracy not above the peer's); on the CPU their
+Each step runs with ``torch.backends.cudnn.benchmark`` set as its :class:`Step` says (restored
+after), recorded per step. ``--smoke`` runs the same code on the CPU with tiny models and
+synthetic data in well under a minute (tests/bench/test_device_suite.py). Targets are judged
+(``pass``) only on CUDA, except correctness figures (failed tests and collection errors, robust
+accuracy not above the looped peer's); on the CPU their
 ``pass`` is null. Steps that would start past ``--budget-s`` are skipped with a reason; a
 ``SIGTERM`` (``timeout``) records the step it interrupted. Exit status 1 when a step failed.
 The command, the wheels for the peers and the data it needs: docs/benchmarks.md, "How to produce
