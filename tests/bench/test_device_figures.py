@@ -226,3 +226,36 @@ def test_documented_command_keeps_its_log_when_killed():
     budget = float(re.search(r"--budget-s (\d+)", cmd).group(1))
     assert budget < limit < 460  # the suite stops itself first; SIGTERM before the tool's kill
     assert re.search(r"2>&1 \| tee \"\$OUT/[\w.-]+\"", cmd)
+
+
+def test_looped_peer_restarts_only_the_examples_still_robust(monkeypatch):
+    from bench import eval_vs_robustness as evr
+
+    restarts, n = 3, 9
+    calls: list[tuple[int, object]] = []
+
+    seen = torch.zeros(n, dtype=torch.long)  # times each example was attacked
+
+    class FakeAttacker:
+        """Breaks example i at its (i mod restarts)-th attack, one restart per call."""
+
+        def __call__(self, x, y, make_adv, **kw):
+            calls.append((len(y), kw["random_restarts"]))
+            idx = x[:, 0, 0, 0].long()
+            broken = idx % restarts == seen[idx]
+            seen[idx] += 1
+            return torch.nn.functional.one_hot((y + broken.long()) % 10, 10).float(), x
+
+    def fake_attacker(model, x, args, device, steps, r):
+        return FakeAttacker(), {"random_restarts": r}
+
+    monkeypatch.setattr(evr, "_attacker", fake_attacker)
+    x = torch.arange(n).float().view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    y = torch.zeros(n, dtype=torch.long)
+    args = type("A", (), {"batch_size": 4})()
+    acc, _ = evr.robustness_looped(None, x, y, args, torch.device("cpu"), 5, restarts)
+    # broken at any restart counts (the last restart's verdict alone would leave 6 of 9)
+    assert acc == 0.0
+    # one restart per call of robustness's own loop; each pass only over the survivors
+    assert [b for b, _ in calls] == [4, 4, 1, 4, 2, 3]
+    assert all(r is False for _, r in calls)
