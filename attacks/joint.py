@@ -43,8 +43,11 @@ class RobustAMOAttack(InputAttack):
             that the authors built on averages the loss; ``"sum"``: of the summed loss, so each
             example's step does not depend on the batch size.
 
-    δ and its update are float32 even under bf16 autocast. With ``eta_delta = 0`` every x'
-    iterate is bit-identical to :class:`PGD` with the same generator state.
+    δ is float32, except under bf16 autocast where each δ_j is stored in bf16 like its
+    activation (``perturb(..., delta_dtype="activation")``: half the memory of δ and ∇δ); the
+    norm, s·δ and the update ρ·δ + η_δ·∇δ are still formed in float32 and rounded once. With
+    ``eta_delta = 0`` every x' iterate is bit-identical to :class:`PGD` with the same generator
+    state.
     """
 
     def __init__(
@@ -119,7 +122,8 @@ class RobustAMOAttack(InputAttack):
 
         Returns:
             ``(x_adv, deltas)``, both detached: x' (B, C, H, W) and one δ_j per perturbation
-            point with its activation's shape (``None`` entries when ``steps == 0``).
+            point with its activation's shape and its activation's dtype if that is bf16, else
+            float32 or wider (``None`` entries when ``steps == 0``).
         """
         x_adv = self.start(x)
         # "mean" is the gradient of the global batch-mean loss: divide by the global batch, so
@@ -129,7 +133,9 @@ class RobustAMOAttack(InputAttack):
             scale = scale / global_batch(len(y))
         loss_fn = model_loss(self.model, y, self.loss)
         step = projected_step(x, self.eps, self.step_size, self.norm)
-        with perturb(self.model) as p:
+        # δ in bf16 where the activation is bf16: the δ's, their gradients and the graph's saved
+        # copies are the attack's memory cost over PGD (docs/benchmarks.md, "Robust AMO's memory")
+        with perturb(self.model, delta_dtype="activation") as p:
             for _ in range(self.steps):
                 # summed as in PGD (same x' bit for bit); δ's scale is set above. The δ's are
                 # read after the forward, whose hooks create them (zeros) on the first step

@@ -8,6 +8,7 @@ import torch
 from robust_amo.models import create_model
 from robust_amo.perturb import (
     PerturbPoint,
+    delta_step,
     example_norm,
     fused_hook,
     fused_hook_enabled,
@@ -228,3 +229,58 @@ def test_fused_hook_switch_and_explicit_choice():
         # the δ's gradient flows through the fused node
         g = torch.autograd.grad(model(x).sum(), p.deltas[0])[0]
     assert g.shape == p.deltas[0].shape
+
+
+def test_delta_step_updates_a_bf16_delta_in_float32_rounded_once():
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(64, 33, generator=g).bfloat16()
+    grad = torch.randn(64, 33, generator=g).bfloat16()
+    (new,) = delta_step([d], [grad], 0.37, 0.92)
+    want = (0.92 * d.float() + 0.37 * grad.float()).bfloat16()
+    assert new.dtype == torch.bfloat16 and new.requires_grad
+    assert torch.equal(new.detach(), want)
+    # bf16 arithmetic rounds three times and differs: the test sees the float32 accumulator
+    assert not torch.equal(want, 0.92 * d + 0.37 * grad)
+    # float32 δ's: the plain expression, bit for bit (per-example step too)
+    d32, g32, step = d.float(), grad.float(), torch.rand(64, generator=g)
+    (new32,) = delta_step([d32], [g32], step, 0.92)
+    assert new32.dtype == torch.float32
+    assert torch.equal(new32.detach(), 0.92 * d32 + step[:, None] * g32)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_activation_dtype_deltas_are_bf16_only_at_bf16_activations(fused):
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with perturb(model, delta_dtype="activation", fused=fused) as p:
+        plain = model(x)
+        assert all(d.dtype == torch.float32 for d in p.deltas)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        with perturb(model, delta_dtype="activation", fused=fused) as p:
+            out = model(x)
+            assert all(d.dtype == torch.bfloat16 and d.requires_grad for d in p.deltas)
+            # zero bf16 δ's: the perturbed forward is the plain one exactly
+            assert torch.equal(out, ref)
+            grads = torch.autograd.grad(out.float().square().sum(), p.deltas)
+    assert all(gr.dtype == torch.bfloat16 and gr.abs().sum() > 0 for gr in grads)
+    assert plain.dtype == torch.float32
+    with pytest.raises(ValueError, match="delta_dtype"), perturb(model, delta_dtype="half"):
+        pass
+
+
+def test_fused_point_with_a_bf16_delta_saves_two_bf16_tensors_and_matches_float32():
+    h = torch.randn(4, 8, 6, 6).bfloat16().requires_grad_(True)
+    d = (0.01 * torch.randn(4, 8, 6, 6)).bfloat16().requires_grad_(True)
+    n = h.numel()
+    assert _saved_bytes(lambda: PerturbPoint.apply(h, d)) <= 2 * n + 2 * n + 64
+    out, s = PerturbPoint.apply(h, d)
+    out32, s32 = PerturbPoint.apply(h, d.float())
+    # s·δ is formed in float32 either way: the same forward
+    assert torch.equal(out, out32) and torch.equal(s, s32)
+    gd, gh = torch.autograd.grad(out.float().square().sum(), (d, h))
+    d32 = d.detach().float().requires_grad_(True)
+    gd32, gh32 = torch.autograd.grad(PerturbPoint.apply(h, d32)[0].float().square().sum(),
+                                     (d32, h))
+    assert gd.dtype == torch.bfloat16 and torch.equal(gd, gd32.bfloat16())
+    assert torch.equal(gh, gh32)
