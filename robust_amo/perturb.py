@@ -31,7 +31,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-
 DeltaDtype = Literal["wide", "activation"]
 """Dtype of a created δ_j: ``"wide"``, float32 or wider (the activation's work dtype);
 ``"activation"``, bf16 where the activation is bf16 (else as ``"wide"``)."""
