@@ -14,7 +14,7 @@ from torch import nn
 from robust_amo.config import AllLayerOptions, AttackLoss, DeltaGrad, Norm, ThreatModel
 from robust_amo.distributed import global_batch
 from robust_amo.errors import ConfigError
-from robust_amo.perturb import delta_step, perturb
+from robust_amo.perturb import DeltaDtype, delta_step, perturb
 
 from .base import InputAttack
 from .core import model_loss, pgd_iteration, projected_step
@@ -42,6 +42,8 @@ class RobustAMOAttack(InputAttack):
         delta_grad: ``"mean"`` (default): ∇_δ of the batch-mean loss, as the robustness library
             that the authors built on averages the loss; ``"sum"``: of the summed loss, so each
             example's step does not depend on the batch size.
+        delta_dtype: ``"activation"`` (default): δ_j in bf16 where its activation is bf16;
+            ``"wide"``: always float32 (the benchmarks' comparison row).
 
     δ is float32, except under bf16 autocast where each δ_j is stored in bf16 like its
     activation (``perturb(..., delta_dtype="activation")``: half the memory of δ and ∇δ); the
@@ -63,9 +65,11 @@ class RobustAMOAttack(InputAttack):
         rho: float = 0.92,
         eta_delta: float = 6.4e-3,
         delta_grad: DeltaGrad = "mean",
+        delta_dtype: DeltaDtype = "activation",
     ) -> None:
         self._setup(model, ThreatModel(norm, eps, step_size, steps, random_start, loss),
                     AllLayerOptions(rho, eta_delta, delta_grad), generator)
+        self.delta_dtype = delta_dtype
 
     @classmethod
     def from_threat(cls, model: nn.Module, threat: ThreatModel,
@@ -107,6 +111,7 @@ class RobustAMOAttack(InputAttack):
         self.options = options
         self.rho, self.eta_delta, self.delta_grad = options.rho, options.eta_delta, \
             options.delta_grad
+        self.delta_dtype: DeltaDtype = "activation"
 
     def __repr__(self) -> str:
         return (f"RobustAMOAttack(norm={self.norm}, eps={self.eps:.5g}, steps={self.steps}, "
@@ -135,7 +140,7 @@ class RobustAMOAttack(InputAttack):
         step = projected_step(x, self.eps, self.step_size, self.norm)
         # δ in bf16 where the activation is bf16: the δ's, their gradients and the graph's saved
         # copies are the attack's memory cost over PGD (docs/benchmarks.md, "Robust AMO's memory")
-        with perturb(self.model, delta_dtype="activation") as p:
+        with perturb(self.model, delta_dtype=self.delta_dtype) as p:
             for _ in range(self.steps):
                 # summed as in PGD (same x' bit for bit); δ's scale is set above. The δ's are
                 # read after the forward, whose hooks create them (zeros) on the first step
