@@ -14,7 +14,8 @@ from torch import nn
 from robust_amo.config import AllLayerOptions, AttackLoss, DeltaGrad, Norm, ThreatModel
 from robust_amo.distributed import global_batch
 from robust_amo.errors import ConfigError
-from robust_amo.perturb import DeltaDtype, delta_step, perturb
+from robust_amo.models import ExternalModel
+from robust_amo.perturb import DeltaDtype, delta_step, perturb, unwrap
 
 from .base import InputAttack
 from .core import model_loss, pgd_iteration, projected_step
@@ -113,6 +114,13 @@ class RobustAMOAttack(InputAttack):
             options.delta_grad
         self.delta_dtype: DeltaDtype = "activation"
 
+    def saves_output(self) -> bool:
+        """Whether the perturbation points save their output instead of h
+        (:class:`robust_amo.perturb.PerturbPointSavingOutput`): for the package's own
+        architectures, which never change a point's output in place; not for your own model
+        (``models.external``), which might."""
+        return not isinstance(unwrap(self.model), ExternalModel)
+
     def __repr__(self) -> str:
         return (f"RobustAMOAttack(norm={self.norm}, eps={self.eps:.5g}, steps={self.steps}, "
                 f"rho={self.rho:g}, eta_delta={self.eta_delta:g}, delta_grad={self.delta_grad})")
@@ -140,7 +148,8 @@ class RobustAMOAttack(InputAttack):
         step = projected_step(x, self.eps, self.step_size, self.norm)
         # δ in bf16 where the activation is bf16: the δ's, their gradients and the graph's saved
         # copies are the attack's memory cost over PGD (docs/benchmarks.md, "Robust AMO's memory")
-        with perturb(self.model, delta_dtype=self.delta_dtype) as p:
+        with perturb(self.model, delta_dtype=self.delta_dtype,
+                     save_output=self.saves_output()) as p:
             for _ in range(self.steps):
                 # summed as in PGD (same x' bit for bit); δ's scale is set above. The δ's are
                 # read after the forward, whose hooks create them (zeros) on the first step

@@ -25,7 +25,7 @@ the robustness integration share: δ_j ← shrink·δ_j + step·∇δ_j.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -108,19 +108,57 @@ class PerturbPoint(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h, d, s = ctx.saved_tensors
-        work = _work_dtype(h.dtype)
-        gw = g.to(work)
-        grad_h = grad_d = None
-        if ctx.needs_input_grad[1]:
-            grad_d = (gw * _per_example(s, h)).to(d.dtype)
-        if ctx.needs_input_grad[0]:
-            dims = tuple(range(1, h.dim()))
-            c = (gw * d).sum(dims) + g_s
-            # the divisor is 1 where s = 0 so that no 0/0 reaches a second backward either
-            pos = s > 0
-            c = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(c))
-            grad_h = torch.addcmul(gw, h.to(work), _per_example(c, h)).to(h.dtype)
-        return grad_h, grad_d
+        return _point_backward(ctx.needs_input_grad, g, g_s, lambda: h.to(_work_dtype(h.dtype)),
+                               h.dtype, d, s)
+
+
+def _point_backward(needs: tuple[bool, ...], g: torch.Tensor, g_s: torch.Tensor,
+                    h_work: Callable[[], torch.Tensor], h_dtype: torch.dtype, d: torch.Tensor,
+                    s: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """∇h and ∇δ of the point operation (see :class:`PerturbPoint`); ``h_work()`` gives h in
+    the work dtype (called only when ∇h is needed)."""
+    work = _work_dtype(h_dtype)
+    gw = g.to(work)
+    grad_h = grad_d = None
+    if needs[1]:
+        grad_d = (gw * _per_example(s, gw)).to(d.dtype)
+    if needs[0]:
+        dims = tuple(range(1, gw.dim()))
+        c = (gw * d).sum(dims) + g_s
+        # the divisor is 1 where s = 0 so that no 0/0 reaches a second backward either
+        pos = s > 0
+        c = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(c))
+        grad_h = torch.addcmul(gw, h_work(), _per_example(c, gw)).to(h_dtype)
+    return grad_h, grad_d
+
+
+class PerturbPointSavingOutput(PerturbPoint):
+    """:class:`PerturbPoint` that saves its output instead of h and recomputes
+    h = out − ‖h‖₂·δ in backward (in float32 or wider).
+
+    Where the next layer saves its input anyway (a BatchNorm, a convolution, a linear layer,
+    a max-pool), autograd shares that storage, so the point keeps one activation fewer alive
+    (docs/benchmarks.md, "Robust AMO's memory"). The recomputed h differs from h by the rounding
+    of the output (one ulp of h's dtype), the backward formula is unchanged and stays
+    differentiable, so double backward is exact. The output must not be changed in place
+    afterwards (autograd then raises at the backward): :func:`perturb` uses it only on request
+    (``save_output=True``), which robust AMO makes for the package's own architectures.
+    """
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output) -> None:
+        h, d = inputs
+        ctx.save_for_backward(output[0], d, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        out, d, s = ctx.saved_tensors
+
+        def h_work() -> torch.Tensor:
+            return out.to(_work_dtype(out.dtype)) - _per_example(s, out) * d
+
+        return _point_backward(ctx.needs_input_grad, g, g_s, h_work, out.dtype, d, s)
 
 
 _FUSED = [True]
@@ -211,16 +249,18 @@ class Perturbation:
         create: create missing δ_j (zeros, ``requires_grad``) at the next forward.
         fused: the point operation runs as :class:`PerturbPoint` (else the reference ops).
         delta_dtype: the dtype of created δ's (:data:`DeltaDtype`).
+        save_output: the fused point saves its output, not h (:class:`PerturbPointSavingOutput`).
     """
 
     def __init__(self, names: list[str], deltas: Sequence[torch.Tensor | None] | None,
-                 requires_grad: bool, fused: bool = True, delta_dtype: DeltaDtype = "wide"
-                 ) -> None:
+                 requires_grad: bool, fused: bool = True, delta_dtype: DeltaDtype = "wide",
+                 save_output: bool = False) -> None:
         if delta_dtype not in ("wide", "activation"):
             raise ValueError(f"delta_dtype must be 'wide' or 'activation', got {delta_dtype!r}")
         self.names = names
         self.fused = fused
         self.delta_dtype = delta_dtype
+        self.save_output = save_output
         if deltas is not None and len(deltas) != len(names):
             raise ValueError(f"got {len(deltas)} deltas for {len(names)} perturbation points")
         self.deltas: list[torch.Tensor | None] = (
@@ -256,8 +296,12 @@ class Perturbation:
                     f"δ for {self.names[j]} has shape {tuple(d.shape)} but the activation has "
                     f"{tuple(out.shape)}; a Perturbation serves one batch shape (call reset())"
                 )
-            out, self.scales[j] = (PerturbPoint.apply(out, d) if self.fused
-                                   else perturb_reference(out, d))
+            if not self.fused:
+                out, self.scales[j] = perturb_reference(out, d)
+            elif self.save_output:
+                out, self.scales[j] = PerturbPointSavingOutput.apply(out, d)
+            else:
+                out, self.scales[j] = PerturbPoint.apply(out, d)
             return out
 
         return hook
@@ -271,6 +315,7 @@ def perturb(
     requires_grad: bool = True,
     fused: bool | None = None,
     delta_dtype: DeltaDtype = "wide",
+    save_output: bool = False,
 ) -> Iterator[Perturbation]:
     """Install δ hooks on ``model``'s perturbation points for the duration of the block.
 
@@ -283,13 +328,17 @@ def perturb(
             reference ops (False); None (default): as :func:`fused_hook` says (fused).
         delta_dtype: ``"wide"`` (default): created δ's are float32 or wider; ``"activation"``:
             bf16 at bf16 activations (half the memory of δ and ∇δ under bf16 autocast).
+        save_output: the fused point saves its output instead of h
+            (:class:`PerturbPointSavingOutput`: one activation fewer where the next layer saves
+            its input); only for models that never change a point's output in place.
 
     Yields:
         the :class:`Perturbation` whose ``deltas`` the hooks read at every forward.
     """
     points = unwrap(model).perturbation_points()
     state = Perturbation([n for n, _ in points], deltas, requires_grad,
-                         fused_hook_enabled() if fused is None else fused, delta_dtype)
+                         fused_hook_enabled() if fused is None else fused, delta_dtype,
+                         save_output)
     handles = []
     try:
         for j, (_, module) in enumerate(points):

@@ -8,6 +8,7 @@ import torch
 from robust_amo.models import create_model
 from robust_amo.perturb import (
     PerturbPoint,
+    PerturbPointSavingOutput,
     delta_step,
     example_norm,
     fused_hook,
@@ -284,3 +285,78 @@ def test_fused_point_with_a_bf16_delta_saves_two_bf16_tensors_and_matches_float3
                                      (d32, h))
     assert gd.dtype == torch.bfloat16 and torch.equal(gd, gd32.bfloat16())
     assert torch.equal(gh, gh32)
+
+
+# --- the point that saves its output (PerturbPointSavingOutput) -------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 4), (4, 5)])
+def test_output_saving_point_gradcheck_and_gradgradcheck(shape):
+    h, d = _hd(shape, seed=6)
+    assert torch.autograd.gradcheck(PerturbPointSavingOutput.apply, (h, d))
+    assert torch.autograd.gradgradcheck(PerturbPointSavingOutput.apply, (h, d))
+    h0, d0 = _hd(shape, seed=6, zero_example=True)
+    assert torch.autograd.gradcheck(lambda a, b: PerturbPointSavingOutput.apply(a, b)[0],
+                                    (h0, d0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_output_saving_point_equals_the_reference(dtype):
+    h, d = _hd((4, 3, 5, 5), dtype, seed=1, zero_example=True)
+    out_o, s_o = PerturbPointSavingOutput.apply(h, d)
+    out_r, s_r = perturb_reference(h, d)
+    assert torch.equal(out_o, out_r) and torch.equal(s_o, s_r)
+    g = torch.randn(out_o.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gs = torch.randn(4, generator=torch.Generator().manual_seed(3), dtype=s_o.dtype)
+    grads_o = torch.autograd.grad((out_o * g).sum() + (s_o * gs).sum(), (h, d))
+    grads_r = torch.autograd.grad((out_r * g).sum() + (s_r * gs).sum(), (h, d))
+    # h is recomputed from the rounded output: equal up to one rounding of h's dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for a, b in zip(grads_o, grads_r, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # ∇δ = ‖h‖·g needs no h: bit-identical to the h-saving point
+    out_f, s_f = PerturbPoint.apply(h, d)
+    (gd_f,) = torch.autograd.grad((out_f * g).sum() + (s_f * gs).sum(), d)
+    assert torch.equal(grads_o[1], gd_f)
+
+
+def test_output_saving_point_shares_the_next_layers_saved_input():
+    """Followed by a layer that saves its input, the point saves no activation of its own."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).bfloat16()
+    h = torch.randn(4, 8, 6, 6).bfloat16().requires_grad_(True)
+    d = torch.zeros(4, 8, 6, 6, dtype=torch.bfloat16)
+    n = h.numel()
+    weights = sum(t.numel() * 2 for t in conv.parameters())
+    plain = _saved_bytes(lambda: conv(PerturbPoint.apply(h, d)[0]))
+    saving = _saved_bytes(lambda: conv(PerturbPointSavingOutput.apply(h, d)[0]))
+    assert plain - saving == 2 * n  # h in bf16
+    assert saving <= 2 * n + 2 * n + weights + 64  # the shared output, δ, the norm, the weights
+
+
+def test_output_saving_point_refuses_an_in_place_change_of_its_output():
+    h, d = _hd((2, 3), seed=7)
+    out, _ = PerturbPointSavingOutput.apply(h, d)
+    out.relu_()
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("save_output", [True, False])
+def test_perturb_save_output_choice(save_output):
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with perturb(model, save_output=save_output) as p:
+        out = model(x)
+        assert p.save_output is save_output
+        nodes = []
+        stack, seen = [out.grad_fn], set()
+        while stack:
+            f = stack.pop()
+            if f is None or f in seen:
+                continue
+            seen.add(f)
+            nodes.append(type(f).__name__)
+            stack.extend(nf for nf, _ in f.next_functions)
+    kinds = {n for n in nodes if "PerturbPoint" in n}
+    assert kinds == ({"PerturbPointSavingOutputBackward"} if save_output
+                     else {"PerturbPointBackward"})

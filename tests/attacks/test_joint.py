@@ -9,6 +9,7 @@ from robust_amo.attacks import PGD, RobustAMOAttack, attack_loss, random_start
 from robust_amo.methods import (
     robust_amo_loss,
 )
+from robust_amo.models import ExternalModel
 from robust_amo.perturb import perturb
 from tests.helpers import batch, tiny_model
 
@@ -90,3 +91,19 @@ def test_robust_amo_attack_restores_mode_on_error_and_validates():
         RobustAMOAttack.from_pgd(PGD(model, restarts=2))
     with pytest.raises(ValueError, match="delta_grad"):
         RobustAMOAttack(model, delta_grad="max")
+
+
+def test_robust_amo_saves_point_outputs_only_for_the_packages_architectures():
+    """Your own model may change a point's output in place (a VGG's ReLU(inplace=True) after a
+    convolution): there the points keep saving h and training runs; the package's own
+    architectures save the output instead (one activation fewer)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(inplace=True),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+    external = ExternalModel(net, channels=1)
+    x, y = batch(n=4)
+    joint = RobustAMOAttack(external, eps=0.1, step_size=0.03, steps=2, eta_delta=0.5)
+    assert not joint.saves_output()
+    loss, _ = robust_amo_loss(external, x, y, attack=joint)
+    loss.backward()
+    assert net[0].weight.grad.abs().sum() > 0
+    assert RobustAMOAttack(tiny_model(), steps=1).saves_output()
