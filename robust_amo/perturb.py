@@ -25,7 +25,7 @@ the robustness integration share: δ_j ← shrink·δ_j + step·∇δ_j.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -108,15 +108,16 @@ class PerturbPoint(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h, d, s = ctx.saved_tensors
-        return _point_backward(ctx.needs_input_grad, g, g_s, lambda: h.to(_work_dtype(h.dtype)),
-                               h.dtype, d, s)
+        return _point_backward(ctx.needs_input_grad, g, g_s, h, d, s, from_output=False)
 
 
 def _point_backward(needs: tuple[bool, ...], g: torch.Tensor, g_s: torch.Tensor,
-                    h_work: Callable[[], torch.Tensor], h_dtype: torch.dtype, d: torch.Tensor,
-                    s: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """∇h and ∇δ of the point operation (see :class:`PerturbPoint`); ``h_work()`` gives h in
-    the work dtype (called only when ∇h is needed)."""
+                    saved: torch.Tensor, d: torch.Tensor, s: torch.Tensor, from_output: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """∇h and ∇δ of the point operation (see :class:`PerturbPoint`) from the saved h, or from
+    the saved output out = h + s·δ when ``from_output``: then ∇h = g + c·out − (c·s)·δ, the
+    same formula with h = out − s·δ expanded so that no h is materialised."""
+    h_dtype = saved.dtype
     work = _work_dtype(h_dtype)
     gw = g.to(work)
     grad_h = grad_d = None
@@ -128,18 +129,21 @@ def _point_backward(needs: tuple[bool, ...], g: torch.Tensor, g_s: torch.Tensor,
         # the divisor is 1 where s = 0 so that no 0/0 reaches a second backward either
         pos = s > 0
         c = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(c))
-        grad_h = torch.addcmul(gw, h_work(), _per_example(c, gw)).to(h_dtype)
+        grad_h = torch.addcmul(gw, saved.to(work), _per_example(c, gw))
+        if from_output:
+            grad_h = grad_h.addcmul_(d.to(work), _per_example(-c * s, gw))
+        grad_h = grad_h.to(h_dtype)
     return grad_h, grad_d
 
 
 class PerturbPointSavingOutput(PerturbPoint):
-    """:class:`PerturbPoint` that saves its output instead of h and recomputes
-    h = out − ‖h‖₂·δ in backward (in float32 or wider).
+    """:class:`PerturbPoint` that saves its output instead of h: its backward uses
+    h = out − ‖h‖₂·δ, expanded as ∇h = g + c·out − (c·‖h‖₂)·δ (float32 or wider).
 
     Where the next layer saves its input anyway (a BatchNorm, a convolution, a linear layer,
     a max-pool), autograd shares that storage, so the point keeps one activation fewer alive
-    (docs/benchmarks.md, "Robust AMO's memory"). The recomputed h differs from h by the rounding
-    of the output (one ulp of h's dtype), the backward formula is unchanged and stays
+    (docs/benchmarks.md, "Robust AMO's memory"). The h it stands for differs from h by the
+    rounding of the output (half an ulp of h's dtype); the formula is the same and stays
     differentiable, so double backward is exact. The output must not be changed in place
     afterwards (autograd then raises at the backward): :func:`perturb` uses it only on request
     (``save_output=True``), which robust AMO makes for the package's own architectures.
@@ -154,11 +158,7 @@ class PerturbPointSavingOutput(PerturbPoint):
     def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         out, d, s = ctx.saved_tensors
-
-        def h_work() -> torch.Tensor:
-            return out.to(_work_dtype(out.dtype)) - _per_example(s, out) * d
-
-        return _point_backward(ctx.needs_input_grad, g, g_s, h_work, out.dtype, d, s)
+        return _point_backward(ctx.needs_input_grad, g, g_s, out, d, s, from_output=True)
 
 
 _FUSED = [True]
