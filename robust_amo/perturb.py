@@ -131,7 +131,7 @@ def _point_backward(needs: tuple[bool, ...], g: torch.Tensor, g_s: torch.Tensor,
         c = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(c))
         grad_h = torch.addcmul(gw, saved.to(work), _per_example(c, gw))
         if from_output:
-            grad_h = grad_h.addcmul_(d.to(work), _per_example(-c * s, gw))
+            grad_h = torch.addcmul(grad_h, d.to(work), _per_example(-c * s, gw))
         grad_h = grad_h.to(h_dtype)
     return grad_h, grad_d
 

@@ -360,3 +360,18 @@ def test_perturb_save_output_choice(save_output):
     kinds = {n for n in nodes if "PerturbPoint" in n}
     assert kinds == ({"PerturbPointSavingOutputBackward"} if save_output
                      else {"PerturbPointBackward"})
+
+
+def test_output_saving_point_under_vmap_and_batched_gradients():
+    h, d = _hd((3, 2, 4, 4), seed=4)
+    j_o = torch.func.jacrev(lambda a: PerturbPointSavingOutput.apply(a, d)[0].sum((1, 2, 3)))(h)
+    j_r = torch.func.jacrev(lambda a: perturb_reference(a, d)[0].sum((1, 2, 3)))(h)
+    torch.testing.assert_close(j_o, j_r)
+    jd_o = torch.func.jacrev(lambda b: PerturbPointSavingOutput.apply(h, b)[0].sum((1, 2, 3)))(d)
+    jd_r = torch.func.jacrev(lambda b: perturb_reference(h, b)[0].sum((1, 2, 3)))(d)
+    torch.testing.assert_close(jd_o, jd_r)
+    cot = torch.randn(4, 3, 2, 4, 4, dtype=torch.float64)
+    (b_o,) = torch.autograd.grad(PerturbPointSavingOutput.apply(h, d)[0], h, cot,
+                                 is_grads_batched=True)
+    (b_r,) = torch.autograd.grad(perturb_reference(h, d)[0], h, cot, is_grads_batched=True)
+    torch.testing.assert_close(b_o, b_r)
