@@ -14,7 +14,8 @@ from torch import nn
 from robust_amo.config import AllLayerOptions, AttackLoss, DeltaGrad, Norm, ThreatModel
 from robust_amo.distributed import global_batch
 from robust_amo.errors import ConfigError
-from robust_amo.perturb import delta_step, perturb
+from robust_amo.models import ExternalModel
+from robust_amo.perturb import DeltaDtype, delta_step, perturb, unwrap
 
 from .base import InputAttack
 from .core import model_loss, pgd_iteration, projected_step
@@ -42,9 +43,14 @@ class RobustAMOAttack(InputAttack):
         delta_grad: ``"mean"`` (default): ∇_δ of the batch-mean loss, as the robustness library
             that the authors built on averages the loss; ``"sum"``: of the summed loss, so each
             example's step does not depend on the batch size.
+        delta_dtype: ``"activation"`` (default): δ_j in bf16 where its activation is bf16;
+            ``"wide"``: always float32 (the benchmarks' comparison row).
 
-    δ and its update are float32 even under bf16 autocast. With ``eta_delta = 0`` every x'
-    iterate is bit-identical to :class:`PGD` with the same generator state.
+    δ is float32, except under bf16 autocast where each δ_j is stored in bf16 like its
+    activation (``perturb(..., delta_dtype="activation")``: half the memory of δ and ∇δ); the
+    norm, s·δ and the update ρ·δ + η_δ·∇δ are still formed in float32 and rounded once. With
+    ``eta_delta = 0`` every x' iterate is bit-identical to :class:`PGD` with the same generator
+    state.
     """
 
     def __init__(
@@ -60,9 +66,11 @@ class RobustAMOAttack(InputAttack):
         rho: float = 0.92,
         eta_delta: float = 6.4e-3,
         delta_grad: DeltaGrad = "mean",
+        delta_dtype: DeltaDtype = "activation",
     ) -> None:
         self._setup(model, ThreatModel(norm, eps, step_size, steps, random_start, loss),
                     AllLayerOptions(rho, eta_delta, delta_grad), generator)
+        self.delta_dtype = delta_dtype
 
     @classmethod
     def from_threat(cls, model: nn.Module, threat: ThreatModel,
@@ -104,6 +112,14 @@ class RobustAMOAttack(InputAttack):
         self.options = options
         self.rho, self.eta_delta, self.delta_grad = options.rho, options.eta_delta, \
             options.delta_grad
+        self.delta_dtype: DeltaDtype = "activation"
+
+    def saves_output(self) -> bool:
+        """Whether the perturbation points save their output instead of h
+        (:class:`robust_amo.perturb.PerturbPointSavingOutput`): for the package's own
+        architectures, which never change a point's output in place; not for your own model
+        (``models.external``), which might."""
+        return not isinstance(unwrap(self.model), ExternalModel)
 
     def __repr__(self) -> str:
         return (f"RobustAMOAttack(norm={self.norm}, eps={self.eps:.5g}, steps={self.steps}, "
@@ -119,7 +135,8 @@ class RobustAMOAttack(InputAttack):
 
         Returns:
             ``(x_adv, deltas)``, both detached: x' (B, C, H, W) and one δ_j per perturbation
-            point with its activation's shape (``None`` entries when ``steps == 0``).
+            point with its activation's shape and its activation's dtype if that is bf16, else
+            float32 or wider (``None`` entries when ``steps == 0``).
         """
         x_adv = self.start(x)
         # "mean" is the gradient of the global batch-mean loss: divide by the global batch, so
@@ -129,7 +146,10 @@ class RobustAMOAttack(InputAttack):
             scale = scale / global_batch(len(y))
         loss_fn = model_loss(self.model, y, self.loss)
         step = projected_step(x, self.eps, self.step_size, self.norm)
-        with perturb(self.model) as p:
+        # δ in bf16 where the activation is bf16: the δ's, their gradients and the graph's saved
+        # copies are the attack's memory cost over PGD (docs/benchmarks.md, "Robust AMO's memory")
+        with perturb(self.model, delta_dtype=self.delta_dtype,
+                     save_output=self.saves_output()) as p:
             for _ in range(self.steps):
                 # summed as in PGD (same x' bit for bit); δ's scale is set above. The δ's are
                 # read after the forward, whose hooks create them (zeros) on the first step

@@ -5,10 +5,12 @@ h_j ← h_j + ‖h_j‖₂ · δ_j, where ‖h_j‖₂ is the L2 norm of each ex
 (flattened) and stays in the autograd graph (docs/algorithms.md, "Perturbation points"). The
 architectures stay plain: nothing changes once the context exits, also on error.
 
-δ_j has the shape of h_j (channels_last preserved), is kept in float32 even when the forward runs
-under bf16 autocast (float64 for a float64 model), and is created zero-filled and requiring grad at
-the first forward unless given. With every δ_j = 0 the perturbed forward equals the plain forward
-exactly.
+δ_j has the shape of h_j (channels_last preserved) and is created zero-filled and requiring grad at
+the first forward unless given. By default it is kept in float32 even when the forward runs under
+bf16 autocast (float64 for a float64 model); ``perturb(..., delta_dtype="activation")`` stores a
+created δ_j in bf16 when h_j is bf16 (robust AMO's joint attack does: half the memory of δ and
+of ∇δ), the norm, the product and the δ update still computed in float32. With every δ_j = 0 the
+perturbed forward equals the plain forward exactly, in either dtype.
 
 The point operation runs in one of two equivalent kernels: the reference (plain torch ops, autograd
 differentiates the norm, the product and the sum separately) or the fused
@@ -24,15 +26,30 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+DeltaDtype = Literal["wide", "activation"]
+"""Dtype of a created δ_j: ``"wide"``, float32 or wider (the activation's work dtype);
+``"activation"``, bf16 where the activation is bf16 (else as ``"wide"``)."""
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision activations, the activation's own dtype otherwise (float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _delta_dtype(activation: torch.dtype, kind: DeltaDtype) -> torch.dtype:
+    """The dtype of a δ created for an activation of dtype ``activation``.
+
+    Only bf16 is stored narrow: it has float32's exponent range, so the small δ steps of a
+    batch-mean loss cannot underflow as they could in float16.
+    """
+    if kind == "activation" and activation == torch.bfloat16:
+        return activation
+    return _work_dtype(activation)
 
 
 def example_norm(h: torch.Tensor) -> torch.Tensor:
@@ -49,7 +66,8 @@ def perturb_reference(h: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, t
     """``(h + ‖h‖₂·δ, ‖h‖₂)`` in plain torch ops (the reference the fused kernel is tested on).
 
     Args:
-        h: the activation (B, ...), any float dtype; d: δ, same shape, float32 or wider.
+        h: the activation (B, ...), any float dtype; d: δ, same shape, float32 or wider, or
+            bf16 (then s·δ is still formed in float32 and rounded once, into h's dtype).
 
     Returns:
         the perturbed activation in ``h``'s dtype, and the per-example norm (B,) in float32 or
@@ -90,19 +108,57 @@ class PerturbPoint(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         h, d, s = ctx.saved_tensors
-        work = _work_dtype(h.dtype)
-        gw = g.to(work)
-        grad_h = grad_d = None
-        if ctx.needs_input_grad[1]:
-            grad_d = (gw * _per_example(s, h)).to(d.dtype)
-        if ctx.needs_input_grad[0]:
-            dims = tuple(range(1, h.dim()))
-            c = (gw * d).sum(dims) + g_s
-            # the divisor is 1 where s = 0 so that no 0/0 reaches a second backward either
-            pos = s > 0
-            c = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(c))
-            grad_h = torch.addcmul(gw, h.to(work), _per_example(c, h)).to(h.dtype)
-        return grad_h, grad_d
+        return _point_backward(ctx.needs_input_grad, g, g_s, h, d, s, from_output=False)
+
+
+def _point_backward(needs: tuple[bool, ...], g: torch.Tensor, g_s: torch.Tensor,
+                    saved: torch.Tensor, d: torch.Tensor, s: torch.Tensor, from_output: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """∇h and ∇δ of the point operation (see :class:`PerturbPoint`) from the saved h, or from
+    the saved output out = h + s·δ when ``from_output``: then ∇h = g + c·out − (c·s)·δ, the
+    same formula with h = out − s·δ expanded so that no h is materialised."""
+    h_dtype = saved.dtype
+    work = _work_dtype(h_dtype)
+    gw = g.to(work)
+    grad_h = grad_d = None
+    if needs[1]:
+        grad_d = (gw * _per_example(s, gw)).to(d.dtype)
+    if needs[0]:
+        dims = tuple(range(1, gw.dim()))
+        c = (gw * d).sum(dims) + g_s
+        # the divisor is 1 where s = 0 so that no 0/0 reaches a second backward either
+        pos = s > 0
+        c = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(c))
+        grad_h = torch.addcmul(gw, saved.to(work), _per_example(c, gw))
+        if from_output:
+            grad_h = torch.addcmul(grad_h, d.to(work), _per_example(-c * s, gw))
+        grad_h = grad_h.to(h_dtype)
+    return grad_h, grad_d
+
+
+class PerturbPointSavingOutput(PerturbPoint):
+    """:class:`PerturbPoint` that saves its output instead of h: its backward uses
+    h = out − ‖h‖₂·δ, expanded as ∇h = g + c·out − (c·‖h‖₂)·δ (float32 or wider).
+
+    Where the next layer saves its input anyway (a BatchNorm, a convolution, a linear layer,
+    a max-pool), autograd shares that storage, so the point keeps one activation fewer alive
+    (docs/benchmarks.md, "Robust AMO's memory"). The h it stands for differs from h by the
+    rounding of the output (half an ulp of h's dtype); the formula is the same and stays
+    differentiable, so double backward is exact. The output must not be changed in place
+    afterwards (autograd then raises at the backward): :func:`perturb` uses it only on request
+    (``save_output=True``), which robust AMO makes for the package's own architectures.
+    """
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output) -> None:
+        h, d = inputs
+        ctx.save_for_backward(output[0], d, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        out, d, s = ctx.saved_tensors
+        return _point_backward(ctx.needs_input_grad, g, g_s, out, d, s, from_output=True)
 
 
 _FUSED = [True]
@@ -152,13 +208,18 @@ def delta_step(
             forward of the perturbed model.
 
     Returns:
-        the new δ's, computed without building a graph.
+        the new δ's in the dtypes of ``deltas``, computed without building a graph (a bf16 δ in
+        float32, rounded once).
     """
     out = []
     with torch.no_grad():
         for d, g in zip(deltas, grads, strict=True):
             s: Any = step.view(-1, *([1] * (g.dim() - 1))) if torch.is_tensor(step) else step
-            out.append((shrink * d.detach() + s * g).requires_grad_(requires_grad))
+            # a bf16 δ is updated in float32 and rounded once; for float32/float64 δ's the
+            # casts are no-ops and the update is the plain expression, bit for bit
+            work = _work_dtype(d.dtype)
+            new = shrink * d.detach().to(work) + s * g.to(work)
+            out.append(new.to(d.dtype).requires_grad_(requires_grad))
     return out
 
 
@@ -182,16 +243,24 @@ class Perturbation:
 
     Attributes:
         names: qualified module names of the perturbation points, in forward order.
-        deltas: the δ_j tensors (float32, activation shape), ``None`` until created.
+        deltas: the δ_j tensors (activation shape; float32 or wider, or bf16 with
+            ``delta_dtype="activation"``), ``None`` until created.
         scales: ‖h_j‖₂ (B,) seen in the latest forward (the s_j(x) of Wei & Ma Appendix C).
         create: create missing δ_j (zeros, ``requires_grad``) at the next forward.
         fused: the point operation runs as :class:`PerturbPoint` (else the reference ops).
+        delta_dtype: the dtype of created δ's (:data:`DeltaDtype`).
+        save_output: the fused point saves its output, not h (:class:`PerturbPointSavingOutput`).
     """
 
     def __init__(self, names: list[str], deltas: Sequence[torch.Tensor | None] | None,
-                 requires_grad: bool, fused: bool = True) -> None:
+                 requires_grad: bool, fused: bool = True, delta_dtype: DeltaDtype = "wide",
+                 save_output: bool = False) -> None:
+        if delta_dtype not in ("wide", "activation"):
+            raise ValueError(f"delta_dtype must be 'wide' or 'activation', got {delta_dtype!r}")
         self.names = names
         self.fused = fused
+        self.delta_dtype = delta_dtype
+        self.save_output = save_output
         if deltas is not None and len(deltas) != len(names):
             raise ValueError(f"got {len(deltas)} deltas for {len(names)} perturbation points")
         self.deltas: list[torch.Tensor | None] = (
@@ -219,7 +288,7 @@ class Perturbation:
             if d is None:
                 if not self.create:
                     return out
-                d = torch.zeros_like(out, dtype=_work_dtype(out.dtype))
+                d = torch.zeros_like(out, dtype=_delta_dtype(out.dtype, self.delta_dtype))
                 d.requires_grad_(self.requires_grad)
                 self.deltas[j] = d
             if d.shape != out.shape:
@@ -227,8 +296,12 @@ class Perturbation:
                     f"δ for {self.names[j]} has shape {tuple(d.shape)} but the activation has "
                     f"{tuple(out.shape)}; a Perturbation serves one batch shape (call reset())"
                 )
-            out, self.scales[j] = (PerturbPoint.apply(out, d) if self.fused
-                                   else perturb_reference(out, d))
+            if not self.fused:
+                out, self.scales[j] = perturb_reference(out, d)
+            elif self.save_output:
+                out, self.scales[j] = PerturbPointSavingOutput.apply(out, d)
+            else:
+                out, self.scales[j] = PerturbPoint.apply(out, d)
             return out
 
         return hook
@@ -241,6 +314,8 @@ def perturb(
     *,
     requires_grad: bool = True,
     fused: bool | None = None,
+    delta_dtype: DeltaDtype = "wide",
+    save_output: bool = False,
 ) -> Iterator[Perturbation]:
     """Install δ hooks on ``model``'s perturbation points for the duration of the block.
 
@@ -251,13 +326,19 @@ def perturb(
         requires_grad: whether created δ's require grad (default True).
         fused: run the point operation as the fused :class:`PerturbPoint` (True) or as the
             reference ops (False); None (default): as :func:`fused_hook` says (fused).
+        delta_dtype: ``"wide"`` (default): created δ's are float32 or wider; ``"activation"``:
+            bf16 at bf16 activations (half the memory of δ and ∇δ under bf16 autocast).
+        save_output: the fused point saves its output instead of h
+            (:class:`PerturbPointSavingOutput`: one activation fewer where the next layer saves
+            its input); only for models that never change a point's output in place.
 
     Yields:
         the :class:`Perturbation` whose ``deltas`` the hooks read at every forward.
     """
     points = unwrap(model).perturbation_points()
     state = Perturbation([n for n, _ in points], deltas, requires_grad,
-                         fused_hook_enabled() if fused is None else fused)
+                         fused_hook_enabled() if fused is None else fused, delta_dtype,
+                         save_output)
     handles = []
     try:
         for j, (_, module) in enumerate(points):

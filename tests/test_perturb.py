@@ -8,6 +8,8 @@ import torch
 from robust_amo.models import create_model
 from robust_amo.perturb import (
     PerturbPoint,
+    PerturbPointSavingOutput,
+    delta_step,
     example_norm,
     fused_hook,
     fused_hook_enabled,
@@ -228,3 +230,148 @@ def test_fused_hook_switch_and_explicit_choice():
         # the δ's gradient flows through the fused node
         g = torch.autograd.grad(model(x).sum(), p.deltas[0])[0]
     assert g.shape == p.deltas[0].shape
+
+
+def test_delta_step_updates_a_bf16_delta_in_float32_rounded_once():
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(64, 33, generator=g).bfloat16()
+    grad = torch.randn(64, 33, generator=g).bfloat16()
+    (new,) = delta_step([d], [grad], 0.37, 0.92)
+    want = (0.92 * d.float() + 0.37 * grad.float()).bfloat16()
+    assert new.dtype == torch.bfloat16 and new.requires_grad
+    assert torch.equal(new.detach(), want)
+    # bf16 arithmetic rounds three times and differs: the test sees the float32 accumulator
+    assert not torch.equal(want, 0.92 * d + 0.37 * grad)
+    # float32 δ's: the plain expression, bit for bit (per-example step too)
+    d32, g32, step = d.float(), grad.float(), torch.rand(64, generator=g)
+    (new32,) = delta_step([d32], [g32], step, 0.92)
+    assert new32.dtype == torch.float32
+    assert torch.equal(new32.detach(), 0.92 * d32 + step[:, None] * g32)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_activation_dtype_deltas_are_bf16_only_at_bf16_activations(fused):
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with perturb(model, delta_dtype="activation", fused=fused) as p:
+        plain = model(x)
+        assert all(d.dtype == torch.float32 for d in p.deltas)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        with perturb(model, delta_dtype="activation", fused=fused) as p:
+            out = model(x)
+            assert all(d.dtype == torch.bfloat16 and d.requires_grad for d in p.deltas)
+            # zero bf16 δ's: the perturbed forward is the plain one exactly
+            assert torch.equal(out, ref)
+            grads = torch.autograd.grad(out.float().square().sum(), p.deltas)
+    assert all(gr.dtype == torch.bfloat16 and gr.abs().sum() > 0 for gr in grads)
+    assert plain.dtype == torch.float32
+    with pytest.raises(ValueError, match="delta_dtype"), perturb(model, delta_dtype="half"):
+        pass
+
+
+def test_fused_point_with_a_bf16_delta_saves_two_bf16_tensors_and_matches_float32():
+    h = torch.randn(4, 8, 6, 6).bfloat16().requires_grad_(True)
+    d = (0.01 * torch.randn(4, 8, 6, 6)).bfloat16().requires_grad_(True)
+    n = h.numel()
+    assert _saved_bytes(lambda: PerturbPoint.apply(h, d)) <= 2 * n + 2 * n + 64
+    out, s = PerturbPoint.apply(h, d)
+    out32, s32 = PerturbPoint.apply(h, d.float())
+    # s·δ is formed in float32 either way: the same forward
+    assert torch.equal(out, out32) and torch.equal(s, s32)
+    gd, gh = torch.autograd.grad(out.float().square().sum(), (d, h))
+    d32 = d.detach().float().requires_grad_(True)
+    gd32, gh32 = torch.autograd.grad(PerturbPoint.apply(h, d32)[0].float().square().sum(),
+                                     (d32, h))
+    assert gd.dtype == torch.bfloat16 and torch.equal(gd, gd32.bfloat16())
+    assert torch.equal(gh, gh32)
+
+
+# --- the point that saves its output (PerturbPointSavingOutput) -------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 4), (4, 5)])
+def test_output_saving_point_gradcheck_and_gradgradcheck(shape):
+    h, d = _hd(shape, seed=6)
+    assert torch.autograd.gradcheck(PerturbPointSavingOutput.apply, (h, d))
+    assert torch.autograd.gradgradcheck(PerturbPointSavingOutput.apply, (h, d))
+    h0, d0 = _hd(shape, seed=6, zero_example=True)
+    assert torch.autograd.gradcheck(lambda a, b: PerturbPointSavingOutput.apply(a, b)[0],
+                                    (h0, d0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_output_saving_point_equals_the_reference(dtype):
+    h, d = _hd((4, 3, 5, 5), dtype, seed=1, zero_example=True)
+    out_o, s_o = PerturbPointSavingOutput.apply(h, d)
+    out_r, s_r = perturb_reference(h, d)
+    assert torch.equal(out_o, out_r) and torch.equal(s_o, s_r)
+    g = torch.randn(out_o.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gs = torch.randn(4, generator=torch.Generator().manual_seed(3), dtype=s_o.dtype)
+    grads_o = torch.autograd.grad((out_o * g).sum() + (s_o * gs).sum(), (h, d))
+    grads_r = torch.autograd.grad((out_r * g).sum() + (s_r * gs).sum(), (h, d))
+    # h is recomputed from the rounded output: equal up to one rounding of h's dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for a, b in zip(grads_o, grads_r, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # ∇δ = ‖h‖·g needs no h: bit-identical to the h-saving point
+    out_f, s_f = PerturbPoint.apply(h, d)
+    (gd_f,) = torch.autograd.grad((out_f * g).sum() + (s_f * gs).sum(), d)
+    assert torch.equal(grads_o[1], gd_f)
+
+
+def test_output_saving_point_shares_the_next_layers_saved_input():
+    """Followed by a layer that saves its input, the point saves no activation of its own."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).bfloat16()
+    h = torch.randn(4, 8, 6, 6).bfloat16().requires_grad_(True)
+    d = torch.zeros(4, 8, 6, 6, dtype=torch.bfloat16)
+    n = h.numel()
+    weights = sum(t.numel() * 2 for t in conv.parameters())
+    plain = _saved_bytes(lambda: conv(PerturbPoint.apply(h, d)[0]))
+    saving = _saved_bytes(lambda: conv(PerturbPointSavingOutput.apply(h, d)[0]))
+    assert plain - saving == 2 * n  # h in bf16
+    assert saving <= 2 * n + 2 * n + weights + 64  # the shared output, δ, the norm, the weights
+
+
+def test_output_saving_point_refuses_an_in_place_change_of_its_output():
+    h, d = _hd((2, 3), seed=7)
+    out, _ = PerturbPointSavingOutput.apply(h, d)
+    out.relu_()
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("save_output", [True, False])
+def test_perturb_save_output_choice(save_output):
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with perturb(model, save_output=save_output) as p:
+        out = model(x)
+        assert p.save_output is save_output
+        nodes = []
+        stack, seen = [out.grad_fn], set()
+        while stack:
+            f = stack.pop()
+            if f is None or f in seen:
+                continue
+            seen.add(f)
+            nodes.append(type(f).__name__)
+            stack.extend(nf for nf, _ in f.next_functions)
+    kinds = {n for n in nodes if "PerturbPoint" in n}
+    assert kinds == ({"PerturbPointSavingOutputBackward"} if save_output
+                     else {"PerturbPointBackward"})
+
+
+def test_output_saving_point_under_vmap_and_batched_gradients():
+    h, d = _hd((3, 2, 4, 4), seed=4)
+    j_o = torch.func.jacrev(lambda a: PerturbPointSavingOutput.apply(a, d)[0].sum((1, 2, 3)))(h)
+    j_r = torch.func.jacrev(lambda a: perturb_reference(a, d)[0].sum((1, 2, 3)))(h)
+    torch.testing.assert_close(j_o, j_r)
+    jd_o = torch.func.jacrev(lambda b: PerturbPointSavingOutput.apply(h, b)[0].sum((1, 2, 3)))(d)
+    jd_r = torch.func.jacrev(lambda b: perturb_reference(h, b)[0].sum((1, 2, 3)))(d)
+    torch.testing.assert_close(jd_o, jd_r)
+    cot = torch.randn(4, 3, 2, 4, 4, dtype=torch.float64)
+    (b_o,) = torch.autograd.grad(PerturbPointSavingOutput.apply(h, d)[0], h, cot,
+                                 is_grads_batched=True)
+    (b_r,) = torch.autograd.grad(perturb_reference(h, d)[0], h, cot, is_grads_batched=True)
+    torch.testing.assert_close(b_o, b_r)

@@ -39,7 +39,7 @@ def robust_amo_loss(
         (scalar loss, logits (B, C) of the perturbed adversarial batch).
     """
     x_adv, deltas = attack(x, y)
-    with perturb(model, deltas, requires_grad=False):
+    with perturb(model, deltas, requires_grad=False, save_output=attack.saves_output()):
         logits = model(x_adv)
     return F.cross_entropy(wide(logits), y), logits
 

@@ -12,8 +12,11 @@ import runpy
 import sys
 
 import pytest
+import torch
 
-from bench import equivalence
+from bench import equivalence, step_cost
+from robust_amo.models import create_model
+from robust_amo.perturb import perturb
 from tests.helpers import ROOT
 
 BENCH = ROOT / "bench"
@@ -89,3 +92,20 @@ def test_equivalence_of_this_tree_with_itself(tmp_path):
     one (both sides this tree: every check passes, and a difference would be a nondeterminism)."""
     rc = equivalence.main(["--old", str(ROOT), "--work", str(tmp_path)])
     assert rc == 0
+
+
+def test_step_cost_bf16_deltas_halve_the_delta_bytes_of_the_graph(_single_thread):
+    """Under bf16 autocast robust AMO's largest graph holds its δ's in bf16: exactly 2 bytes per
+    δ element less than the float32-δ row of the same run (docs/benchmarks.md, "Robust AMO's
+    memory")."""
+    s = step_cost.Settings(arch="tiny-wrn", shape=(3, 8, 8), batch=4, pgd_steps=1, steps=1,
+                           rounds=1, methods=["pgd", "robust-amo", "robust-amo-f32delta"],
+                           device="cpu", cpu_bf16=True)
+    rows = {r["method"]: r for r in step_cost.measure(s)["results"]}
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8))
+    with perturb(model) as p:
+        model(torch.rand(4, 3, 8, 8))
+        numel = sum(d.numel() for d in p.deltas)
+    saved = (rows["robust-amo-f32delta"]["graph_mib"] - rows["robust-amo"]["graph_mib"]) * 2**20
+    assert saved == 2 * numel
+    assert rows["pgd"]["graph_mib"] < rows["robust-amo"]["graph_mib"]
