@@ -482,7 +482,9 @@ def restarts_figure(report: Report):
         ax.set_ylim(*_honest_range(min(values), max(values)))
     ax.set_xlabel("restart")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(f"robust accuracy (%; 1 example = {100 / n:.2g} points)")
+    per = 100 / n
+    ax.set_ylabel(f"robust accuracy (%; 1 example = {per:.2g} "
+                  f"{'point' if per == 1 else 'points'})")
     counts = ax.secondary_yaxis("right", functions=(lambda p: p * n / 100,
                                                     lambda k: k * 100 / n))
     counts.set_ylabel(f"robust examples (of {report.n_examples})")
