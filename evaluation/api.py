@@ -53,7 +53,7 @@ from .loading import (
     Analysis,
     EvalData,
     SplitName,
-    input_gradient_problem,
+    check_differentiable,
     load_eval_data,
     load_for_analysis,
 )
@@ -458,10 +458,7 @@ def evaluate(
         "input_shape": list(info.input_shape), "class_names": None, "config": {},
         "normalization": {"mean": mean, "std": std}, "robust_amo_version": None}
     data = load_eval_data(meta, split=split, n_examples=n_examples, data_dir=data_dir)
-    problem = input_gradient_problem(model, data.x.to(device))
-    if problem is not None:
-        raise ConfigError(f"model: {problem}; attacks need logits differentiable in the input",
-                          params=("model",))
+    check_differentiable(model, meta, data.x)
     meta["weights_sha256"] = model_digest(model)
     specs = attack_specs(list(attacks), eps=eps, norm=norm,
                          step_size=step_size, restarts=restarts, loss=loss, seed=seed)

@@ -319,12 +319,18 @@ def input_gradient_problem(model: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
-def _check_differentiable(model: nn.Module, meta: dict[str, Any], x: torch.Tensor) -> None:
-    """One-line error unless a gradient of ``model``'s logits reaches its input."""
-    problem = input_gradient_problem(model, x)
+def check_differentiable(model: nn.Module, meta: dict[str, Any], x: torch.Tensor) -> None:
+    """One-line error unless a gradient of ``model``'s logits reaches its input
+    (:func:`input_gradient_problem` on the first two examples of ``x``, moved to the model's
+    device): a ConfigError naming ``model`` for a module given in Python or a model file, a
+    CheckpointError naming the file for a checkpoint."""
+    device = next(iter(model.parameters()), x).device
+    problem = input_gradient_problem(model, x[:2].to(device))
     if problem is None:
         return
     fix = "attacks need logits differentiable in the input"
+    if meta.get("format") == "module":
+        raise ConfigError(f"model: {problem}; {fix}", params=("model",))
     if meta.get("format") == "external":
         raise ConfigError(f"model {meta['arch']!r}: {problem}; {fix} (no detach(), "
                           "torch.no_grad() or argmax in its forward)", params=("model",))
@@ -366,7 +372,7 @@ def load_for_analysis(
     ``checkpoint``; it records no training attack, so ``eps`` is required.
 
     Before anything is attacked, one forward and backward pass on two examples checks that a
-    gradient of the logits reaches the input (:func:`input_gradient_problem`).
+    gradient of the logits reaches the input (:func:`check_differentiable`).
 
     Raises:
         CheckpointError, DataError, ConfigError: with the fix in the message.
@@ -391,5 +397,5 @@ def load_for_analysis(
             f"{data.dataset} examples have shape {tuple(data.x.shape[1:])}; pass the dataset "
             "it was trained on", params=("dataset",)
         )
-    _check_differentiable(model, meta, data.x.to(next(model.parameters(), data.x).device))
+    check_differentiable(model, meta, data.x)
     return Analysis(model, meta, data, threat)

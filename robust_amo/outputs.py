@@ -195,6 +195,30 @@ LOCK_NAME = ".robust-amo.lock"
 """The lock file :func:`folder_lock` holds in a folder while a command writes into it."""
 
 
+def _holder(fd: int) -> str:
+    """The pid a lock file records (:func:`folder_lock` writes it), or ``unknown``."""
+    return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """The pid (as the lock file records it, else ``unknown``) of the live process holding
+    ``folder``'s :func:`folder_lock`, or None when it is free (or on Windows, unlocked)."""
+    path = Path(folder) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _holder(fd)
+    finally:
+        os.close(fd)  # releases the probe's own lock
+    return None
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str, param: str = "out") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` while a command writes into it.
@@ -219,7 +243,7 @@ def folder_lock(folder: str | Path, what: str, param: str = "out") -> Iterator[P
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             raise OutputError(f"{p} is in use by another {what} (pid {holder}); wait for it to "
                               "finish or stop it, then run again") from None
         with disk_writes(path):

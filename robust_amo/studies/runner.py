@@ -29,17 +29,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-try:
-    import fcntl
-except ImportError:  # Windows: folders are not locked (robust_amo.outputs.folder_lock)
-    fcntl = None  # type: ignore[assignment]
-
 from robust_amo.config import HeldOutSplit, TrainConfig, check_at_least, check_int, save_yaml
 from robust_amo.data import dataset_info, load_dataset
 from robust_amo.errors import ConfigError, DataError, OutputError
 from robust_amo.evaluation import EvalRequest
 from robust_amo.jobs import EvalJobRequest, Request, TrainRequest, write_request
-from robust_amo.outputs import LOCK_NAME, folder_lock, writable_dir
+from robust_amo.outputs import folder_lock, lock_holder, writable_dir
 from robust_amo.runs import RunDir
 from robust_amo.runtime import die_with_parent, sigterm_as_interrupt, stop_group
 
@@ -282,25 +277,6 @@ def describe(spec: StudySpec, states: list[RunState], opts: Options) -> str:
     return (f"Study `{spec.name}` ({spec.path}); paper: {spec.paper or 'none'}. "
             f"Grid `{opts.grid}`, seeds {seeds}, {len(states)} runs; results of "
             f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
-
-
-def lock_holder(folder: Path) -> str | None:
-    """The pid (as the lock file records it, else ``unknown``) of the live process holding
-    ``folder``'s lock (:func:`robust_amo.outputs.folder_lock`), or None when it is free."""
-    path = folder / LOCK_NAME
-    if fcntl is None or not path.is_file():
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-    finally:
-        os.close(fd)  # releases the probe's lock
-    return None
 
 
 def wait_for_orphans(states: list[RunState], timeout_s: float = ORPHAN_WAIT_S) -> None:
