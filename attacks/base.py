@@ -16,7 +16,7 @@ from torch import nn
 from robust_amo.config import AttackLoss, Norm, ThreatModel
 from robust_amo.runtime import eval_mode
 
-from .core import random_start
+from .core import LossFn, StepFn, model_loss, projected_step, random_start
 
 
 class Attack:
@@ -85,7 +85,25 @@ class InputAttack(Attack):
         return self.threat.loss
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
-        """x_0: a random point of the eps-ball from the attack's generator, or a copy of x."""
+        """x_0: a random point of the eps-ball from the attack's generator, or a copy of x.
+
+        Subclasses with another start (TRADES's x + 0.001·N(0, I)) override this.
+        """
         if self.random_start:
             return random_start(x, self.eps, self.norm, self.generator)
         return x.clone()
+
+    def loss_fn(self, x: torch.Tensor, y: torch.Tensor) -> LossFn:
+        """The per-example loss the attack ascends around the clean batch (x, y).
+
+        Default: the threat model's ``ce`` or ``cw`` of the model's logits at labels y.
+        Subclasses change the objective (TRADES's KL to the clean prediction, a targeted margin).
+        It is built once per batch, before any perturbation hook is installed, so whatever it
+        computes from the clean x sees the plain model.
+        """
+        return model_loss(self.model, y, self.loss)
+
+    def step_fn(self, x: torch.Tensor) -> StepFn:
+        """The ascent step and projection around the clean batch x (default: PGD's, onto the
+        eps-ball ∩ [0, 1]^d; N-FGSM's, without the eps-ball, overrides it)."""
+        return projected_step(x, self.eps, self.step_size, self.norm)

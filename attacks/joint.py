@@ -18,7 +18,7 @@ from robust_amo.models import ExternalModel
 from robust_amo.perturb import DeltaDtype, delta_step, perturb, unwrap
 
 from .base import InputAttack
-from .core import model_loss, pgd_iteration, projected_step
+from .core import pgd_iteration
 from .pgd import PGD
 
 
@@ -103,12 +103,31 @@ class RobustAMOAttack(InputAttack):
         """
         if pgd.restarts != 1 or pgd.early_stop:
             raise ConfigError("robust AMO trains on one PGD run: restarts=1, early_stop=False")
-        return cls.from_threat(pgd.model, pgd.threat, AllLayerOptions(rho, eta_delta, delta_grad),
-                               pgd.generator)
+        return cls.around(pgd, AllLayerOptions(rho, eta_delta, delta_grad))
+
+    @classmethod
+    def around(cls, attack: InputAttack, options: AllLayerOptions | None = None
+               ) -> RobustAMOAttack:
+        """All-layer perturbations on top of any input attack: its start, loss and step for x',
+        δ ← ρ·δ + η_δ·∇_δ of that same loss from the same backward.
+
+        ``around(PGD)`` is robust AMO; ``around`` TRADES's KL attack gives TRADES + all-layer.
+        The base's model, threat model and generator are shared, not copied.
+
+        Args:
+            attack: an input attack (:class:`InputAttack`); its ``steps`` are the joint steps.
+            options: ρ, η_δ and ``delta_grad`` (default :class:`AllLayerOptions`).
+        """
+        joint = cls.__new__(cls)
+        joint._setup(attack.model, attack.threat, options or AllLayerOptions(),
+                     attack.generator, base=attack)
+        return joint
 
     def _setup(self, model: nn.Module, threat: ThreatModel, options: AllLayerOptions,
-               generator: torch.Generator | None) -> None:
+               generator: torch.Generator | None, base: InputAttack | None = None) -> None:
         InputAttack.__init__(self, model, threat, generator)
+        # the input attack whose start, loss and step x' follows (default: this threat model's)
+        self.base = base if base is not None else InputAttack(model, threat, self.generator)
         self.options = options
         self.rho, self.eta_delta, self.delta_grad = options.rho, options.eta_delta, \
             options.delta_grad
@@ -122,6 +141,9 @@ class RobustAMOAttack(InputAttack):
         return not isinstance(unwrap(self.model), ExternalModel)
 
     def __repr__(self) -> str:
+        if type(self.base) is not InputAttack:
+            return (f"RobustAMOAttack(around={self.base!r}, rho={self.rho:g}, "
+                    f"eta_delta={self.eta_delta:g}, delta_grad={self.delta_grad})")
         return (f"RobustAMOAttack(norm={self.norm}, eps={self.eps:.5g}, steps={self.steps}, "
                 f"rho={self.rho:g}, eta_delta={self.eta_delta:g}, delta_grad={self.delta_grad})")
 
@@ -138,14 +160,16 @@ class RobustAMOAttack(InputAttack):
             point with its activation's shape and its activation's dtype if that is bf16, else
             float32 or wider (``None`` entries when ``steps == 0``).
         """
-        x_adv = self.start(x)
+        x_adv = self.base.start(x)
         # "mean" is the gradient of the global batch-mean loss: divide by the global batch, so
         # N data-parallel ranks take the δ step of one process with the same global batch
         scale = self.eta_delta
         if self.delta_grad == "mean":
             scale = scale / global_batch(len(y))
-        loss_fn = model_loss(self.model, y, self.loss)
-        step = projected_step(x, self.eps, self.step_size, self.norm)
+        # built before the hooks: a loss that reads the clean prediction (TRADES) sees the
+        # unperturbed model
+        loss_fn = self.base.loss_fn(x, y)
+        step = self.base.step_fn(x)
         # δ in bf16 where the activation is bf16: the δ's, their gradients and the graph's saved
         # copies are the attack's memory cost over PGD (docs/benchmarks.md, "Robust AMO's memory")
         with perturb(self.model, delta_dtype=self.delta_dtype,

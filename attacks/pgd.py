@@ -19,13 +19,7 @@ from robust_amo.errors import ConfigError
 from robust_amo.runtime import eval_mode
 
 from .base import InputAttack
-from .core import (
-    attack_loss,
-    model_loss,
-    per_example,
-    pgd_iteration,
-    projected_step,
-)
+from .core import per_example, pgd_iteration
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StartFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -199,8 +193,8 @@ class PGD(InputAttack):
         fooled = torch.zeros(len(y), dtype=torch.bool, device=x.device)
         loss_out = torch.full((len(y),), float("-inf"), device=x.device)
         track = self.early_stop or final_eval
-        loss_fn = model_loss(self.model, y, self.loss)
-        step = projected_step(x, self.eps, self.step_size, self.norm)
+        loss_fn = self.loss_fn(x, y)
+        step = self.step_fn(x)
         for _ in range(self.steps):
             it = pgd_iteration(loss_fn, x_adv, step)
             if track:
@@ -214,8 +208,7 @@ class PGD(InputAttack):
                 x_adv = it.x
         if final_eval:
             with torch.no_grad():
-                logits = self.model(x_adv)
-                loss = attack_loss(logits, y, self.loss)
+                loss, logits = loss_fn(x_adv)
             hit = (logits.argmax(1) != y) & ~fooled
             fooled |= hit
             loss_out = torch.where(fooled & ~hit, loss_out, loss.float())
@@ -231,8 +224,8 @@ class PGD(InputAttack):
             (B, ...) tensors in the eps-ball around x, ``restarts·(steps + 1)`` of them.
         """
         x = x.detach()
-        loss_fn = model_loss(self.model, y, self.loss)
-        step = projected_step(x, self.eps, self.step_size, self.norm)
+        loss_fn = self.loss_fn(x, y)
+        step = self.step_fn(x)
         for _ in range(self.restarts):
             x_adv = self.start(x)
             yield x_adv

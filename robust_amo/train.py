@@ -46,7 +46,7 @@ from .data import (
     training_splits,
 )
 from .errors import CheckpointError, ConfigError, RobustAmoError
-from .methods import build_objective, method_spec
+from .methods import EpochAware, build_objective, method_spec
 from .models import ExternalModel, build_external, create_model
 from .resolve import check_names
 from .runs import LOCK, RESUME_ADVICE, RESUME_ADVICE_PARAMS, RunDir
@@ -603,6 +603,8 @@ def _run_epoch(s: _Session, epoch: int, data: TrainData, opt: Optimisation, meth
     method.model.train()
     loader.set_epoch(epoch)
     method.method_gen.manual_seed(derive_seed(cfg.seed, "method", epoch, ctx.rank))
+    if isinstance(method.objective, EpochAware):
+        method.objective.begin_epoch(epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -633,10 +635,14 @@ def _run_epoch(s: _Session, epoch: int, data: TrainData, opt: Optimisation, meth
             f"training diverged: the loss is {train_loss} in epoch {epoch + 1}; lower "
             "optim.lr or check the method's options"
         )
-    return {"epoch": epoch + 1, "train_loss": train_loss,
-            "train_acc": correct_all / max(seen_all, 1),
-            "lr": opt.optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
-            "images_per_s": round(seen_all / train_time, 1)}
+    metrics = {"epoch": epoch + 1, "train_loss": train_loss,
+               "train_acc": correct_all / max(seen_all, 1),
+               "lr": opt.optimizer.param_groups[0]["lr"], "train_time_s": round(train_time, 3),
+               "images_per_s": round(seen_all / train_time, 1)}
+    if isinstance(method.objective, EpochAware):
+        # what the method logs per epoch (e.g. what the all-layer δ does), from this rank
+        metrics.update(method.objective.epoch_metrics())
+    return metrics
 
 
 def _check_and_checkpoint(s: _Session, epoch: int, metrics: dict[str, Any], state: Progress,

@@ -1,7 +1,8 @@
 """Training methods: one file each, with its options dataclass, its loss and its builder.
 
 - ``standard`` (:mod:`.standard`): cross-entropy on clean inputs.
-- ``pgd`` (:mod:`.pgd`): Madry et al. 2018, cross-entropy at PGD adversarial examples.
+- ``pgd`` (:mod:`.pgd`): Madry et al. 2018, cross-entropy at PGD adversarial examples
+  (``all_layer``: with Wei & Ma's all-layer perturbations, robust AMO).
 - ``robust-amo`` (:mod:`.robust_amo`): Wei & Ma 2020, the joint x'/δ adversary.
 - ``amo`` (:mod:`.amo`): Wei & Ma 2020 Algorithm 1, clean AMO.
 - ``jacobian-lm`` (:mod:`.jacobian_lm`): Sokolić et al. 2017, the Jacobian large-margin term.
@@ -10,10 +11,17 @@ Each registers itself with :func:`register_method` (:mod:`.registry`) when impor
 trainer only calls :func:`build_objective`. docs/architecture.md says how to add one.
 """
 
-from . import amo, jacobian_lm, pgd, robust_amo, standard
+from . import adversarial, amo, jacobian_lm, pgd, robust_amo, standard
+from .adversarial import (
+    AdversarialLoss,
+    AdversarialObjective,
+    AdversarialPoint,
+    Adversary,
+    EpochAware,
+)
 from .amo import AMOOptions, amo_loss
 from .jacobian_lm import JacobianLMOptions, jacobian_lm_loss, jacobian_penalty, multiclass_hinge
-from .pgd import pgd_loss
+from .pgd import PGDOptions, adversarial_ce, pgd_loss
 from .registry import (
     METHODS,
     MethodContext,
@@ -30,6 +38,14 @@ from .standard import standard_loss
 __all__ = [
     "METHODS",
     "AMOOptions",
+    "AdversarialLoss",
+    "AdversarialObjective",
+    "AdversarialPoint",
+    "Adversary",
+    "EpochAware",
+    "PGDOptions",
+    "adversarial",
+    "adversarial_ce",
     "JacobianLMOptions",
     "MethodContext",
     "MethodSpec",

@@ -4,21 +4,22 @@ docs/algorithms.md, "Robust AMO": :class:`robust_amo.attacks.RobustAMOAttack` mo
 by PGD and the all-layer perturbations δ by δ ← ρ·δ + η_δ·∇_δ ℓ, both from ONE forward and ONE
 backward per step; the weights are trained on ℓ(F(x', δ), y) with x' and δ detached. With
 η_δ = 0 it is exactly Madry PGD training.
+
+``robust-amo`` is the name of ``pgd`` with ``method_args.all_layer`` set to its options: the two
+configs train bit for bit the same run.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robust_amo.attacks import RobustAMOAttack
 from robust_amo.config import AllLayerOptions
-from robust_amo.perturb import perturb
-from robust_amo.runtime import wide
 
+from .adversarial import AdversarialPoint
+from .pgd import PGDOptions, adversarial_ce
+from .pgd import build as build_pgd
 from .registry import MethodContext, Objective, register_method
 
 RobustAMOOptions = AllLayerOptions
@@ -39,14 +40,10 @@ def robust_amo_loss(
         (scalar loss, logits (B, C) of the perturbed adversarial batch).
     """
     x_adv, deltas = attack(x, y)
-    with perturb(model, deltas, requires_grad=False, save_output=attack.saves_output()):
-        logits = model(x_adv)
-    return F.cross_entropy(wide(logits), y), logits
+    return adversarial_ce(model, x, AdversarialPoint(x_adv, deltas, attack.saves_output()), y)
 
 
 @register_method("robust-amo", options=RobustAMOOptions, needs_attack=True)
 def build(options: RobustAMOOptions, ctx: MethodContext) -> Objective:
-    """``robust-amo``: the joint attack built on the training PGD's threat model and generator."""
-    joint = RobustAMOAttack.from_pgd(ctx.attack, options.rho, options.eta_delta,
-                                     options.delta_grad)
-    return functools.partial(robust_amo_loss, attack=joint)
+    """``robust-amo``: ``pgd`` with ``all_layer`` = these options."""
+    return build_pgd(PGDOptions(all_layer=options), ctx)
