@@ -1,4 +1,5 @@
-"""Input-space attacks (``robust_amo.attacks``): PGD, robust AMO's joint attack, their pieces.
+"""Input-space attacks (``robust_amo.attacks``): PGD, robust AMO's joint attack, TRADES's and
+MART's training attacks, their pieces.
 
 Every attack is an object whose constructor holds the hyperparameters and whose call
 ``attack(x, y)`` returns the adversarial input (:class:`Attack`), and every one of them steps with
@@ -19,6 +20,7 @@ from .core import (
 from .joint import RobustAMOAttack
 from .pgd import PGD, AttackFn
 from .radius import l2_attack_at_radius
+from .trades import NoisyStartPGD, TRADESAttack, kl_to_clean
 
 __all__ = [
     "PGD",
@@ -26,8 +28,11 @@ __all__ = [
     "AttackFn",
     "InputAttack",
     "Iterate",
+    "NoisyStartPGD",
     "RobustAMOAttack",
+    "TRADESAttack",
     "attack_loss",
+    "kl_to_clean",
     "l2_attack_at_radius",
     "margin_loss",
     "model_loss",

@@ -4,6 +4,8 @@
 - ``pgd`` (:mod:`.pgd`): Madry et al. 2018, cross-entropy at PGD adversarial examples
   (``all_layer``: with Wei & Ma's all-layer perturbations, robust AMO).
 - ``robust-amo`` (:mod:`.robust_amo`): Wei & Ma 2020, the joint x'/δ adversary.
+- ``trades`` (:mod:`.trades`): Zhang et al. 2019, CE + β·KL(f(x) ‖ f(x')).
+- ``mart`` (:mod:`.mart`): Wang et al. 2020, boosted CE + λ·KL weighted by 1 − p_y(x).
 - ``amo`` (:mod:`.amo`): Wei & Ma 2020 Algorithm 1, clean AMO.
 - ``jacobian-lm`` (:mod:`.jacobian_lm`): Sokolić et al. 2017, the Jacobian large-margin term.
 
@@ -11,7 +13,7 @@ Each registers itself with :func:`register_method` (:mod:`.registry`) when impor
 trainer only calls :func:`build_objective`. docs/architecture.md says how to add one.
 """
 
-from . import adversarial, amo, jacobian_lm, pgd, robust_amo, standard
+from . import adversarial, amo, jacobian_lm, mart, pgd, robust_amo, standard, trades
 from .adversarial import (
     AdversarialLoss,
     AdversarialObjective,
@@ -21,6 +23,7 @@ from .adversarial import (
 )
 from .amo import AMOOptions, amo_loss
 from .jacobian_lm import JacobianLMOptions, jacobian_lm_loss, jacobian_penalty, multiclass_hinge
+from .mart import MARTOptions, mart_loss
 from .pgd import PGDOptions, adversarial_ce, pgd_loss
 from .registry import (
     METHODS,
@@ -34,6 +37,7 @@ from .registry import (
 )
 from .robust_amo import RobustAMOOptions, robust_amo_loss
 from .standard import standard_loss
+from .trades import TRADESOptions, trades_loss
 
 __all__ = [
     "METHODS",
@@ -47,16 +51,20 @@ __all__ = [
     "adversarial",
     "adversarial_ce",
     "JacobianLMOptions",
+    "MARTOptions",
     "MethodContext",
     "MethodSpec",
     "Objective",
     "RobustAMOOptions",
+    "TRADESOptions",
     "amo",
     "amo_loss",
     "build_objective",
     "jacobian_lm",
     "jacobian_lm_loss",
     "jacobian_penalty",
+    "mart",
+    "mart_loss",
     "method_options",
     "method_spec",
     "multiclass_hinge",
@@ -67,4 +75,6 @@ __all__ = [
     "robust_amo_loss",
     "standard",
     "standard_loss",
+    "trades",
+    "trades_loss",
 ]
