@@ -612,6 +612,8 @@ def _run_epoch(s: _Session, epoch: int, data: TrainData, opt: Optimisation, meth
     show = s.progress and ctx.is_main
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
     for step, (x, y) in enumerate(bar):
+        if step % cfg.log_every == 0 and isinstance(method.objective, EpochAware):
+            method.objective.log_next()  # the method measures what it logs on this batch
         loss, logits = train_step(method.model, method.objective, opt.optimizer,
                                   _memory_format(x, opt.channels_last), y, opt.amp)
         opt.scheduler.step()

@@ -88,11 +88,16 @@ AdversarialLoss = Callable[[nn.Module, torch.Tensor, AdversarialPoint, torch.Ten
 
 @runtime_checkable
 class EpochAware(Protocol):
-    """An objective that wants to know the epoch and reports per-epoch metrics (the trainer
-    calls :meth:`begin_epoch` before the epoch's first step and merges :meth:`epoch_metrics`
-    into the epoch's metrics line)."""
+    """An objective that wants to know the epoch and reports per-epoch metrics: the trainer
+    calls :meth:`begin_epoch` before the epoch's first step, :meth:`log_next` before every
+    ``log_every``-th step (the first of each epoch included), and merges :meth:`epoch_metrics`
+    into the epoch's metrics line. Outside the trainer (a benchmark timing one step) nothing is
+    armed, so nothing extra is computed."""
 
     def begin_epoch(self, epoch: int) -> None:  # noqa: D102
+        ...
+
+    def log_next(self) -> None:  # noqa: D102
         ...
 
     def epoch_metrics(self) -> dict[str, float | list[float]]:  # noqa: D102
@@ -111,8 +116,9 @@ class _DeltaLog:
 class AdversarialObjective:
     """A method's objective: ``point = adversary(x, y)``, then ``loss(model, x, point, y)``.
 
-    With all-layer perturbations it also measures, on the batch of every ``log_every``-th step
-    (step 0 of each epoch included), what δ does (docs/methods.md, "What δ does"):
+    With all-layer perturbations it also measures, on the batch of the next step after each
+    :meth:`log_next` (the trainer calls it every ``log_every`` steps, the first step of each
+    epoch included), what δ does (docs/methods.md, "What δ does"):
 
     - ``delta_rel_size``: per perturbation point j, the batch mean of ‖‖h_j‖₂·δ_j‖₂ / ‖h_j‖₂,
       which is ‖δ_j‖₂ per example (the hook scales δ_j by the example's ‖h_j‖₂);
@@ -123,15 +129,12 @@ class AdversarialObjective:
     Args:
         adversary: the inner maximisation.
         loss: the method's outer loss.
-        log_every: how often δ is measured, in steps (default 50, ``cfg.log_every``).
     """
 
-    def __init__(self, adversary: Adversary, loss: AdversarialLoss, log_every: int = 50
-                 ) -> None:
+    def __init__(self, adversary: Adversary, loss: AdversarialLoss) -> None:
         self.adversary = adversary
         self.loss = loss
-        self.log_every = max(int(log_every), 1)
-        self._step = 0
+        self._armed = False
         self._log = _DeltaLog()
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
@@ -139,15 +142,19 @@ class AdversarialObjective:
         """``(loss, logits)`` of the method at the batch's adversarial point."""
         point = self.adversary(x, y)
         out = self.loss(model, x, point, y)
-        if point.deltas is not None and self._step % self.log_every == 0:
+        if self._armed and point.deltas is not None:
             self._measure(model, point, y)
-        self._step += 1
+        self._armed = False
         return out
 
     def begin_epoch(self, epoch: int) -> None:
-        """Start the epoch's δ log (the first step of every epoch is measured)."""
-        self._step = 0
+        """Start the epoch's δ log."""
+        self._armed = False
         self._log = _DeltaLog()
+
+    def log_next(self) -> None:
+        """Measure δ on the next step's batch."""
+        self._armed = True
 
     def epoch_metrics(self) -> dict[str, float | list[float]]:
         """The epoch's mean δ figures (empty for an input-only method or no measured batch)."""

@@ -88,4 +88,4 @@ def build(options: MARTOptions, ctx: MethodContext) -> Objective:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         return mart_loss(model, x, point, y, beta=options.beta)
 
-    return AdversarialObjective(Adversary(attack, options.all_layer), loss, ctx.log_every)
+    return AdversarialObjective(Adversary(attack, options.all_layer), loss)

@@ -60,5 +60,4 @@ def adversarial_ce(model: nn.Module, x: torch.Tensor, point: AdversarialPoint, y
 def build(options: PGDOptions, ctx: MethodContext) -> Objective:
     """``pgd``: the training attack of ``cfg.attack``; ``all_layer`` adds δ (robust AMO)."""
     assert ctx.attack is not None
-    return AdversarialObjective(Adversary(ctx.attack, options.all_layer), adversarial_ce,
-                                ctx.log_every)
+    return AdversarialObjective(Adversary(ctx.attack, options.all_layer), adversarial_ce)

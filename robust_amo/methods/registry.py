@@ -34,13 +34,10 @@ class MethodContext:
             ``needs_attack``; None otherwise).
         generator: the method's own randomness (e.g. Jacobian-LM's random classes); the trainer
             reseeds it every epoch, so a resumed run draws the same numbers.
-        log_every: how often (in steps) a method measures what it logs per epoch, e.g. what the
-            all-layer δ does (``cfg.log_every``, default 50).
     """
 
     attack: PGD | None
     generator: torch.Generator | None
-    log_every: int = 50
 
 
 Builder = Callable[[Any, MethodContext], Objective]
@@ -112,5 +109,4 @@ def build_objective(
         raise ConfigError(f"method {cfg.method!r} trains on adversarial examples: pass the "
                           "training attack")
     gen = generator if generator is not None else (attack.generator if attack else None)
-    return spec.build(opts, MethodContext(attack if spec.needs_attack else None, gen,
-                                          cfg.log_every))
+    return spec.build(opts, MethodContext(attack if spec.needs_attack else None, gen))

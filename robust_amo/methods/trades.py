@@ -89,4 +89,4 @@ def build(options: TRADESOptions, ctx: MethodContext) -> Objective:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         return trades_loss(model, x, point, y, beta=options.beta)
 
-    return AdversarialObjective(trades_adversary(options, ctx), loss, ctx.log_every)
+    return AdversarialObjective(trades_adversary(options, ctx), loss)

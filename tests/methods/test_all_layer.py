@@ -75,8 +75,12 @@ def test_delta_log_is_the_mean_delta_norm_and_the_loss_gap():
         points.append(point)
         return adversarial_ce(model, x, point, y)
 
-    objective = AdversarialObjective(adversary, keep, log_every=1)
+    objective = AdversarialObjective(adversary, keep)
     objective.begin_epoch(0)
+    objective(model, x, y)
+    assert objective.epoch_metrics() == {}  # not armed: nothing measured
+    points.clear()
+    objective.log_next()
     model.train()
     objective(model, x, y)
     got = objective.epoch_metrics()
