@@ -1,10 +1,11 @@
 """TensorBoard logging of a training run (``logging.tensorboard: true`` or ``--tensorboard``).
 
 Writes RUN/tb with: every numeric metric of metrics.jsonl per epoch (``epoch/KEY`` at step =
-epoch) except the constants of :data:`CONSTANT` (the size of the check is no curve), the
-training loss every ``log_every`` steps (``train/loss`` at step = global step), and the resolved
-config as text. TensorBoard is an optional extra (``pip install -e ".[tensorboard]"``); asking
-for it without the package is a one-line error before training.
+epoch; a list of numbers, such as ``delta_rel_size``, as ``epoch/KEY/0``, ``epoch/KEY/1``, ...)
+except the constants of :data:`CONSTANT` (the size of the check is no curve), the training loss
+every ``log_every`` steps (``train/loss`` at step = global step), and the resolved config as
+text. TensorBoard is an optional extra (``pip install -e ".[tensorboard]"``); asking for it
+without the package is a one-line error before training.
 The training loop creates the writer on rank 0 only.
 """
 
@@ -50,9 +51,14 @@ class TensorBoardLog:
         """Every finite numeric metric of one epoch's metrics.jsonl line but :data:`CONSTANT`."""
         epoch = int(metrics["epoch"])
         for k, v in metrics.items():
-            if k not in CONSTANT and isinstance(v, (int, float)) and not isinstance(v, bool) \
-                    and math.isfinite(v):
-                self.writer.add_scalar(f"epoch/{k}", v, epoch)
+            if k in CONSTANT:
+                continue
+            # a list of numbers (one per perturbation point: delta_rel_size) is one curve each
+            items = enumerate(v) if isinstance(v, list) else [(None, v)]
+            for i, x in items:
+                if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+                    self.writer.add_scalar(f"epoch/{k}" if i is None else f"epoch/{k}/{i}", x,
+                                           epoch)
         self.writer.flush()
 
     def close(self) -> None:

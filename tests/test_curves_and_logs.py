@@ -125,6 +125,24 @@ def test_tensorboard_holds_the_metrics(tmp_path):
     assert "config/text_summary" in ea.Tags()["tensors"]
 
 
+def test_tensorboard_holds_what_delta_does(tmp_path):
+    """All-layer δ's per-point sizes (a list in metrics.jsonl) are one curve per point."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb-delta"
+    train(_cfg(out, logging={"tensorboard": True}, epochs=1,
+               method_args={"all_layer": {"eta_delta": 0.05}}))
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    row = read_metrics(out)[0]
+    sizes = row["delta_rel_size"]
+    for i, want in enumerate(sizes):
+        assert ea.Scalars(f"epoch/delta_rel_size/{i}")[0].value == pytest.approx(want, rel=1e-6)
+    assert ea.Scalars("epoch/delta_loss_gain")[0].value == pytest.approx(
+        row["delta_loss_gain"], rel=1e-6)
+
+
 def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[tensorboard\]"'):
