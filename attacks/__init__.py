@@ -1,4 +1,5 @@
-"""Input-space attacks (``robust_amo.attacks``): PGD, robust AMO's joint attack, their pieces.
+"""Input-space attacks (``robust_amo.attacks``): PGD, robust AMO's joint attack, the single-step
+attacks of fast adversarial training (FGSM-RS, N-FGSM), their pieces.
 
 Every attack is an object whose constructor holds the hyperparameters and whose call
 ``attack(x, y)`` returns the adversarial input (:class:`Attack`), and every one of them steps with
@@ -16,17 +17,21 @@ from .core import (
     projected_step,
     random_start,
 )
+from .fgsm import FGSMRS, NFGSM, SingleStepAttack
 from .joint import RobustAMOAttack
 from .pgd import PGD, AttackFn
 from .radius import l2_attack_at_radius
 
 __all__ = [
+    "FGSMRS",
+    "NFGSM",
     "PGD",
     "Attack",
     "AttackFn",
     "InputAttack",
     "Iterate",
     "RobustAMOAttack",
+    "SingleStepAttack",
     "attack_loss",
     "l2_attack_at_radius",
     "margin_loss",

@@ -6,12 +6,14 @@
 - ``robust-amo`` (:mod:`.robust_amo`): Wei & Ma 2020, the joint x'/δ adversary.
 - ``amo`` (:mod:`.amo`): Wei & Ma 2020 Algorithm 1, clean AMO.
 - ``jacobian-lm`` (:mod:`.jacobian_lm`): Sokolić et al. 2017, the Jacobian large-margin term.
+- ``fgsm-rs`` (:mod:`.fgsm_rs`): Wong et al. 2020, one FGSM step from a random start.
+- ``n-fgsm`` (:mod:`.n_fgsm`): de Jorge et al. 2022, one FGSM step from 2ε noise, unprojected.
 
 Each registers itself with :func:`register_method` (:mod:`.registry`) when imported here; the
 trainer only calls :func:`build_objective`. docs/architecture.md says how to add one.
 """
 
-from . import adversarial, amo, jacobian_lm, pgd, robust_amo, standard
+from . import adversarial, amo, fgsm_rs, jacobian_lm, n_fgsm, pgd, robust_amo, standard
 from .adversarial import (
     AdversarialLoss,
     AdversarialObjective,
@@ -20,7 +22,9 @@ from .adversarial import (
     EpochAware,
 )
 from .amo import AMOOptions, amo_loss
+from .fgsm_rs import FGSMRSOptions
 from .jacobian_lm import JacobianLMOptions, jacobian_lm_loss, jacobian_penalty, multiclass_hinge
+from .n_fgsm import NFGSMOptions
 from .pgd import PGDOptions, adversarial_ce, pgd_loss
 from .registry import (
     METHODS,
@@ -43,6 +47,8 @@ __all__ = [
     "AdversarialPoint",
     "Adversary",
     "EpochAware",
+    "FGSMRSOptions",
+    "NFGSMOptions",
     "PGDOptions",
     "adversarial",
     "adversarial_ce",
@@ -54,12 +60,14 @@ __all__ = [
     "amo",
     "amo_loss",
     "build_objective",
+    "fgsm_rs",
     "jacobian_lm",
     "jacobian_lm_loss",
     "jacobian_penalty",
     "method_options",
     "method_spec",
     "multiclass_hinge",
+    "n_fgsm",
     "pgd",
     "pgd_loss",
     "register_method",
