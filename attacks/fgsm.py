@@ -3,10 +3,10 @@
 Both are one :func:`robust_amo.attacks.core.pgd_iteration` from a random start; they differ in
 the start's noise, the step size and whether the step is projected back onto the eps-ball:
 
-- FGSM-RS (Wong, Rice & Kolter 2020, "Fast is better than free", Algorithm 3):
+- FGSM-RS (Wong, Rice & Kolter 2020, "Fast is better than free", ICLR 2020):
   x_0 = clip_[0,1](x + U(−ε, ε)), x' = Π(x_0 + α·sign(∇ℓ(x_0))) with α = 1.25·ε and Π the
   projection onto the ε-ball ∩ [0, 1]^d, which is PGD's step (:func:`~.core.pgd_step`).
-- N-FGSM (de Jorge et al. 2022, "Make some noise", Algorithm 1): x_0 = clip_[0,1](x + η),
+- N-FGSM (de Jorge et al. 2022, "Make some noise", NeurIPS 2022): x_0 = clip_[0,1](x + η),
   η ~ U(−kε, kε) with k = 2, and x' = clip_[0,1](x_0 + α·sign(∇ℓ(x_0))) with α = ε: no
   projection onto the ε-ball, so ‖x' − x‖∞ can reach (k + 1)·ε = 3ε.
 
@@ -68,7 +68,8 @@ class FGSMRS(SingleStepAttack):
     Args:
         model: classifier returning logits for inputs in [0, 1].
         eps: the L∞ radius ε in pixel units (default 8/255).
-        step_ratio: α/ε (default 1.25: α = 10/255 at ε = 8/255, the paper's Section 5.1).
+        step_ratio: α/ε (default 1.25, the paper's α = 1.25·ε: 10/255 at ε = 8/255, also
+            the reference code's default).
         loss: ``"ce"`` (default, the paper's) or ``"cw"``, the loss of the gradient.
         generator: source of the random start (default: a CPU generator seeded 0).
 

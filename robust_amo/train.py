@@ -268,7 +268,7 @@ class OverfitGuard:
 
     Fast adversarial training can collapse within an epoch: the training attack stops finding
     adversarial points, robust accuracy under PGD falls towards 0 while clean accuracy jumps
-    (Wong, Rice & Kolter 2020, Section 5.2; de Jorge et al. 2022). A check is a collapse when
+    (Wong, Rice & Kolter 2020; de Jorge et al. 2022). A check is a collapse when
     its robust accuracy r and clean accuracy c against the previous check's (r₀, c₀) satisfy
     r₀ − r > ``drop``·r₀ and c > c₀. The first collapse of a run is flagged (``CO_FLAG`` on its
     line, ``CO_EPOCH`` on its line and all later ones); later ones are not.

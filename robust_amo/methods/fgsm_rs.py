@@ -32,9 +32,9 @@ class FGSMRSOptions:
     """``method_args`` of ``fgsm-rs`` (ε, norm and loss are ``cfg.attack``'s).
 
     Attributes:
-        step_ratio: α/ε, the FGSM step over the radius (default 1.25: α = 10/255 at
-            ε = 8/255, Wong et al. 2020, Section 5.1; larger steps lead to catastrophic
-            overfitting sooner, their Section 5.2).
+        step_ratio: α/ε, the FGSM step over the radius (default 1.25: Wong et al. 2020's
+            α = 1.25·ε, 10/255 at ε = 8/255 in their CIFAR-10 code; they report that larger
+            steps lead to catastrophic overfitting).
         all_layer: ρ, η_δ and ``delta_grad`` of all-layer perturbations moved by the same
             backward as x' (Wei & Ma 2020), or None (default: FGSM-RS alone).
 

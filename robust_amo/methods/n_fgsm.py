@@ -31,9 +31,10 @@ class NFGSMOptions:
     """``method_args`` of ``n-fgsm`` (ε, norm and loss are ``cfg.attack``'s).
 
     Attributes:
-        noise_ratio: k, the noise η ~ U(−kε, kε) over ε (default 2, de Jorge et al. 2022,
-            Section 4 and Algorithm 1; 0: no noise).
-        step_ratio: α/ε (default 1: α = ε, the paper's).
+        noise_ratio: k, the noise η ~ U(−kε, kε) over ε (default 2, de Jorge et al.
+            2022's k = 2, their code's ``--unif 2``; 0: no noise).
+        step_ratio: α/ε (default 1: the paper's α = ε, their code's ``--alpha 8`` at
+            ε = 8/255).
         all_layer: ρ, η_δ and ``delta_grad`` of all-layer perturbations moved by the same
             backward as x' (Wei & Ma 2020), or None (default: N-FGSM alone).
 
