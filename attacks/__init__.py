@@ -1,5 +1,6 @@
 """Input-space attacks (``robust_amo.attacks``): PGD, robust AMO's joint attack, TRADES's and
-MART's training attacks, their pieces.
+MART's training attacks, the single-step attacks of fast adversarial training (FGSM-RS, N-FGSM),
+their pieces.
 
 Every attack is an object whose constructor holds the hyperparameters and whose call
 ``attack(x, y)`` returns the adversarial input (:class:`Attack`), and every one of them steps with
@@ -17,12 +18,15 @@ from .core import (
     projected_step,
     random_start,
 )
+from .fgsm import FGSMRS, NFGSM, SingleStepAttack
 from .joint import RobustAMOAttack
 from .pgd import PGD, AttackFn
 from .radius import l2_attack_at_radius
 from .trades import NoisyStartPGD, TRADESAttack, kl_to_clean
 
 __all__ = [
+    "FGSMRS",
+    "NFGSM",
     "PGD",
     "Attack",
     "AttackFn",
@@ -30,6 +34,7 @@ __all__ = [
     "Iterate",
     "NoisyStartPGD",
     "RobustAMOAttack",
+    "SingleStepAttack",
     "TRADESAttack",
     "attack_loss",
     "kl_to_clean",

@@ -323,6 +323,10 @@ class EvalConfig:
     :data:`CheckSplit`);
     ``steps``/``restarts`` of the PGD used (its eps/norm/step are the training attack's;
     ``step_size`` may override).
+    ``co_drop``: the catastrophic-overfitting guard (docs/methods.md, "Catastrophic overfitting
+    guard"): a check whose robust accuracy fell by more than this fraction of the previous
+    check's while the clean accuracy rose is flagged in the metrics and the log, once per run
+    (default 0.5; 0 turns the guard off; a number in [0, 1)).
     """
 
     every: int = 1
@@ -332,6 +336,7 @@ class EvalConfig:
     restarts: int = 1
     step_size: float | None = None
     batch_size: int = 256
+    co_drop: float = 0.5
 
 
 @dataclass
@@ -673,6 +678,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be a finite number >= 0, got {v}")
     if cfg.eval.steps < 0 or cfg.eval.restarts < 1:
         raise ConfigError("eval.steps must be >= 0 and eval.restarts >= 1")
+    if not 0 <= cfg.eval.co_drop < 1:  # also rejects nan
+        raise ConfigError(f"eval.co_drop must be a fraction in [0, 1) (0 turns the "
+                          f"catastrophic-overfitting guard off), got {cfg.eval.co_drop}")
     if isinstance(cfg.optim.gamma, list) and len(cfg.optim.gamma) != len(cfg.optim.milestones):
         raise ConfigError(
             f"optim.gamma: a list needs one factor per milestone, got {len(cfg.optim.gamma)} "

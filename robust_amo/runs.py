@@ -55,7 +55,8 @@ RUN_FILES = (LAST, BEST, METRICS)
 
 RESUME_FREE = frozenset({"epochs", "device", "out", "log_every", "logging.tensorboard",
                          "data.data_dir",
-                         "data.download", "eval.batch_size", "compile", "compile_backend",
+                         "data.download", "eval.batch_size", "eval.co_drop", "compile",
+                         "compile_backend",
                          "compile_mode"})
 """Config keys a resumed run may change: more epochs, and what does not alter the trajectory
 (where the data lies and the run is written, the device, progress output, compilation, the

@@ -256,13 +256,88 @@ class Method:
     eval_gen: torch.Generator
 
 
+CO_FLAG = "catastrophic_overfitting"
+"""Metrics key: true on the line of the check where the guard found the collapse."""
+CO_EPOCH = "catastrophic_overfitting_epoch"
+"""Metrics key: the epoch of that check, on its line and on every later line of the run."""
+
+
+@dataclass
+class OverfitGuard:
+    """The catastrophic-overfitting guard of the per-epoch check (docs/methods.md).
+
+    Fast adversarial training can collapse within an epoch: the training attack stops finding
+    adversarial points, robust accuracy under PGD falls towards 0 while clean accuracy jumps
+    (Wong, Rice & Kolter 2020; de Jorge et al. 2022). A check is a collapse when
+    its robust accuracy r and clean accuracy c against the previous check's (r₀, c₀) satisfy
+    r₀ − r > ``drop``·r₀ and c > c₀. The first collapse of a run is flagged (``CO_FLAG`` on its
+    line, ``CO_EPOCH`` on its line and all later ones); later ones are not.
+
+    Attributes:
+        drop: the relative drop of robust accuracy that counts (``eval.co_drop``; 0: off).
+        last: (clean, robust) of the previous check, or None before the first.
+        fired: the epoch of the collapse found, or None.
+    """
+
+    drop: float
+    last: tuple[float, float] | None = None
+    fired: int | None = None
+
+    @classmethod
+    def from_rows(cls, drop: float, rows: Iterable[dict[str, Any]]) -> OverfitGuard:
+        """The guard after the metrics rows of the epochs done (a resumed run's history), so
+        that it compares the next check with the last one and does not flag a collapse again.
+        """
+        guard = cls(drop)
+        for row in rows:
+            if isinstance(row.get(CO_EPOCH), int):
+                guard.fired = row[CO_EPOCH]
+            guard.last = _check_of(row) or guard.last
+        return guard
+
+    def observe(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Compare this epoch's check (if it has one) with the previous one; add the guard's
+        keys to ``metrics``.
+
+        Args:
+            epoch: the epoch number of the line (1-based, as in metrics.jsonl).
+            metrics: the epoch's metrics line, changed in place.
+
+        Returns:
+            whether this check is the run's first collapse (the caller warns once).
+        """
+        now = _check_of(metrics)
+        collapsed = False
+        if now is not None and self.last is not None and self.fired is None and self.drop > 0:
+            (clean0, robust0), (clean, robust) = self.last, now
+            collapsed = robust0 - robust > self.drop * robust0 and clean > clean0
+            if collapsed:
+                self.fired = epoch
+                metrics[CO_FLAG] = True
+        if now is not None:
+            self.last = now
+        if self.fired is not None:
+            metrics[CO_EPOCH] = self.fired
+        return collapsed
+
+
+def _check_of(row: dict[str, Any]) -> tuple[float, float] | None:
+    """(clean, robust) accuracy of a metrics row's check, None without a finite one."""
+    clean, robust = row.get("clean_acc"), row.get("robust_acc")
+    if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (clean, robust)):
+        return float(clean), float(robust)
+    return None
+
+
 @dataclass
 class Progress:
-    """Where the run stands: epochs done, best robust accuracy, the last epoch's metrics."""
+    """Where the run stands: epochs done, best robust accuracy, the last epoch's metrics, the
+    catastrophic-overfitting guard."""
 
     start_epoch: int = 0
     best: float = -1.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    guard: OverfitGuard = field(default_factory=lambda: OverfitGuard(0.0))
 
 
 def train(
@@ -504,6 +579,12 @@ def _start(s: _Session, opt: Optimisation, ck: dict[str, Any] | None) -> Progres
             s.run.truncate_metrics(state.start_epoch)
     if s.ctx.is_main:  # after the resume check, which must not replace the run's own config
         s.run.write_config(s.cfg)
+    # a resumed run's guard knows the last check and any collapse flagged before the kill: the
+    # lines up to its checkpoint (the checkpoint's own line when metrics.jsonl is gone)
+    done = [r for r in s.run.read_metrics() if r["epoch"] <= state.start_epoch] \
+        if state.start_epoch else []
+    state.guard = OverfitGuard.from_rows(s.cfg.eval.co_drop, done or
+                                         ([state.metrics] if state.metrics else []))
     return state
 
 
@@ -659,6 +740,12 @@ def _check_and_checkpoint(s: _Session, epoch: int, metrics: dict[str, Any], stat
         checked = evaluate(method.fwd, data.eval_loader, method.eval_attack, opt.amp,
                            reduce_ranks=ctx.enabled)
         metrics.update(checked, check_split=data.check_split, check_examples=checked["n"])
+    if state.guard.observe(epoch + 1, metrics) and ctx.is_main:
+        log.warning("catastrophic overfitting at epoch %d: the check's robust accuracy fell "
+                    "by more than %g of the previous check's while its clean accuracy rose "
+                    "(the training attack no longer finds adversarial points; best.pt keeps "
+                    "the epoch of best robust accuracy); metrics.jsonl says %s from here on",
+                    epoch + 1, s.cfg.eval.co_drop, CO_EPOCH)
 
     robust = metrics.get("robust_acc", float("nan"))
     is_best = math.isfinite(robust) and robust > state.best

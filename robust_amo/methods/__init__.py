@@ -8,12 +8,25 @@
 - ``mart`` (:mod:`.mart`): Wang et al. 2020, boosted CE + λ·KL weighted by 1 − p_y(x).
 - ``amo`` (:mod:`.amo`): Wei & Ma 2020 Algorithm 1, clean AMO.
 - ``jacobian-lm`` (:mod:`.jacobian_lm`): Sokolić et al. 2017, the Jacobian large-margin term.
+- ``fgsm-rs`` (:mod:`.fgsm_rs`): Wong et al. 2020, one FGSM step from a random start.
+- ``n-fgsm`` (:mod:`.n_fgsm`): de Jorge et al. 2022, one FGSM step from 2ε noise, unprojected.
 
 Each registers itself with :func:`register_method` (:mod:`.registry`) when imported here; the
 trainer only calls :func:`build_objective`. docs/architecture.md says how to add one.
 """
 
-from . import adversarial, amo, jacobian_lm, mart, pgd, robust_amo, standard, trades
+from . import (
+    adversarial,
+    amo,
+    fgsm_rs,
+    jacobian_lm,
+    mart,
+    n_fgsm,
+    pgd,
+    robust_amo,
+    standard,
+    trades,
+)
 from .adversarial import (
     AdversarialLoss,
     AdversarialObjective,
@@ -22,8 +35,10 @@ from .adversarial import (
     EpochAware,
 )
 from .amo import AMOOptions, amo_loss
+from .fgsm_rs import FGSMRSOptions
 from .jacobian_lm import JacobianLMOptions, jacobian_lm_loss, jacobian_penalty, multiclass_hinge
 from .mart import MARTOptions, mart_loss
+from .n_fgsm import NFGSMOptions
 from .pgd import PGDOptions, adversarial_ce, pgd_loss
 from .registry import (
     METHODS,
@@ -47,6 +62,8 @@ __all__ = [
     "AdversarialPoint",
     "Adversary",
     "EpochAware",
+    "FGSMRSOptions",
+    "NFGSMOptions",
     "PGDOptions",
     "adversarial",
     "adversarial_ce",
@@ -60,6 +77,7 @@ __all__ = [
     "amo",
     "amo_loss",
     "build_objective",
+    "fgsm_rs",
     "jacobian_lm",
     "jacobian_lm_loss",
     "jacobian_penalty",
@@ -68,6 +86,7 @@ __all__ = [
     "method_options",
     "method_spec",
     "multiclass_hinge",
+    "n_fgsm",
     "pgd",
     "pgd_loss",
     "register_method",

@@ -149,8 +149,9 @@ def test_clean_amo_configs_follow_the_authors_schedule(path):
 def test_a_method_that_needs_no_attack_gets_none(monkeypatch, tmp_path):
     from robust_amo.methods import METHODS, MethodContext, register_method
 
+    # the methods that train at adversarial points need one, the others get none
     needs = {m for m, s in METHODS.items() if s.needs_attack}
-    assert {"pgd", "robust-amo", "trades", "mart"} <= needs
+    assert {"pgd", "robust-amo", "trades", "mart", "fgsm-rs", "n-fgsm"} <= needs
     assert not needs & {"standard", "amo", "jacobian-lm"}
     seen = []
     monkeypatch.setattr("robust_amo.methods.registry.METHODS", dict(METHODS))
