@@ -6,12 +6,13 @@
 - ``robust-amo`` (:mod:`.robust_amo`): Wei & Ma 2020, the joint x'/δ adversary.
 - ``amo`` (:mod:`.amo`): Wei & Ma 2020 Algorithm 1, clean AMO.
 - ``jacobian-lm`` (:mod:`.jacobian_lm`): Sokolić et al. 2017, the Jacobian large-margin term.
+- ``awp`` (:mod:`.awp`): Wu et al. 2020, adversarial weight perturbation on ``pgd`` or ``trades``.
 
 Each registers itself with :func:`register_method` (:mod:`.registry`) when imported here; the
 trainer only calls :func:`build_objective`. docs/architecture.md says how to add one.
 """
 
-from . import adversarial, amo, jacobian_lm, pgd, robust_amo, standard
+from . import adversarial, amo, awp, jacobian_lm, pgd, robust_amo, standard
 from .adversarial import (
     AdversarialLoss,
     AdversarialObjective,
@@ -20,6 +21,14 @@ from .adversarial import (
     EpochAware,
 )
 from .amo import AMOOptions, amo_loss
+from .awp import (
+    AWPObjective,
+    AWPOptions,
+    WeightPerturbation,
+    at_weights,
+    awp_parameters,
+    weight_perturbation,
+)
 from .jacobian_lm import JacobianLMOptions, jacobian_lm_loss, jacobian_penalty, multiclass_hinge
 from .pgd import PGDOptions, adversarial_ce, pgd_loss
 from .registry import (
@@ -38,6 +47,8 @@ from .standard import standard_loss
 __all__ = [
     "METHODS",
     "AMOOptions",
+    "AWPObjective",
+    "AWPOptions",
     "AdversarialLoss",
     "AdversarialObjective",
     "AdversarialPoint",
@@ -53,6 +64,9 @@ __all__ = [
     "RobustAMOOptions",
     "amo",
     "amo_loss",
+    "at_weights",
+    "awp",
+    "awp_parameters",
     "build_objective",
     "jacobian_lm",
     "jacobian_lm_loss",
@@ -67,4 +81,6 @@ __all__ = [
     "robust_amo_loss",
     "standard",
     "standard_loss",
+    "weight_perturbation",
+    "WeightPerturbation",
 ]
