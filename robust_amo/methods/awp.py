@@ -194,7 +194,7 @@ class WeightPerturbation:
 def weight_perturbation(model: nn.Module, loss: AdversarialLoss, x: torch.Tensor,
                         point: AdversarialPoint, y: torch.Tensor, gamma: float
                         ) -> WeightPerturbation:
-    """One ascent step on the weights at the adversarial point (Wu et al. 2020, Eq. 9 / Alg. 1).
+    """One ascent step on the weights at the adversarial point (Wu et al. 2020, Algorithm 1).
 
     One forward and backward of ``loss`` in the model's current mode, on cloned buffers (the
     BatchNorm running statistics do not move), with :func:`torch.autograd.grad` (nothing is
