@@ -149,7 +149,7 @@ def test_clean_amo_configs_follow_the_authors_schedule(path):
 def test_a_method_that_needs_no_attack_gets_none(monkeypatch, tmp_path):
     from robust_amo.methods import METHODS, MethodContext, register_method
 
-    assert {m for m, s in METHODS.items() if s.needs_attack} == {"pgd", "robust-amo"}
+    assert {m for m, s in METHODS.items() if s.needs_attack} == {"pgd", "robust-amo", "awp"}
     seen = []
     monkeypatch.setattr("robust_amo.methods.registry.METHODS", dict(METHODS))
 
