@@ -40,8 +40,9 @@ def _start_method() -> str:
 
 
 # methods whose per-example δ step depends on the batch size (merged from the methods work);
-# under DDP they must scale by the global batch (robust_amo.distributed.global_batch)
-DELTA_METHODS = {"robust-amo": {}, "amo": {"steps": 2, "eta_p": 0.5}}
+# under DDP they must scale by the global batch (robust_amo.distributed.global_batch); awp's
+# weight ascent must use the global batch's gradient (averaged over the ranks)
+DELTA_METHODS = {"robust-amo": {}, "amo": {"steps": 2, "eta_p": 0.5}, "awp": {"gamma": 0.02}}
 
 
 def _delta_methods() -> dict:

@@ -10,6 +10,7 @@
 - ``jacobian-lm`` (:mod:`.jacobian_lm`): Sokolić et al. 2017, the Jacobian large-margin term.
 - ``fgsm-rs`` (:mod:`.fgsm_rs`): Wong et al. 2020, one FGSM step from a random start.
 - ``n-fgsm`` (:mod:`.n_fgsm`): de Jorge et al. 2022, one FGSM step from 2ε noise, unprojected.
+- ``awp`` (:mod:`.awp`): Wu et al. 2020, adversarial weight perturbation on ``pgd`` or ``trades``.
 
 Each registers itself with :func:`register_method` (:mod:`.registry`) when imported here; the
 trainer only calls :func:`build_objective`. docs/architecture.md says how to add one.
@@ -18,6 +19,7 @@ trainer only calls :func:`build_objective`. docs/architecture.md says how to add
 from . import (
     adversarial,
     amo,
+    awp,
     fgsm_rs,
     jacobian_lm,
     mart,
@@ -35,6 +37,14 @@ from .adversarial import (
     EpochAware,
 )
 from .amo import AMOOptions, amo_loss
+from .awp import (
+    AWPObjective,
+    AWPOptions,
+    WeightPerturbation,
+    at_weights,
+    awp_parameters,
+    weight_perturbation,
+)
 from .fgsm_rs import FGSMRSOptions
 from .jacobian_lm import JacobianLMOptions, jacobian_lm_loss, jacobian_penalty, multiclass_hinge
 from .mart import MARTOptions, mart_loss
@@ -57,6 +67,8 @@ from .trades import TRADESOptions, trades_loss
 __all__ = [
     "METHODS",
     "AMOOptions",
+    "AWPObjective",
+    "AWPOptions",
     "AdversarialLoss",
     "AdversarialObjective",
     "AdversarialPoint",
@@ -76,6 +88,9 @@ __all__ = [
     "TRADESOptions",
     "amo",
     "amo_loss",
+    "at_weights",
+    "awp",
+    "awp_parameters",
     "build_objective",
     "fgsm_rs",
     "jacobian_lm",
@@ -96,4 +111,6 @@ __all__ = [
     "standard_loss",
     "trades",
     "trades_loss",
+    "weight_perturbation",
+    "WeightPerturbation",
 ]

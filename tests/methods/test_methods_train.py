@@ -151,7 +151,8 @@ def test_a_method_that_needs_no_attack_gets_none(monkeypatch, tmp_path):
 
     # the methods that train at adversarial points need one, the others get none
     needs = {m for m, s in METHODS.items() if s.needs_attack}
-    assert {"pgd", "robust-amo", "trades", "mart", "fgsm-rs", "n-fgsm"} <= needs
+    assert {"pgd", "robust-amo", "trades", "mart", "fgsm-rs", "n-fgsm",
+            "awp"} <= needs
     assert not needs & {"standard", "amo", "jacobian-lm"}
     seen = []
     monkeypatch.setattr("robust_amo.methods.registry.METHODS", dict(METHODS))
