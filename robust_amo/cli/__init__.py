@@ -25,8 +25,9 @@ from .common import flag_message, flags_of
 
 COMMANDS = (train, evaluate, margins, plot, reproduce, archs, convert)
 
-DESCRIPTION = ("Adversarial training (PGD, robust AMO, clean AMO, Jacobian large-margin),\n"
-               "trustworthy robustness evaluation and margin analysis for PyTorch.")
+DESCRIPTION = ("Adversarial training (PGD, TRADES, MART, AWP, fast AT, robust AMO, clean AMO,\n"
+               "Jacobian large-margin), trustworthy robustness evaluation and margin analysis\n"
+               "for PyTorch.")
 """What ``robust-amo --help`` says first (the module docstring is for developers)."""
 
 EPILOG = """examples:

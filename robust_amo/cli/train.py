@@ -20,7 +20,8 @@ from robust_amo.train import train
 from .common import DEVICE_HELP, add_overwrite, add_unsafe_load, device, refuse_renamed
 
 NAME = "train"
-HELP = "train a model (standard, PGD, robust AMO, clean AMO, Jacobian-LM)"
+HELP = ("train a model (standard, PGD, TRADES, MART, AWP, FGSM-RS, N-FGSM, robust AMO, clean AMO, "
+        "Jacobian-LM)")
 
 log = logging.getLogger(__name__)
 
