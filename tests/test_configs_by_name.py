@@ -33,8 +33,8 @@ from robust_amo.studies import spec as study_spec
 from robust_amo.studies.spec import base_path
 from tests.helpers import ROOT
 
-STUDIES = ["robust-amo-vs-pgd-small", "sokolic-fig2", "sokolic-table1", "wei-ma-table1",
-           "wei-ma-table2", "wei-ma-table2-small"]
+STUDIES = ["baselines-small", "cifar10-baselines", "robust-amo-vs-pgd-small", "sokolic-fig2",
+           "sokolic-table1", "wei-ma-table1", "wei-ma-table2", "wei-ma-table2-small"]
 
 # seconds of training on the bundled digits, from the quickstart config
 FAST = ["--epochs", "1", "--set", "data.train_subset=300", "--set", "eval.steps=0",

@@ -268,7 +268,8 @@ def test_shipped_studies_list_and_dry_run(tmp_path, capsys):
     assert main(["reproduce", "--list", "--studies-dir", str(studies)]) == 0
     listed = capsys.readouterr().out
     for name in ("sokolic-table1", "sokolic-fig2", "wei-ma-table1", "wei-ma-table2",
-                 "wei-ma-table2-small", "robust-amo-vs-pgd-small"):
+                 "wei-ma-table2-small", "robust-amo-vs-pgd-small", "baselines-small",
+                 "cifar10-baselines"):
         assert name in listed
     assert "sokolic-table1               quick: 168 runs" in listed
     assert main(["reproduce", "wei-ma-table2", "--studies-dir", str(studies), "--dry-run",
