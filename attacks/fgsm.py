@@ -17,25 +17,14 @@ docs/methods.md, "Fast adversarial training").
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from robust_amo.config import AttackLoss, ThreatModel
+from robust_amo.config import AttackLoss, ThreatModel, finite_non_negative
 from robust_amo.errors import ConfigError
 
 from .base import InputAttack
 from .core import StepFn, pgd_iteration, random_start
-
-
-def check_ratio(key: str, value: float) -> float:
-    """``value`` as a float if it is a finite number >= 0, else a ConfigError naming ``key``
-    (the ratios to ε of the attacks here and of their methods' options)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0 <= value < math.inf):  # also rejects nan
-        raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}", params=(key,))
-    return float(value)
 
 
 def _linf_threat(method: str, threat: ThreatModel, step_ratio: float) -> ThreatModel:
@@ -97,7 +86,7 @@ class FGSMRS(SingleStepAttack):
 
     def _setup(self, model: nn.Module, threat: ThreatModel, step_ratio: float,
                generator: torch.Generator | None) -> None:
-        self.step_ratio = check_ratio("step_ratio", step_ratio)
+        self.step_ratio = finite_non_negative("step_ratio", step_ratio)
         InputAttack.__init__(self, model, _linf_threat("fgsm-rs", threat, self.step_ratio),
                              generator)
 
@@ -151,8 +140,8 @@ class NFGSM(SingleStepAttack):
 
     def _setup(self, model: nn.Module, threat: ThreatModel, noise_ratio: float,
                step_ratio: float, generator: torch.Generator | None) -> None:
-        self.step_ratio = check_ratio("step_ratio", step_ratio)
-        self.noise_ratio = check_ratio("noise_ratio", noise_ratio)
+        self.step_ratio = finite_non_negative("step_ratio", step_ratio)
+        self.noise_ratio = finite_non_negative("noise_ratio", noise_ratio)
         InputAttack.__init__(self, model, _linf_threat("n-fgsm", threat, self.step_ratio),
                              generator)
 

@@ -232,7 +232,7 @@ class OptimConfig:
     fused: bool = True
 
 
-def _finite_non_negative(key: str, value: Any) -> float:
+def finite_non_negative(key: str, value: Any) -> float:
     """``value`` as a float if it is a finite number >= 0, else a ConfigError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             0 <= value < math.inf):  # also rejects nan
@@ -271,8 +271,8 @@ class ThreatModel:
         check_choice("norm", self.norm, Norm)
         check_choice("loss", self.loss, AttackLoss)
         # frozen: the one way to store the coerced floats
-        object.__setattr__(self, "eps", _finite_non_negative("eps", self.eps))
-        object.__setattr__(self, "step_size", _finite_non_negative("step_size", self.step_size))
+        object.__setattr__(self, "eps", finite_non_negative("eps", self.eps))
+        object.__setattr__(self, "step_size", finite_non_negative("step_size", self.step_size))
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ConfigError(f"steps must be an integer >= 0, got {self.steps!r}",
                               params=("steps",))
@@ -307,8 +307,8 @@ class AllLayerOptions:
     delta_grad: DeltaGrad = "mean"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rho", _finite_non_negative("rho", self.rho))
-        object.__setattr__(self, "eta_delta", _finite_non_negative("eta_delta", self.eta_delta))
+        object.__setattr__(self, "rho", finite_non_negative("rho", self.rho))
+        object.__setattr__(self, "eta_delta", finite_non_negative("eta_delta", self.eta_delta))
         check_choice("delta_grad", self.delta_grad, DeltaGrad)
 
 

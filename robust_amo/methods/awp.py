@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from robust_amo.config import check_choice, from_dict
+from robust_amo.config import check_choice, finite_non_negative, from_dict
 from robust_amo.distributed import all_reduce_sum, current
 from robust_amo.errors import ConfigError
 
@@ -94,11 +93,7 @@ class AWPOptions:
 
     def __post_init__(self) -> None:
         check_choice("base", self.base, AWPBase)
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not (
-                0 <= self.gamma < math.inf):
-            raise ConfigError(f"gamma must be a finite number >= 0, got {self.gamma!r}",
-                              params=("gamma",))
-        object.__setattr__(self, "gamma", float(self.gamma))
+        object.__setattr__(self, "gamma", finite_non_negative("gamma", self.gamma))
         if self.warmup is not None and (isinstance(self.warmup, bool)
                                         or not isinstance(self.warmup, int) or self.warmup < 0):
             raise ConfigError(f"warmup must be an integer >= 0 (epochs), got {self.warmup!r}",

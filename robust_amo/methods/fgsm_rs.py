@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from robust_amo.attacks import FGSMRS
-from robust_amo.attacks.fgsm import check_ratio
-from robust_amo.config import AllLayerOptions
+from robust_amo.config import AllLayerOptions, finite_non_negative
 
 from .adversarial import AdversarialObjective, Adversary
 from .pgd import adversarial_ce
@@ -46,7 +45,7 @@ class FGSMRSOptions:
     all_layer: AllLayerOptions | None = None
 
     def __post_init__(self) -> None:
-        check_ratio("step_ratio", self.step_ratio)
+        finite_non_negative("step_ratio", self.step_ratio)
 
 
 @register_method("fgsm-rs", options=FGSMRSOptions, needs_attack=True)

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_amo.attacks import NoisyStartPGD
-from robust_amo.config import AllLayerOptions
+from robust_amo.config import AllLayerOptions, finite_non_negative
 from robust_amo.runtime import wide
 
 from .adversarial import AdversarialObjective, AdversarialPoint, Adversary
 from .registry import MethodContext, Objective, register_method
-from .trades import _non_negative
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,8 @@ class MARTOptions:
     all_layer: AllLayerOptions | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", _non_negative("beta", self.beta))
-        object.__setattr__(self, "start_std", _non_negative("start_std", self.start_std))
+        object.__setattr__(self, "beta", finite_non_negative("beta", self.beta))
+        object.__setattr__(self, "start_std", finite_non_negative("start_std", self.start_std))
 
 
 def mart_loss(model: nn.Module, x: torch.Tensor, point: AdversarialPoint, y: torch.Tensor,

@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from robust_amo.attacks import NFGSM
-from robust_amo.attacks.fgsm import check_ratio
-from robust_amo.config import AllLayerOptions
+from robust_amo.config import AllLayerOptions, finite_non_negative
 
 from .adversarial import AdversarialObjective, Adversary
 from .pgd import adversarial_ce
@@ -47,8 +46,8 @@ class NFGSMOptions:
     all_layer: AllLayerOptions | None = None
 
     def __post_init__(self) -> None:
-        check_ratio("noise_ratio", self.noise_ratio)
-        check_ratio("step_ratio", self.step_ratio)
+        finite_non_negative("noise_ratio", self.noise_ratio)
+        finite_non_negative("step_ratio", self.step_ratio)
 
 
 @register_method("n-fgsm", options=NFGSMOptions, needs_attack=True)

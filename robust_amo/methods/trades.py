@@ -19,19 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_amo.attacks import TRADESAttack, kl_to_clean
-from robust_amo.config import AllLayerOptions, parse_float
-from robust_amo.errors import ConfigError
+from robust_amo.config import AllLayerOptions, finite_non_negative
 from robust_amo.runtime import wide
 
 from .adversarial import AdversarialObjective, AdversarialPoint, Adversary
 from .registry import MethodContext, Objective, register_method
-
-
-def _non_negative(name: str, value: float) -> float:
-    v = parse_float(value, name)
-    if not v >= 0 or v == float("inf"):
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}", params=(name,))
-    return v
 
 
 @dataclass(frozen=True)
@@ -51,8 +43,8 @@ class TRADESOptions:
     all_layer: AllLayerOptions | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", _non_negative("beta", self.beta))
-        object.__setattr__(self, "start_std", _non_negative("start_std", self.start_std))
+        object.__setattr__(self, "beta", finite_non_negative("beta", self.beta))
+        object.__setattr__(self, "start_std", finite_non_negative("start_std", self.start_std))
 
 
 def trades_loss(model: nn.Module, x: torch.Tensor, point: AdversarialPoint, y: torch.Tensor,
