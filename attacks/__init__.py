@@ -19,6 +19,7 @@ from .core import (
 from .joint import RobustAMOAttack
 from .pgd import PGD, AttackFn
 from .radius import l2_attack_at_radius
+from .targeted import TargetedPGD, TargetLoss, targeted_loss, top_targets
 
 __all__ = [
     "PGD",
@@ -27,6 +28,8 @@ __all__ = [
     "InputAttack",
     "Iterate",
     "RobustAMOAttack",
+    "TargetLoss",
+    "TargetedPGD",
     "attack_loss",
     "l2_attack_at_radius",
     "margin_loss",
@@ -35,4 +38,6 @@ __all__ = [
     "pgd_step",
     "projected_step",
     "random_start",
+    "targeted_loss",
+    "top_targets",
 ]
