@@ -49,7 +49,7 @@ def top_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
                           f"model has {n_classes}: ask for at most {n_classes - 1} targets")
     z = logits.detach().float().clone()
     z.scatter_(1, y[:, None], float("-inf"))
-    return z.sort(1, descending=True, stable=True).indices[:, :k]
+    return z.sort(dim=1, descending=True, stable=True).indices[:, :k]
 
 
 def targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor,

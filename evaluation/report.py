@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
+import io
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from robust_amo.curves import pyplot, save_figure
@@ -743,3 +745,77 @@ def validate_report(report: dict[str, Any]) -> None:
         lacking = [k for k in ATTACK_KEYS if k not in a]
         if lacking:
             raise ValueError(f"attack {name} lacks {lacking}")
+
+
+ADV_FORMAT = "robust-amo-adv/1"
+"""The ``format`` entry of a ``save_adv`` file (an .npz of plain arrays)."""
+
+
+def worst_case_examples(outcomes: list[AttackOutcome], x: torch.Tensor,
+                        y: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """The worst-case adversarial example of each example and which attack found it.
+
+    Attacks are taken in order (``clean`` first): an example keeps the point of the first attack
+    that broke it, named ``ATTACK:STEP`` (``pgd50:restart 3``, ``autoattack:apgd-t``: the first
+    restart, target or sub-attack after which it was broken) or ``ATTACK`` when the attack has
+    no steps; ``clean`` for an example misclassified without attack (its point is x); ``""``
+    for an example no attack broke (its point is x).
+
+    Args:
+        outcomes: the attacks' outcomes, each with its kept points (``adv``, from
+            ``evaluate_attacks(..., keep_adv=True)``).
+        x: the clean examples (n, ...); y: labels (n,).
+
+    Returns:
+        ``(x_adv (n, ...) float32 on the CPU, found_by (n,) names)``.
+
+    Raises:
+        ValueError: an outcome without its points.
+    """
+    x_adv = x.detach().float().cpu().clone()
+    found = [""] * len(y)
+    for o in outcomes:
+        if o.spec.kind == "clean":
+            for i in (~o.clean).nonzero().squeeze(1).tolist():
+                found[i] = found[i] or "clean"
+            continue
+        if o.adv is None:
+            raise ValueError(f"attack {o.spec.name} kept no adversarial points")
+        broken = (o.clean & ~o.robust).nonzero().squeeze(1).tolist()
+        for pos, i in enumerate(broken):
+            if found[i]:
+                continue
+            step = next((k for k, m in o.steps.items() if not bool(m[i])), None)
+            found[i] = f"{o.spec.name}:{step}" if step is not None else o.spec.name
+            x_adv[i] = o.adv[pos]
+        for i in (~o.clean).nonzero().squeeze(1).tolist():
+            found[i] = found[i] or "clean"
+    return x_adv, found
+
+
+def write_adversarial(path: str | Path, x_adv: torch.Tensor, y: torch.Tensor,
+                      found_by: list[str], prediction: torch.Tensor, *, eps: float,
+                      norm: str, attacks: list[str]) -> Path:
+    """Write the worst-case adversarial examples as an .npz of plain arrays, atomically.
+
+    It loads without pickle: ``numpy.load(path, allow_pickle=False)``. Arrays: ``x_adv``
+    (n, C, H, W) float32 in [0, 1]; ``y`` (n,) int64 labels; ``index`` (n,) int64, the
+    example's position among the n evaluated examples (the first n of the split);
+    ``found_by`` (n,) unicode, the attack that broke it (:func:`worst_case_examples`; ``""``:
+    robust); ``robust`` (n,) bool; ``prediction`` (n,) int64, the model's class at x_adv;
+    ``attacks`` the attacks run, in order; ``eps`` float64; ``norm`` and ``format``
+    (``robust-amo-adv/1``) unicode scalars.
+    """
+    arrays = {
+        "format": np.array(ADV_FORMAT), "x_adv": x_adv.float().cpu().numpy(),
+        "y": y.cpu().numpy().astype(np.int64),
+        "index": np.arange(len(y), dtype=np.int64),
+        "found_by": np.array(found_by, dtype=str),
+        "robust": np.array([f == "" for f in found_by], dtype=bool),
+        "prediction": prediction.cpu().numpy().astype(np.int64),
+        "attacks": np.array(attacks, dtype=str), "eps": np.array(eps, dtype=np.float64),
+        "norm": np.array(norm),
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write(path, buf.getvalue())

@@ -128,7 +128,7 @@ def test_the_command_logs_each_attack_and_done_with_no_progress(run, tmp_path, c
     with caplog.at_level(logging.INFO, logger="robust_amo"):
         assert _eval(run, tmp_path / "report.json", "--attack", "pgd2") == 0
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "pgd2 done: robust accuracy" in text and "forward passes" in text
+    assert "pgd2 done: robust accuracy" in text and " backward passes; " in text
     assert "\ndone: clean accuracy" in text
 
 
