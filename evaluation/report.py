@@ -577,7 +577,10 @@ def restarts_figure(report: Report):
             values.append(y)
     if values:
         ax.set_ylim(*_honest_range(min(values), max(values)))
-    ax.set_xlabel("restart")
+    targeted = any(a.kind == "pgd" and a.settings.get("targets") and len(a.curve) > 1
+                   for a in report.attacks.values())
+    # a targeted PGD's points are its targets (each with its restarts), in rank order
+    ax.set_xlabel("restart (targeted PGD: target, then restart)" if targeted else "restart")
     ax.xaxis.get_major_locator().set_params(integer=True)
     per = 100 / n
     ax.set_ylabel(f"robust accuracy (%; 1 example = {per:.2g} "

@@ -237,3 +237,59 @@ def test_the_command_writes_passes_and_the_adversarial_file(run, tmp_path, capsy
     assert main(args + ["--out", str(tmp_path / "other.json"), "--overwrite"]) == 0
     assert main(args[:-1] + [str(tmp_path / "adv.pt"), "--overwrite"]) == 2
     assert "--save-adv must name a .npz file" in capsys.readouterr().err
+
+
+def test_sharded_passes_and_points_add_up_to_the_single_process_ones(monkeypatch):
+    """Two ranks simulated in one process: each attacks its chunks; rank 0's gather sums the
+    passes and puts the kept points in example order (the masks' gather is tested under
+    torchrun in tests/test_distributed.py)."""
+    from robust_amo import distributed
+
+    model = _tiny(2)
+    x, _ = _data(23)
+    y = model(x).argmax(1).detach()
+    specs = [parse_attack("pgd2", eps=0.2, step_size=0.025, restarts=2)]
+    whole = evaluate_attacks(model, x, y, specs, batch_size=5, keep_adv=True)[0]
+    infos: dict[int, object] = {}
+
+    class Gathered(Exception):
+        pass
+
+    for r in range(2):
+        monkeypatch.setattr(distributed, "current", lambda r=r: distributed.DistContext(r, 2))
+
+        def capture(obj, r=r):
+            infos[r] = obj
+            raise Gathered
+
+        monkeypatch.setattr(distributed, "gather_objects", capture)
+        with pytest.raises(Gathered):
+            evaluate_attacks(model, x, y, specs, batch_size=5, keep_adv=True)
+    assert infos[0][4] != whole.forward_passes  # each rank did part of the work
+    monkeypatch.setattr(distributed, "current", lambda: distributed.DistContext(0, 2))
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: [infos[0], infos[1]])
+    monkeypatch.setattr(distributed, "assemble", lambda values, index, n: torch.zeros(
+        (n, *values.shape[1:]), dtype=values.dtype).index_copy_(0, index, values))
+    rank0 = evaluate_attacks(model, x, y, specs, batch_size=5, keep_adv=True)[0]
+    assert (rank0.forward_passes, rank0.backward_passes) == (whole.forward_passes,
+                                                             whole.backward_passes)
+    assert torch.equal(rank0.adv, whole.adv) and len(whole.adv) > 2
+
+
+def test_the_restart_picture_says_targeted_points_are_targets():
+    from robust_amo.evaluation.report import restarts_figure
+
+    model = _tiny(2)
+    x, _ = _data(12)
+    y = model(x).argmax(1).detach()
+    out = evaluate_attacks(model, x, y, [parse_attack("clean", eps=EPS),
+                                         parse_attack("pgd2-t3", eps=0.2, step_size=0.025)],
+                           batch_size=12)
+    report = build_report(outcomes=out, model_meta={"arch": "tiny-mlp"}, dataset="x",
+                          split="test", norm="linf", eps=0.2, seed=0, device="cpu", bf16=False,
+                          wall_time_s=1.0, checks=[])
+    ax = restarts_figure(report).axes[0]
+    assert ax.get_xlabel() == "restart (targeted PGD: target, then restart)"
+    assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
+    assert list(ax.lines[0].get_ydata()) == [100 * v for v in report.attacks["pgd2-t3"]
+                                             .curve.values()]
