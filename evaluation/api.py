@@ -269,6 +269,9 @@ def attack_specs(names: list[str], *, eps: float, norm: Norm, step_size: float |
              for n in names]
     if not any(s.kind == "clean" for s in specs):
         specs.insert(0, parse_attack("clean", eps=eps))
+    if individual and not any(s.kind == "autoattack" for s in specs):
+        log.warning("individual applies to AutoAttack's attacks, and none is asked for; each "
+                    "other attack is already reported on its own beside the worst case")
     return specs
 
 

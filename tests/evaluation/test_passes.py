@@ -9,14 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from robust_amo import distributed, evaluate
 from robust_amo.cli import main
+from robust_amo.data import dataset_info, load_dataset
+from robust_amo.errors import OutputError
 from robust_amo.evaluation import (
     AutoAttackSettings,
     autoattack_robust,
     evaluate_attacks,
     parse_attack,
 )
-from robust_amo.evaluation.report import Report, build_report, markdown, worst_case_examples
+from robust_amo.evaluation.report import (
+    Report,
+    build_report,
+    markdown,
+    restarts_figure,
+    worst_case_examples,
+)
 from robust_amo.evaluation.runner import PassCounter
 from robust_amo.models import create_model
 from robust_amo.train import train
@@ -243,8 +252,6 @@ def test_sharded_passes_and_points_add_up_to_the_single_process_ones(monkeypatch
     """Two ranks simulated in one process: each attacks its chunks; rank 0's gather sums the
     passes and puts the kept points in example order (the masks' gather is tested under
     torchrun in tests/test_distributed.py)."""
-    from robust_amo import distributed
-
     model = _tiny(2)
     x, _ = _data(23)
     y = model(x).argmax(1).detach()
@@ -277,8 +284,6 @@ def test_sharded_passes_and_points_add_up_to_the_single_process_ones(monkeypatch
 
 
 def test_the_restart_picture_says_targeted_points_are_targets():
-    from robust_amo.evaluation.report import restarts_figure
-
     model = _tiny(2)
     x, _ = _data(12)
     y = model(x).argmax(1).detach()
@@ -293,3 +298,29 @@ def test_the_restart_picture_says_targeted_points_are_targets():
     assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
     assert list(ax.lines[0].get_ydata()) == [100 * v for v in report.attacks["pgd2-t3"]
                                              .curve.values()]
+
+
+def test_evaluate_saves_adversarial_examples_and_refuses_to_overwrite(tmp_path):
+    train_split, _ = load_dataset("digits")
+    info = dataset_info("digits")
+    torch.manual_seed(0)
+    model = create_model("tiny-mlp", 10, input_shape=(1, 8, 8), mean=info.mean, std=info.std)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):  # clean training for a moment: most test digits right, PGD breaks some
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(train_split.x.float() / 255),
+                                          train_split.y).backward()
+        opt.step()
+    model.eval()
+    path = tmp_path / "adv.npz"
+    kw = dict(dataset="digits", eps=0.2, attacks=("pgd2",), n_examples=16, sanity=False,
+              save_adv=path)
+    report = evaluate(model, **kw)
+    with np.load(path, allow_pickle=False) as f:
+        assert int(f["robust"].sum()) == report.n_robust and len(f["y"]) == 16
+        by_pgd = np.char.startswith(f["found_by"], "pgd2:")
+        assert by_pgd.any() and (f["prediction"][by_pgd] != f["y"][by_pgd]).all()
+    with pytest.raises(OutputError, match="adv.npz") as e:
+        evaluate(model, **kw)
+    assert e.value.params == ("overwrite", "save_adv")
+    evaluate(model, **kw, overwrite=True)
