@@ -325,8 +325,10 @@ def _save_adversarial(model: nn.Module, data: EvalData, outcomes: list[AttackOut
                     found[kept[0]])
     write_adversarial(path, x_adv, data.y, found, pred, eps=eps, norm=norm,
                       attacks=[o.spec.name for o in outcomes])
-    log.info("worst-case adversarial examples written to %s (%d of %d broken)", path,
-             sum(1 for f in found if f), len(found))
+    log.info("worst-case adversarial examples written to %s (%d examples: %d broken by an "
+             "attack, %d misclassified clean, %d robust)", path, len(found),
+             sum(1 for f in found if f not in ("", "clean")),
+             sum(1 for f in found if f == "clean"), sum(1 for f in found if not f))
 
 
 def _adv_target(path: str | Path | None, overwrite: bool) -> Path | None:
