@@ -22,6 +22,7 @@ from .fgsm import FGSMRS, NFGSM, SingleStepAttack
 from .joint import RobustAMOAttack
 from .pgd import PGD, AttackFn
 from .radius import l2_attack_at_radius
+from .targeted import TargetedPGD, TargetLoss, targeted_loss, top_targets
 from .trades import NoisyStartPGD, TRADESAttack, kl_to_clean
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "RobustAMOAttack",
     "SingleStepAttack",
     "TRADESAttack",
+    "TargetLoss",
+    "TargetedPGD",
     "attack_loss",
     "kl_to_clean",
     "l2_attack_at_radius",
@@ -45,4 +48,6 @@ __all__ = [
     "pgd_step",
     "projected_step",
     "random_start",
+    "targeted_loss",
+    "top_targets",
 ]

@@ -45,7 +45,7 @@ from robust_amo.margins.measure import CSV, SUMMARY
 from robust_amo.models import ExternalModel
 from robust_amo.outputs import atomic_write, refuse_overwrite, writable_dir
 from robust_amo.runs import BEST
-from robust_amo.runtime import resolve_device
+from robust_amo.runtime import eval_mode, resolve_device
 
 from . import sharding
 from .attacks import EvalAttack, parse_attack
@@ -57,6 +57,7 @@ from .loading import (
     load_eval_data,
     load_for_analysis,
 )
+from .outcome import AttackOutcome
 from .report import (
     DEFAULT_TOLERANCE,
     Report,
@@ -67,9 +68,11 @@ from .report import (
     robustbench_path,
     sanity_checks,
     state_path,
+    worst_case_examples,
+    write_adversarial,
     write_report,
 )
-from .runner import evaluate_attacks, finite_logits, large_eps_accuracy, model_digest
+from .runner import chunks, evaluate_attacks, finite_logits, large_eps_accuracy, model_digest
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,14 @@ class EvalRequest(CheckpointRequest):
         tolerance: PGD/AutoAttack disagreement flagged above it (default 0.03).
         format: ``robustbench`` also writes the fields of a RobustBench model-info entry.
         sanity: run the large-eps gradient-masking check (the other checks always run).
+        individual: AutoAttack also runs each of its attacks on every clean-correct example
+            and the report gives each one's robust accuracy alone (AutoAttack's
+            ``run_standard_evaluation_individual``) beside the cumulative curve; the
+            AutoAttack result is then the intersection of the individual ones.
+        save_adv: an ``.npz`` path for the worst-case adversarial examples and the attack
+            that found each (:func:`~robust_amo.evaluation.report.write_adversarial`; loads
+            with ``numpy.load(allow_pickle=False)``); an existing file is refused unless
+            ``overwrite``.
     """
 
     attacks: list[str] = field(default_factory=lambda: ["pgd50"])
@@ -214,6 +225,8 @@ class EvalRequest(CheckpointRequest):
     tolerance: str | float = DEFAULT_TOLERANCE
     format: ReportFormat = "robust-amo"
     sanity: bool = True
+    individual: bool = False
+    save_adv: str | None = None
 
     def check(self) -> float:
         """Validate the fields that need no file; the tolerance as a float.
@@ -247,22 +260,27 @@ class EvalRequest(CheckpointRequest):
 
 def attack_specs(names: list[str], *, eps: float, norm: Norm, step_size: float | None,
                  restarts: int | None, loss: AttackLoss, seed: int,
-                 aa_attacks: tuple[str, ...] = (), aa_backend: str | None = None
-                 ) -> list[EvalAttack]:
+                 aa_attacks: tuple[str, ...] = (), aa_backend: str | None = None,
+                 individual: bool = False) -> list[EvalAttack]:
     """The attacks of ``names`` (:func:`parse_attack`), ``clean`` first when not named."""
     specs = [parse_attack(n, eps=eps, norm=norm, step_size=step_size, restarts=restarts,
-                          loss=loss, seed=seed, aa_attacks=aa_attacks, aa_backend=aa_backend)
+                          loss=loss, seed=seed, aa_attacks=aa_attacks, aa_backend=aa_backend,
+                          individual=individual)
              for n in names]
     if not any(s.kind == "clean" for s in specs):
         specs.insert(0, parse_attack("clean", eps=eps))
+    if individual and not any(s.kind == "autoattack" for s in specs):
+        log.warning("individual applies to AutoAttack's attacks, and none is asked for; each "
+                    "other attack is already reported on its own beside the worst case")
     return specs
 
 
 def _run(model: nn.Module, meta: dict[str, Any], data: EvalData, specs: list[EvalAttack], *,
          norm: Norm, eps: float, seed: int, batch_size: int, device: torch.device, bf16: bool,
          sanity: bool, tolerance: float, state_path: Path | None, resume: bool, progress: bool,
-         t_start: float) -> Report:
-    """Attack, check and report (the part every evaluation shares)."""
+         t_start: float, save_adv: Path | None = None) -> Report:
+    """Attack, check and report (the part every evaluation shares); with ``save_adv``, rank 0
+    also writes the worst-case adversarial examples there."""
     if bf16 and device.type != "cuda":
         log.warning("bf16 has no effect on %s: evaluating in float32", device)
     bf16 = bf16 and device.type == "cuda"
@@ -273,7 +291,10 @@ def _run(model: nn.Module, meta: dict[str, Any], data: EvalData, specs: list[Eva
     outcomes = evaluate_attacks(
         model, data.x, data.y, specs, batch_size=batch_size, device=device,
         state_path=state_path, resume=resume, bf16=bf16, progress=progress,
-        fingerprint={"split": data.split, "dataset": data.dataset})
+        fingerprint={"split": data.split, "dataset": data.dataset}, keep_adv=save_adv is not None)
+    if save_adv is not None and distributed.is_main():
+        _save_adversarial(model, data, outcomes, save_adv, norm=norm, eps=eps,
+                          batch_size=batch_size, device=device)
     clean_acc = int(outcomes[0].clean.sum()) / len(data.y)
     finite = finite_logits(model, data.x, batch_size=batch_size, device=device)
     large = None
@@ -286,6 +307,43 @@ def _run(model: nn.Module, meta: dict[str, Any], data: EvalData, specs: list[Eva
                         split=data.split, norm=norm, eps=eps, seed=seed, device=str(device),
                         bf16=bf16, wall_time_s=time.perf_counter() - t_start, checks=checks,
                         data_dir=data.data_dir, selected_on=selection_of(meta))
+
+
+def _save_adversarial(model: nn.Module, data: EvalData, outcomes: list[AttackOutcome],
+                      path: Path, *, norm: Norm, eps: float, batch_size: int,
+                      device: torch.device) -> None:
+    """Write the worst-case adversarial examples (:func:`write_adversarial`) with the model's
+    prediction at each (a forward pass over them, not counted as an attack's)."""
+    x_adv, found = worst_case_examples(outcomes, data.x, data.y)
+    with torch.no_grad(), eval_mode(model):
+        pred = torch.cat([model(x_adv[sl].to(device)).argmax(1).cpu()
+                          for sl in chunks(len(x_adv), batch_size)] or [torch.zeros(0).long()])
+    kept = [i for i, f in enumerate(found) if f not in ("", "clean") and pred[i] == data.y[i]]
+    if kept:  # a point an attack reported as broken that the model classifies correctly
+        log.warning("%d saved adversarial examples are classified correctly when evaluated "
+                    "again (first: example %d, found by %s)", len(kept), kept[0],
+                    found[kept[0]])
+    write_adversarial(path, x_adv, data.y, found, pred, eps=eps, norm=norm,
+                      attacks=[o.spec.name for o in outcomes])
+    log.info("worst-case adversarial examples written to %s (%d examples: %d broken by an "
+             "attack, %d misclassified clean, %d robust)", path, len(found),
+             sum(1 for f in found if f not in ("", "clean")),
+             sum(1 for f in found if f == "clean"), sum(1 for f in found if not f))
+
+
+def _adv_target(path: str | Path | None, overwrite: bool) -> Path | None:
+    """The ``save_adv`` path, checked before any attack runs: an ``.npz`` in a writable
+    folder, and no existing file unless ``overwrite``."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.suffix != ".npz":
+        raise ConfigError(f"save_adv must name a .npz file, got {path}", params=("save_adv",))
+    writable_dir(p.parent, "save_adv")
+    refuse_overwrite(p.parent, [p.name], "file of adversarial examples", overwrite=overwrite,
+                     ways="replace it (overwrite) or choose another file (save_adv)",
+                     params=("overwrite", "save_adv"))
+    return p
 
 
 def selection_of(meta: dict[str, Any]) -> str | None:
@@ -344,19 +402,22 @@ def run_evaluation(request: EvalRequest, ctx: DistContext, device: torch.device)
     step = parse_float(request.step_size, "step_size") if request.step_size is not None else None
     specs = attack_specs(names, eps=a.threat.eps, norm=a.threat.norm, step_size=step,
                          restarts=request.restarts, loss=request.loss, seed=request.seed,
-                         aa_attacks=aa_attacks, aa_backend=request.aa_backend)
+                         aa_attacks=aa_attacks, aa_backend=request.aa_backend,
+                         individual=request.individual)
     out = Path(request.out) if request.out else Path(meta["path"]).parent / "eval" / "report.json"
     if ctx.is_main:
         writable_dir(out.parent)
         # an overwrite replaces all of them (write_report removes the old ones first)
         refuse_overwrite(out.parent, [f.name for f in report_outputs(out)], "report",
                          overwrite=request.overwrite)
+    adv = _adv_target(request.save_adv, request.overwrite) if ctx.is_main else (
+        Path(request.save_adv) if request.save_adv else None)
     state = state_path(out)
     report = _run(model, meta, data, specs, norm=a.threat.norm, eps=a.threat.eps,
                   seed=request.seed, batch_size=request.batch_size, device=device,
                   bf16=request.bf16, sanity=request.sanity, tolerance=tolerance,
                   state_path=state, resume=request.resume, progress=request.progress,
-                  t_start=t_start)
+                  t_start=t_start, save_adv=adv)
     sharding.state_file(state).unlink(missing_ok=True)
     if ctx.is_main:  # every rank holds the same report; rank 0 writes it
         _write(report, out, request.format == "robustbench")
@@ -403,6 +464,9 @@ def evaluate(
     tolerance: float = DEFAULT_TOLERANCE,
     out: str | Path | None = None,
     progress: bool = False,
+    individual: bool = False,
+    save_adv: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Report:
     """Robust accuracy of any classifier in one call (the spirit of RobustBench's ``benchmark``).
 
@@ -431,6 +495,11 @@ def evaluate(
         tolerance: PGD/AutoAttack disagreement flagged above it (default 0.03).
         out: a report .json path to write with its .md (default None: nothing is written).
         progress: progress bars (default False).
+        individual: AutoAttack's attacks each on every clean-correct example, each one's
+            robust accuracy in ``report.attacks[NAME].individual`` (default False).
+        save_adv: an ``.npz`` path for the worst-case adversarial examples and the attack
+            that found each (default None: not written); an existing file is refused unless
+            ``overwrite`` (default False).
 
     Returns:
         The :class:`Report`: ``report.clean_accuracy``, ``report.robust_accuracy``,
@@ -461,14 +530,16 @@ def evaluate(
     check_differentiable(model, meta, data.x)
     meta["weights_sha256"] = model_digest(model)
     specs = attack_specs(list(attacks), eps=eps, norm=norm,
-                         step_size=step_size, restarts=restarts, loss=loss, seed=seed)
+                         step_size=step_size, restarts=restarts, loss=loss, seed=seed,
+                         individual=individual)
     target = Path(out) if out is not None else None
     if target is not None:
         writable_dir(target.parent)
+    adv = _adv_target(save_adv, overwrite)
     report = _run(model, meta, data, specs, norm=norm, eps=eps, seed=seed,
                   batch_size=batch_size, device=device, bf16=False, sanity=sanity,
                   tolerance=float(tolerance), state_path=None, resume=False, progress=progress,
-                  t_start=t_start)
+                  t_start=t_start, save_adv=adv)
     if target is not None:
         _write(report, target, robustbench=False)
     return report

@@ -64,6 +64,8 @@ class EvalOptions:
         seed: seed of the random starts (PGD) and of AutoAttack.
         aa_attacks: the attacks of ``autoattack-custom``.
         aa_backend: ``"autoattack"``, ``"pyautoattack"`` or None (the first installed).
+        individual: AutoAttack runs each of its attacks on every clean-correct example and
+            reports each one's robust accuracy (default False: the cascade only).
     """
 
     threat: ThreatModel
@@ -71,6 +73,7 @@ class EvalOptions:
     seed: int = 0
     aa_attacks: tuple[str, ...] = ()
     aa_backend: str | None = None
+    individual: bool = False
 
     @property
     def eps(self) -> float:
@@ -119,6 +122,10 @@ class EvalAttack:
                   save_partial: SavePartial) -> dict[str, Any]:
         """Attack one chunk; the chunk entry ``{"clean", "robust", "steps", ...}`` (CPU masks).
 
+        Optional keys: ``adv``, the adversarial points of the broken examples
+        (``clean & ~robust``, in order; kept only for ``save_adv``), ``individual``
+        (sub-attack -> (B,) mask of robustness under that sub-attack alone) and ``warnings``.
+
         Args:
             model: the classifier (the attack runs it in eval mode and restores its mode).
             x, y: the chunk (B, ...) and its labels on the evaluation device.
@@ -143,7 +150,7 @@ class CleanAccuracy(EvalAttack):
                   save_partial: SavePartial) -> dict[str, Any]:
         with torch.no_grad(), amp(), eval_mode(model):
             ok = (model(x).argmax(1) == y).cpu()
-        return {"clean": ok, "robust": ok, "steps": {}}
+        return {"clean": ok, "robust": ok, "steps": {}, "adv": x[:0].detach().float().cpu()}
 
 
 class PGDAttack(EvalAttack):
@@ -163,7 +170,8 @@ class PGDAttack(EvalAttack):
                   save_partial: SavePartial) -> dict[str, Any]:
         r = pgd_robust(model, x, y, index, self.pgd, amp)
         return {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
-                "steps": {f"restart {i + 1}": m.cpu() for i, m in enumerate(r.after_restart)}}
+                "steps": dict(zip(self.pgd.step_names(), r.after_restart.cpu(), strict=True)),
+                "adv": r.x_adv[r.clean & ~r.robust].detach().float().cpu()}
 
 
 class AutoAttackEval(EvalAttack):
@@ -186,13 +194,17 @@ class AutoAttackEval(EvalAttack):
                   index: torch.Tensor, *, amp: Amp, partial: dict[str, Any] | None,
                   save_partial: SavePartial) -> dict[str, Any]:
         prev = partial.get("aa") if partial is not None else None
-        r = autoattack_robust(model, x, y, self.aa, state=prev,
+        adv = partial.get("adv") if partial is not None else None
+        r = autoattack_robust(model, x, y, self.aa, state=prev, adv=adv,
                               on_step=lambda res: save_partial(
                                   {"aa": res.state(), "done": list(res.done),
-                                   "robust": res.robust.cpu()}))
-        return {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
-                "steps": {k: v.cpu() for k, v in r.after_attack.items()},
-                "warnings": r.warnings}
+                                   "robust": res.robust.cpu(), "adv": res.adv()}))
+        out = {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
+               "steps": {k: v.cpu() for k, v in r.after_attack.items()},
+               "warnings": r.warnings, "adv": r.adv()}
+        if r.individual:
+            out["individual"] = {k: v.cpu() for k, v in r.individual.items()}
+        return out
 
 
 Parser = Callable[[str, EvalOptions], EvalAttack | None]
@@ -237,15 +249,17 @@ def attack_help() -> str:
 
 def parse_attack(name: str, *, eps: float, norm: Norm = "linf", step_size: float | None = None,
                  restarts: int | None = None, loss: AttackLoss = "ce", seed: int = 0,
-                 aa_attacks: tuple[str, ...] = (), aa_backend: str | None = None) -> EvalAttack:
-    """The :class:`EvalAttack` of a name such as ``clean``, ``pgd20``, ``pgd50``, ``autoattack``.
+                 aa_attacks: tuple[str, ...] = (), aa_backend: str | None = None,
+                 individual: bool = False) -> EvalAttack:
+    """The :class:`EvalAttack` of a name such as ``clean``, ``pgd20``, ``pgd50``, ``pgd50-t9``,
+    ``autoattack`` (``individual``: see :class:`EvalOptions`).
 
     Raises:
         ConfigError: an unknown name or bad values.
     """
     key = name.strip().lower()
     threat = ThreatModel(norm, eps, eval_step_size(eps, step_size), loss=loss)
-    opts = EvalOptions(threat, restarts, seed, tuple(aa_attacks), aa_backend)
+    opts = EvalOptions(threat, restarts, seed, tuple(aa_attacks), aa_backend, individual)
     for entry in EVAL_ATTACKS.values():
         try:
             attack = entry.parse(key, opts)
@@ -278,6 +292,23 @@ def _pgd(name: str, opts: EvalOptions) -> EvalAttack | None:
     return PGDAttack(name, PGDSettings(opts.threat.replace(steps=steps), restarts, opts.seed))
 
 
+@register_eval_attack("pgdK-tN[-dlr]",
+                      "targeted PGD, K steps towards each of the N classes with the highest "
+                      "clean logits but the label; CW-targeted loss z_t - z_y, or DLR-targeted "
+                      "with -dlr; worst case over targets (pgd50-t9)")
+def _targeted(name: str, opts: EvalOptions) -> EvalAttack | None:
+    m = re.fullmatch(r"pgd(\d+)-t(\d+)(-dlr|-cw)?", name)
+    if not m:
+        return None
+    steps, targets = int(m.group(1)), int(m.group(2))
+    if steps < 1 or targets < 1:
+        raise ConfigError("targeted PGD needs at least one step and one target (pgd50-t9)")
+    restarts = opts.restarts if opts.restarts is not None else 1
+    target_loss = "dlr" if m.group(3) == "-dlr" else "cw"
+    return PGDAttack(name, PGDSettings(opts.threat.replace(steps=steps), restarts, opts.seed,
+                                       targets=targets, target_loss=target_loss))
+
+
 AA_VERSIONS = {"autoattack": "standard", "autoattack-plus": "plus", "autoattack-rand": "rand",
                "autoattack-custom": "custom"}
 
@@ -290,4 +321,5 @@ def _autoattack(name: str, opts: EvalOptions) -> EvalAttack | None:
         return None
     attacks = opts.aa_attacks if version == "custom" else ()
     return AutoAttackEval(name, AutoAttackSettings(opts.threat.eps, opts.threat.norm, version,
-                                                   attacks, opts.seed, opts.aa_backend))
+                                                   attacks, opts.seed, opts.aa_backend,
+                                                   opts.individual))

@@ -67,6 +67,10 @@ class AutoAttackSettings:
         attacks: the attack list for ``version="custom"`` (names in :data:`ATTACKS`).
         seed: AutoAttack's seed (it reseeds every attack call with it).
         backend: ``"autoattack"``, ``"pyautoattack"`` or None for the first installed.
+        individual: run every attack on every clean-correct example (AutoAttack's
+            ``run_standard_evaluation_individual``) instead of only on those the earlier
+            attacks left standing; each attack's own robust set is then known, and the
+            robust set of the whole is their intersection (default False: the cascade).
     """
 
     eps: float
@@ -75,6 +79,7 @@ class AutoAttackSettings:
     attacks: tuple[str, ...] = ()
     seed: int = 0
     backend: str | None = None
+    individual: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in _NORMS:
@@ -106,6 +111,8 @@ class AutoAttackSettings:
         """Plain dict for reports and state files (backend resolved by the caller)."""
         d = asdict(self)
         d["attacks"] = self.attack_list
+        if not self.individual:  # the cascade's settings read as they did before the option
+            del d["individual"]
         return d
 
 
@@ -117,10 +124,13 @@ class AutoAttackResult:
         clean: (B,) bool, classified correctly without attack.
         robust: (B,) bool, not broken by any attack of the list.
         after_attack: attack name -> (B,) bool, robust after that attack and all before it.
-        x_adv: (B, ...) AutoAttack's adversarial point for examples broken in this call, else
-            the input (not saved in the state: examples broken before a resume keep the input).
+        x_adv: (B, ...) the adversarial point of each broken example (the first attack's that
+            broke it), else the input; examples broken before a resume keep the input unless
+            the state held their points (``adv``).
         warnings: the messages of AutoAttack's checks (deduplicated, in order).
         done: the attacks finished so far (all of them unless interrupted).
+        individual: with ``settings.individual``, attack name -> (B,) bool, robust under that
+            attack alone (run on every clean-correct example); else empty.
     """
 
     clean: torch.Tensor
@@ -129,12 +139,19 @@ class AutoAttackResult:
     x_adv: torch.Tensor
     warnings: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
+    individual: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
-        """What must be saved to continue after ``done`` (CPU masks, no images)."""
+        """What must be saved to continue after ``done`` (CPU masks, no images: the broken
+        examples' points are :meth:`adv`, saved only when wanted)."""
         return {"clean": self.clean.cpu(), "robust": self.robust.cpu(),
                 "after_attack": {k: v.cpu() for k, v in self.after_attack.items()},
+                "individual": {k: v.cpu() for k, v in self.individual.items()},
                 "warnings": list(self.warnings), "done": list(self.done)}
+
+    def adv(self) -> torch.Tensor:
+        """The adversarial points of the broken examples (``clean & ~robust``, in order)."""
+        return self.x_adv[self.clean & ~self.robust].cpu()
 
 
 def autoattack_backend(preferred: str | None = None) -> tuple[str, Any]:
@@ -350,6 +367,7 @@ def autoattack_robust(
     settings: AutoAttackSettings,
     *,
     state: dict[str, Any] | None = None,
+    adv: torch.Tensor | None = None,
     on_step: Callable[[AutoAttackResult], None] | None = None,
 ) -> AutoAttackResult:
     """AutoAttack on one batch (B ≤ a few hundred: it is AutoAttack's batch).
@@ -361,6 +379,8 @@ def autoattack_robust(
         settings: the version, eps, norm and seed.
         state: a :meth:`AutoAttackResult.state` saved by ``on_step`` of an interrupted call;
             the attacks in its ``done`` are not run again.
+        adv: the :meth:`AutoAttackResult.adv` saved with ``state`` (the points of the examples
+            broken before the interruption), or None (they keep the input).
         on_step: called after every finished attack (save the state there to make the run
             resumable).
 
@@ -380,12 +400,19 @@ def autoattack_robust(
                 state["clean"].to(dev), state["robust"].to(dev),
                 {k: v.to(dev) for k, v in state["after_attack"].items()},
                 x.clone(), list(state["warnings"]),
-                list(state["done"]))
+                list(state["done"]),
+                {k: v.to(dev) for k, v in state.get("individual", {}).items()})
+            if adv is not None:
+                res.x_adv[res.clean & ~res.robust] = adv.to(dev, x.dtype)
         runner = None
         for attack in settings.attack_list:
             if attack in res.done:
                 continue
-            idx = res.robust.nonzero().squeeze(1)
+            # the cascade attacks what is still standing; individual, every clean-correct one
+            # (as run_standard_evaluation_individual does)
+            todo = res.clean if settings.individual else res.robust
+            idx = todo.nonzero().squeeze(1)
+            alone = res.clean.clone()
             if idx.numel() > 0:
                 runner = runner or _Runner(wrapped, settings, dev)
                 found: list[str] = []
@@ -395,8 +422,13 @@ def autoattack_robust(
                     if msg not in res.warnings:
                         res.warnings.append(msg)
                 broken = ya.to(dev) != y[idx]
-                res.x_adv[idx[broken]] = xa.to(dev)[broken]
+                alone[idx[broken]] = False
+                # an example keeps the point of the first attack that broke it
+                first = idx[broken & res.robust[idx]]
+                res.x_adv[first] = xa.to(dev)[broken & res.robust[idx]]
                 res.robust[idx[broken]] = False
+            if settings.individual:
+                res.individual[attack] = alone
             res.after_attack[attack] = res.robust.clone()
             res.done.append(attack)
             if on_step is not None:

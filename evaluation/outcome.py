@@ -27,7 +27,16 @@ class AttackOutcome:
     wall_time_s: float = 0.0
     resumed_chunks: int = 0
     backend: str | None = None
-    forward_passes: int = 0  # in example units, this run only (work before a resume not counted)
+    # the model's passes in example units (a batch of 128 is 128), work before a resume included
+    forward_passes: int = 0
+    backward_passes: int = 0
+    # per sub-step (AutoAttack's attacks): (forward, backward)
+    sub_passes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # with individual (AutoAttack): robust under each sub-attack alone, (n,) masks
+    individual: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the adversarial points of the broken examples (clean & ~robust), in example order, when
+    # kept (save_adv); None otherwise
+    adv: torch.Tensor | None = None
 
 
 def summarize(outcome: AttackOutcome) -> dict[str, Any]:
@@ -38,4 +47,5 @@ def summarize(outcome: AttackOutcome) -> dict[str, Any]:
         "robust_accuracy": outcome.robust.float().sum().item() / n,
         "n_robust": int(outcome.robust.sum()),
         "curve": {k: m.float().sum().item() / n for k, m in outcome.steps.items()},
+        "individual": {k: m.float().sum().item() / n for k, m in outcome.individual.items()},
     }

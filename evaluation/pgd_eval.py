@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust_amo.attacks import PGD, random_start
+from robust_amo.attacks import PGD, TargetedPGD, TargetLoss, random_start
 from robust_amo.config import ThreatModel
 from robust_amo.errors import ConfigError
 from robust_amo.runtime import Amp, derive_seed, eval_mode
@@ -43,24 +43,55 @@ class PGDSettings:
         seed: base seed of the per-example starts (default 0).
         early_exit: run restart r only on the examples still robust (default True); False runs
             every restart on every clean-correct example (same result, more work; for checks).
+        targets: 0 (default) for untargeted PGD with the threat model's loss; k > 0 for
+            targeted PGD (:class:`~robust_amo.attacks.TargetedPGD`) towards each of the k
+            classes the clean logits rank next, ``restarts`` per target, the worst case over
+            all of them (the threat model's loss is then not used).
+        target_loss: the targeted loss, ``"cw"`` (z_t − z_y, default) or ``"dlr"``.
     """
 
     threat: ThreatModel
     restarts: int = 1
     seed: int = 0
     early_exit: bool = True
+    targets: int = 0
+    target_loss: TargetLoss = "cw"
 
     def __post_init__(self) -> None:
         if self.restarts < 1:
             raise ConfigError(f"restarts must be >= 1 for a PGD evaluation, got {self.restarts}",
                               params=("restarts",))
+        if self.targets < 0:
+            raise ConfigError(f"targets must be >= 0 (0: untargeted), got {self.targets}",
+                              params=("targets",))
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat dict of reports and state files (keys of robust-amo-eval/1)."""
+        """The flat dict of reports and state files (keys of robust-amo-eval/1; ``targets``
+        and ``target_loss`` only for targeted PGD, whose ``loss`` is its target loss)."""
         t = self.threat
-        return {"eps": t.eps, "step_size": t.step_size, "steps": t.steps,
-                "restarts": self.restarts, "norm": t.norm, "loss": t.loss,
-                "random_start": t.random_start, "seed": self.seed, "early_exit": self.early_exit}
+        out: dict[str, Any] = {
+            "eps": t.eps, "step_size": t.step_size, "steps": t.steps,
+            "restarts": self.restarts, "norm": t.norm, "loss": t.loss,
+            "random_start": t.random_start, "seed": self.seed, "early_exit": self.early_exit}
+        if self.targets:
+            out.update(loss=f"{self.target_loss}-targeted", targets=self.targets,
+                       target_loss=self.target_loss)
+        return out
+
+    @property
+    def runs(self) -> int:
+        """Restarts in all: ``restarts`` per target (targets × restarts when targeted)."""
+        return self.restarts * max(self.targets, 1)
+
+    def step_names(self) -> list[str]:
+        """The curve's point names, one per run: ``restart r``, or ``target t restart r``
+        (``target t`` with one restart)."""
+        if not self.targets:
+            return [f"restart {r + 1}" for r in range(self.restarts)]
+        if self.restarts == 1:
+            return [f"target {t + 1}" for t in range(self.targets)]
+        return [f"target {t + 1} restart {r + 1}" for t in range(self.targets)
+                for r in range(self.restarts)]
 
 
 @dataclass
@@ -70,7 +101,8 @@ class PGDResult:
     Attributes:
         clean: (B,) bool, classified correctly without attack.
         robust: (B,) bool, correct at every iterate of every restart.
-        after_restart: (R, B) bool, ``robust`` after restarts 1..r (non-increasing in r).
+        after_restart: (R, B) bool, ``robust`` after restarts 1..r (non-increasing in r); for
+            targeted PGD one row per (target, restart), targets outer.
         x_adv: (B, ...) the first misclassified iterate for broken examples, else the final
             iterate of highest loss (the clean input for examples misclassified clean).
     """
@@ -134,8 +166,14 @@ def pgd_robust(
         with torch.no_grad(), amp():
             clean = model(x).argmax(1) == y
         # the random starts are drawn per example by `start` below, not by the attack
-        attack = PGD.from_threat(model, settings.threat.replace(random_start=False),
-                                 restarts=settings.restarts, early_stop=True)
+        threat = settings.threat.replace(random_start=False)
+        if settings.targets:
+            attack: PGD = TargetedPGD.from_threat(
+                model, threat, restarts=settings.restarts, early_stop=True,
+                targets=settings.targets, target_loss=settings.target_loss)
+        else:
+            attack = PGD.from_threat(model, threat, restarts=settings.restarts,
+                                     early_stop=True)
 
         def start(active: torch.Tensor, r: int) -> torch.Tensor:
             return restart_starts(x[active], index[active.cpu()], settings, r)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
+import io
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from robust_amo.curves import pyplot, save_figure
@@ -72,6 +74,35 @@ class SanityCheck:
         return cls(d["name"], bool(d["passed"]), d.get("detail", ""), d.get("attack"))
 
 
+@dataclass(frozen=True)
+class Passes:
+    """The model's forward and backward passes in example units (a batch of 128 is 128).
+
+    A backward pass is a gradient of the batch flowing back through the model (to the input
+    or the weights), counted once per backward (docs/evaluation.md, "Passes").
+    """
+
+    forward: int = 0
+    backward: int = 0
+
+    def __add__(self, other: Passes) -> Passes:
+        return Passes(self.forward + other.forward, self.backward + other.backward)
+
+    def to_dict(self, n_examples: int | None = None) -> dict[str, Any]:
+        """``{"forward", "backward"}``, with ``"per_example"`` (each divided by n_examples)
+        when ``n_examples`` is given."""
+        out: dict[str, Any] = {"forward": self.forward, "backward": self.backward}
+        if n_examples:
+            out["per_example"] = {"forward": self.forward / n_examples,
+                                  "backward": self.backward / n_examples}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Passes:
+        """The passes of a report.json entry (``per_example`` is derived, not read)."""
+        return cls(int(d["forward"]), int(d["backward"]))
+
+
 @dataclass
 class AttackReport:
     """One attack's section of a report (``attacks.NAME``; docs/evaluation.md).
@@ -84,6 +115,11 @@ class AttackReport:
         warnings: AutoAttack's own checks. wall_time_s: seconds, work before a resume included.
         resumed_chunks: chunks read back from the state file. backend: package and version
             that ran it (AutoAttack), else None.
+        passes: the model's forward and backward passes of this attack over all examples
+            (None in reports written before they were counted). sub_passes: per sub-attack
+            (AutoAttack's apgd-ce, apgd-t, ...).
+        individual: robust accuracy under each sub-attack alone (AutoAttack with
+            ``individual``), beside ``curve``'s cumulative one; empty otherwise.
     """
 
     kind: str
@@ -95,13 +131,26 @@ class AttackReport:
     wall_time_s: float = 0.0
     resumed_chunks: int = 0
     backend: str | None = None
+    passes: Passes | None = None
+    sub_passes: dict[str, Passes] = field(default_factory=dict)
+    individual: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The section as report.json holds it (``backend`` only when set)."""
-        out = {"kind": self.kind, "settings": self.settings,
-               "robust_accuracy": self.robust_accuracy, "n_robust": self.n_robust,
-               "curve": self.curve, "warnings": self.warnings, "wall_time_s": self.wall_time_s,
-               "resumed_chunks": self.resumed_chunks}
+    def to_dict(self, n_examples: int | None = None) -> dict[str, Any]:
+        """The section as report.json holds it (``backend``, ``individual``, ``passes`` only
+        when set; ``passes`` per example when ``n_examples`` is given)."""
+        out: dict[str, Any] = {
+            "kind": self.kind, "settings": self.settings,
+            "robust_accuracy": self.robust_accuracy, "n_robust": self.n_robust,
+            "curve": self.curve}
+        if self.individual:
+            out["individual"] = self.individual
+        out.update(warnings=self.warnings, wall_time_s=self.wall_time_s,
+                   resumed_chunks=self.resumed_chunks)
+        if self.passes is not None:
+            out["passes"] = self.passes.to_dict(n_examples)
+            if self.sub_passes:
+                out["passes"]["by_attack"] = {k: p.to_dict(n_examples)
+                                              for k, p in self.sub_passes.items()}
         if self.backend:
             out["backend"] = self.backend
         return out
@@ -109,9 +158,14 @@ class AttackReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttackReport:
         """The section of a report.json."""
+        passes = d.get("passes")
         return cls(d["kind"], dict(d["settings"]), d["robust_accuracy"], d["n_robust"],
                    dict(d.get("curve") or {}), list(d.get("warnings") or []),
-                   d.get("wall_time_s", 0.0), d.get("resumed_chunks", 0), d.get("backend"))
+                   d.get("wall_time_s", 0.0), d.get("resumed_chunks", 0), d.get("backend"),
+                   Passes.from_dict(passes) if passes else None,
+                   {k: Passes.from_dict(p) for k, p in (passes or {}).get("by_attack",
+                                                                         {}).items()},
+                   dict(d.get("individual") or {}))
 
 
 @dataclass
@@ -180,6 +234,18 @@ class Report:
         """eps as people read it: ``0.0313725 (8/255)``, or the number alone."""
         return number_text(self.eps)
 
+    @property
+    def passes(self) -> Passes | None:
+        """The passes of every attack together (clean included; not the sanity checks'), or
+        None for a report written before passes were counted."""
+        counted = [a.passes for a in self.attacks.values() if a.passes is not None]
+        if not counted:
+            return None
+        total = Passes()
+        for p in counted:
+            total = total + p
+        return total
+
     def robust_accuracies(self) -> dict[str, float]:
         """Robust accuracy of each attack but ``clean``, by name."""
         return {k: a.robust_accuracy for k, a in self.attacks.items() if a.kind != "clean"}
@@ -192,12 +258,15 @@ class Report:
             "model": self.model, "threat_model": self.threat_model, "seed": self.seed,
             "device": self.device, "precision": self.precision, "bf16": self.bf16,
             "clean_accuracy": self.clean_accuracy,
-            "attacks": {k: a.to_dict() for k, a in self.attacks.items()},
+            "attacks": {k: a.to_dict(self.n_examples) for k, a in self.attacks.items()},
             "robust_accuracy": self.robust_accuracy, "n_robust": self.n_robust,
             "sanity_checks": [c.to_dict() for c in self.sanity_checks],
             "sanity_ok": self.sanity_ok, "wall_time_s": self.wall_time_s,
-            "versions": self.versions,
         }
+        total = self.passes
+        if total is not None:
+            out["passes"] = total.to_dict(self.n_examples)
+        out["versions"] = self.versions
         if self.selected_on is not None:
             out["selected_on"] = self.selected_on
         out.update(self.extra)
@@ -214,7 +283,7 @@ class Report:
         known = {"schema", "created", "dataset", "data_dir", "split", "n_examples", "model",
                  "threat_model", "seed", "device", "precision", "bf16", "clean_accuracy",
                  "attacks", "robust_accuracy", "n_robust", "sanity_checks", "sanity_ok",
-                 "wall_time_s", "versions", "selected_on"}
+                 "wall_time_s", "versions", "selected_on", "passes"}
         attacks = {k: AttackReport.from_dict(a) for k, a in d["attacks"].items()}
         worst = d.get("n_robust")
         if worst is None:
@@ -331,7 +400,8 @@ def sanity_checks(
         for b in pgds:
             pa, pb = a.spec.pgd, b.spec.pgd
             ta, tb = pa.threat, pb.threat
-            if a is b or (ta.eps, ta.norm) != (tb.eps, tb.norm):
+            # targeted and untargeted PGD (or different target counts) are different attacks
+            if a is b or (ta.eps, ta.norm, pa.targets) != (tb.eps, tb.norm, pb.targets):
                 continue
             if tb.steps >= ta.steps and pb.restarts >= pa.restarts and (
                     tb.steps, pb.restarts) != (ta.steps, pa.restarts):
@@ -389,7 +459,9 @@ def build_report(
         worst &= o.robust
         attacks[o.spec.name] = AttackReport(
             o.spec.kind, o.spec.settings(), s["robust_accuracy"], s["n_robust"], s["curve"],
-            o.warnings, round(o.wall_time_s, 3), o.resumed_chunks, o.backend or None)
+            o.warnings, round(o.wall_time_s, 3), o.resumed_chunks, o.backend or None,
+            Passes(o.forward_passes, o.backward_passes),
+            {k: Passes(f, b) for k, (f, b) in o.sub_passes.items()}, s["individual"])
     return Report(
         dataset=dataset, split=split, n_examples=n,
         model={k: v for k, v in model_meta.items() if k != "config"}, norm=norm, eps=eps,
@@ -420,24 +492,42 @@ def markdown(report: Report) -> str:
         lines += ["", f"**{len(flagged)} sanity check(s) FLAGGED "
                       f"({', '.join(c.name for c in flagged)}): do not trust these figures "
                       "before reading the checks below.**"]
+    n = report.n_examples
     lines += [
         "",
-        "| attack | settings | robust accuracy | time (s) |",
-        "|---|---|---:|---:|",
-        f"| clean | | {report.clean_accuracy:.2%} | |",
+        "| attack | settings | robust accuracy | time (s) | passes per example (fwd / bwd) |",
+        "|---|---|---:|---:|---:|",
     ]
     for name, a in report.attacks.items():
         if a.kind == "clean":
+            lines.append(f"| {name} | | {report.clean_accuracy:.2%} | | "
+                         f"{_per_example(a.passes, n)} |")
             continue
         s = a.settings
         if a.kind == "pgd":
-            desc = (f"{s['steps']} steps x {s['restarts']} restarts, step "
-                    f"{number_text(s['step_size'], 4)}, {s['loss']} loss")
+            runs = (f"{s['targets']} targets x {s['restarts']} restarts" if s.get("targets")
+                    else f"{s['restarts']} restarts")
+            desc = (f"{s['steps']} steps x {runs}, step {number_text(s['step_size'], 4)}, "
+                    f"{s['loss']} loss")
         else:
             desc = f"{s['version']}: {', '.join(s['attacks'])} ({a.backend or ''})"
-        lines.append(f"| {name} | {desc} | {a.robust_accuracy:.2%} | {a.wall_time_s:.1f} |")
+        lines.append(f"| {name} | {desc} | {a.robust_accuracy:.2%} | {a.wall_time_s:.1f} | "
+                     f"{_per_example(a.passes, n)} |")
+        if a.kind == "autoattack":
+            # one row per sub-attack: cumulative accuracy, alone (individual), its passes
+            for sub, acc in a.curve.items():
+                alone = a.individual.get(sub)
+                what = "after it and those above" + (
+                    f"; alone {alone:.2%}" if alone is not None else "")
+                lines.append(f"| ↳ {sub} | {what} | {acc:.2%} | | "
+                             f"{_per_example(a.sub_passes.get(sub), n)} |")
     lines.append(f"| **worst case** | per example, over all attacks | "
-                 f"**{report.robust_accuracy:.2%}** | |")
+                 f"**{report.robust_accuracy:.2%}** | | {_per_example(report.passes, n)} |")
+    total = report.passes
+    if total is not None:
+        lines += ["", f"Passes of the model, all attacks together (the sanity checks not "
+                      f"counted), in examples: {total.forward:,} forward and "
+                      f"{total.backward:,} backward."]
     lines += ["", f"Wall time of this command: {report.wall_time_s:.1f} s (attack times "
               "include work done before a resume).", "", "## Sanity checks", ""]
     for c in report.sanity_checks:
@@ -445,6 +535,13 @@ def markdown(report: Report) -> str:
         where = f" ({c.attack})" if c.attack is not None else ""
         lines.append(f"- {tag}: {c.name}{where}: {c.detail}")
     return "\n".join(lines) + "\n"
+
+
+def _per_example(passes: Passes | None, n: int) -> str:
+    """``12.5 / 10`` passes per example of a table row (empty when not counted)."""
+    if passes is None or not n:
+        return ""
+    return f"{passes.forward / n:,.4g} / {passes.backward / n:,.4g}"
 
 
 MIN_SPAN = 10.0
@@ -480,7 +577,10 @@ def restarts_figure(report: Report):
             values.append(y)
     if values:
         ax.set_ylim(*_honest_range(min(values), max(values)))
-    ax.set_xlabel("restart")
+    targeted = any(a.kind == "pgd" and a.settings.get("targets") and len(a.curve) > 1
+                   for a in report.attacks.values())
+    # a targeted PGD's points are its targets (each with its restarts), in rank order
+    ax.set_xlabel("restart (targeted PGD: target, then restart)" if targeted else "restart")
     ax.xaxis.get_major_locator().set_params(integer=True)
     per = 100 / n
     ax.set_ylabel(f"robust accuracy (%; 1 example = {per:.2g} "
@@ -648,3 +748,77 @@ def validate_report(report: dict[str, Any]) -> None:
         lacking = [k for k in ATTACK_KEYS if k not in a]
         if lacking:
             raise ValueError(f"attack {name} lacks {lacking}")
+
+
+ADV_FORMAT = "robust-amo-adv/1"
+"""The ``format`` entry of a ``save_adv`` file (an .npz of plain arrays)."""
+
+
+def worst_case_examples(outcomes: list[AttackOutcome], x: torch.Tensor,
+                        y: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """The worst-case adversarial example of each example and which attack found it.
+
+    Attacks are taken in order (``clean`` first): an example keeps the point of the first attack
+    that broke it, named ``ATTACK:STEP`` (``pgd50:restart 3``, ``autoattack:apgd-t``: the first
+    restart, target or sub-attack after which it was broken) or ``ATTACK`` when the attack has
+    no steps; ``clean`` for an example misclassified without attack (its point is x); ``""``
+    for an example no attack broke (its point is x).
+
+    Args:
+        outcomes: the attacks' outcomes, each with its kept points (``adv``, from
+            ``evaluate_attacks(..., keep_adv=True)``).
+        x: the clean examples (n, ...); y: labels (n,).
+
+    Returns:
+        ``(x_adv (n, ...) float32 on the CPU, found_by (n,) names)``.
+
+    Raises:
+        ValueError: an outcome without its points.
+    """
+    x_adv = x.detach().float().cpu().clone()
+    found = [""] * len(y)
+    for o in outcomes:
+        if o.spec.kind == "clean":
+            for i in (~o.clean).nonzero().squeeze(1).tolist():
+                found[i] = found[i] or "clean"
+            continue
+        if o.adv is None:
+            raise ValueError(f"attack {o.spec.name} kept no adversarial points")
+        broken = (o.clean & ~o.robust).nonzero().squeeze(1).tolist()
+        for pos, i in enumerate(broken):
+            if found[i]:
+                continue
+            step = next((k for k, m in o.steps.items() if not bool(m[i])), None)
+            found[i] = f"{o.spec.name}:{step}" if step is not None else o.spec.name
+            x_adv[i] = o.adv[pos]
+        for i in (~o.clean).nonzero().squeeze(1).tolist():
+            found[i] = found[i] or "clean"
+    return x_adv, found
+
+
+def write_adversarial(path: str | Path, x_adv: torch.Tensor, y: torch.Tensor,
+                      found_by: list[str], prediction: torch.Tensor, *, eps: float,
+                      norm: str, attacks: list[str]) -> Path:
+    """Write the worst-case adversarial examples as an .npz of plain arrays, atomically.
+
+    It loads without pickle: ``numpy.load(path, allow_pickle=False)``. Arrays: ``x_adv``
+    (n, C, H, W) float32 in [0, 1]; ``y`` (n,) int64 labels; ``index`` (n,) int64, the
+    example's position among the n evaluated examples (the first n of the split);
+    ``found_by`` (n,) unicode, the attack that broke it (:func:`worst_case_examples`; ``""``:
+    robust); ``robust`` (n,) bool; ``prediction`` (n,) int64, the model's class at x_adv;
+    ``attacks`` the attacks run, in order; ``eps`` float64; ``norm`` and ``format``
+    (``robust-amo-adv/1``) unicode scalars.
+    """
+    arrays = {
+        "format": np.array(ADV_FORMAT), "x_adv": x_adv.float().cpu().numpy(),
+        "y": y.cpu().numpy().astype(np.int64),
+        "index": np.arange(len(y), dtype=np.int64),
+        "found_by": np.array(found_by, dtype=str),
+        "robust": np.array([f == "" for f in found_by], dtype=bool),
+        "prediction": prediction.cpu().numpy().astype(np.int64),
+        "attacks": np.array(attacks, dtype=str), "eps": np.array(eps, dtype=np.float64),
+        "norm": np.array(norm),
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write(path, buf.getvalue())

@@ -15,6 +15,7 @@ rank ends with the single-process result (:mod:`robust_amo.evaluation.sharding`)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -125,6 +126,7 @@ def evaluate_attacks(
     progress: bool = False,
     fingerprint: dict[str, Any] | None = None,
     interrupt: Callable[[str, int], None] | None = None,
+    keep_adv: bool = False,
 ) -> list[AttackOutcome]:
     """Run ``specs`` on (x, y), chunk by chunk; per-example masks per attack.
 
@@ -140,6 +142,11 @@ def evaluate_attacks(
         progress: tqdm bar per attack.
         fingerprint: extra identity of the run stored in (and checked against) the state.
         interrupt: test hook called as ``interrupt(attack, chunk)`` after each saved step.
+        keep_adv: keep each attack's adversarial points of the examples it broke (in the
+            state file too, so a resumed run still has them) for ``save_adv``.
+
+    Each outcome carries its forward and backward passes (:class:`PassCounter`), work saved
+    before a resume included.
     """
     device = torch.device(device)
     n = len(y)
@@ -153,6 +160,11 @@ def evaluate_attacks(
     with PassCounter(model) as passes:
         for spec in specs:
             done = state.attack(spec)
+            if keep_adv:
+                # a chunk saved without its adversarial points (an earlier run without
+                # save_adv) is attacked again
+                for c in [c for c, e in done.items() if "adv" not in e]:
+                    del done[c]
             # a chunk counts as resumed when any of its work was saved: finished, or
             # (AutoAttack) part of its attacks
             resumed = sum(1 for c in mine if c in done)
@@ -163,15 +175,13 @@ def evaluate_attacks(
                 entry = done.get(c)
                 if entry is not None and entry.get("finished"):
                     continue
-                spent = entry.get("time", 0.0) if entry is not None else 0.0
-                t0 = time.perf_counter()
+                meter = _ChunkMeter(passes, entry)
 
-                def save_partial(part: dict[str, Any], c: int = c, spent: float = spent,
-                                 t0: float = t0, name: str = spec.name,
-                                 done: dict[int, Any] = done, bar: Any = bar,
-                                 tally: _Progress = tally) -> None:
-                    done[c] = {**part, "time": spent + time.perf_counter() - t0,
-                               "finished": False}
+                def save_partial(part: dict[str, Any], c: int = c, meter: _ChunkMeter = meter,
+                                 name: str = spec.name, done: dict[int, Any] = done,
+                                 bar: Any = bar, tally: _Progress = tally) -> None:
+                    meter.sub_step(part.get("done"))
+                    done[c] = _kept({**part, **meter.figures(), "finished": False}, keep_adv)
                     state.save()
                     # AutoAttack saves after each of its attacks: show which have finished
                     bar.set_postfix_str("done: " + ", ".join(map(str, part.get("done", []))))
@@ -179,40 +189,104 @@ def evaluate_attacks(
                     if interrupt is not None:
                         interrupt(name, c)
 
-                done[c] = spec.run_chunk(model, x[sl].to(device), y[sl].to(device),
-                                         torch.arange(sl.start, sl.stop), amp=amp,
-                                         partial=entry, save_partial=save_partial)
-                done[c].update(finished=True, time=spent + time.perf_counter() - t0)
+                result = spec.run_chunk(model, x[sl].to(device), y[sl].to(device),
+                                        torch.arange(sl.start, sl.stop), amp=amp,
+                                        partial=entry, save_partial=save_partial)
+                done[c] = _kept({**result, **meter.figures(), "finished": True}, keep_adv)
                 state.save()
                 tally.chunk(c)
                 if interrupt is not None:
                     interrupt(spec.name, c)
             outcome = _collect(spec, [done[c] for c in mine], resumed)
-            outcome.forward_passes = passes.n - tally.passes_at_start
             outcome = sharding.gather_outcome(outcome, n, batch_size)
             tally.finished(outcome)
             outcomes.append(outcome)
     return outcomes
 
 
-class PassCounter:
-    """Counts a model's forward passes in example units (a batch of 128 is 128) while in use.
+class _ChunkMeter:
+    """Time and passes of one chunk of one attack, work saved before a resume included, and
+    the passes of each sub-step (AutoAttack's attacks) that reported itself done."""
 
-    A forward pre-hook on the model, so it costs one addition per call and sees every call,
-    AutoAttack's included (they go through the model). Backward passes are not counted.
+    def __init__(self, passes: PassCounter, entry: dict[str, Any] | None) -> None:
+        entry = entry or {}
+        self.passes = passes
+        self.t0 = time.perf_counter()
+        self.start = passes.counts()
+        self.mark = self.start
+        self.spent = (entry.get("time", 0.0), entry.get("forward", 0), entry.get("backward", 0))
+        self.sub: dict[str, list[int]] = {k: list(v)
+                                          for k, v in entry.get("sub_passes", {}).items()}
+
+    def sub_step(self, steps: list[str] | None) -> None:
+        """The sub-step ``steps[-1]`` finished: the passes since the last one are its."""
+        now = self.passes.counts()
+        if steps:
+            self.sub[steps[-1]] = [now[0] - self.mark[0], now[1] - self.mark[1]]
+        self.mark = now
+
+    def figures(self) -> dict[str, Any]:
+        """The chunk entry's ``time``, ``forward``, ``backward`` (and ``sub_passes``)."""
+        f, b = self.passes.counts()
+        out: dict[str, Any] = {"time": self.spent[0] + time.perf_counter() - self.t0,
+                               "forward": self.spent[1] + f - self.start[0],
+                               "backward": self.spent[2] + b - self.start[1]}
+        if self.sub:
+            out["sub_passes"] = {k: list(v) for k, v in self.sub.items()}
+        return out
+
+
+def _kept(entry: dict[str, Any], keep_adv: bool) -> dict[str, Any]:
+    """The chunk entry as saved: without the adversarial points unless they are wanted."""
+    if not keep_adv:
+        entry.pop("adv", None)
+    return entry
+
+
+class PassCounter:
+    """Counts a model's forward and backward passes in example units while in use.
+
+    A batch of 128 through the model is 128 forward passes; a gradient of 128 examples flowing
+    back through it (``loss.backward()`` or ``torch.autograd.grad`` with respect to the input,
+    as every attack takes it) is 128 backward passes, once per backward however many weights the
+    model has. Forward passes are counted by a forward hook on the model, backward passes by a
+    hook on the output tensor, which autograd calls when a gradient reaches that output. The
+    model is wrapped once, so AutoAttack's calls (through the same module) count too; so does a
+    backward of a part of the output (FAB's one backward per class is one pass per class).
+
+    Attributes:
+        forward, backward: the counts so far.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.n = 0
+        self.forward = 0
+        self.backward = 0
         self._handle: Any = None
 
-    def _count(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
-            self.n += int(args[0].shape[0])
+    @property
+    def n(self) -> int:
+        """The forward passes so far (the name the progress lines read)."""
+        return self.forward
+
+    def counts(self) -> tuple[int, int]:
+        """``(forward, backward)`` so far."""
+        return self.forward, self.backward
+
+    def _count(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            return
+        batch = int(out.shape[0])
+        self.forward += batch
+        if out.requires_grad:
+            out.register_hook(functools.partial(self._backward, batch))
+
+    def _backward(self, batch: int, grad: torch.Tensor) -> None:
+        self.backward += batch
 
     def __enter__(self) -> PassCounter:
-        self._handle = self.model.register_forward_pre_hook(self._count)
+        self._handle = self.model.register_forward_hook(self._count)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -265,9 +339,9 @@ class _Progress:
         acc = 100 * robust / n if n else float("nan")
         resumed = (f"; {outcome.resumed_chunks} chunk(s) resumed from the state file"
                    if outcome.resumed_chunks else "")
-        log.info("%s done: robust accuracy %.2f%% (%d/%d examples); %s forward passes; "
-                 "%.1f s%s", self.name, acc, robust, n, f"{outcome.forward_passes:,}",
-                 time.perf_counter() - self.t0, resumed)
+        log.info("%s done: robust accuracy %.2f%% (%d/%d examples); %s forward and %s backward "
+                 "passes; %.1f s%s", self.name, acc, robust, n, f"{outcome.forward_passes:,}",
+                 f"{outcome.backward_passes:,}", time.perf_counter() - self.t0, resumed)
 
 
 def _collect(spec: EvalAttack, entries: list[dict[str, Any]], resumed: int) -> AttackOutcome:
@@ -276,13 +350,26 @@ def _collect(spec: EvalAttack, entries: list[dict[str, Any]], resumed: int) -> A
     robust = torch.cat([e["robust"] for e in entries] or none)
     names = list(entries[0]["steps"]) if entries else []
     steps = {k: torch.cat([e["steps"][k] for e in entries]) for k in names}
+    solo = list(entries[0].get("individual", {})) if entries else []
+    individual = {k: torch.cat([e["individual"][k] for e in entries]) for k in solo}
     warns: list[str] = []
+    sub: dict[str, list[int]] = {}
     for e in entries:
         for w in e.get("warnings", []):
             if w not in warns:
                 warns.append(w)
+        for k, (f, b) in e.get("sub_passes", {}).items():
+            sub.setdefault(k, [0, 0])
+            sub[k][0] += f
+            sub[k][1] += b
+    advs = [e["adv"] for e in entries if "adv" in e]
+    adv = torch.cat(advs) if advs and len(advs) == len(entries) else None
     return AttackOutcome(spec, clean, robust, steps, warns,
-                         sum(e.get("time", 0.0) for e in entries), resumed, spec.backend())
+                         sum(e.get("time", 0.0) for e in entries), resumed, spec.backend(),
+                         forward_passes=sum(e.get("forward", 0) for e in entries),
+                         backward_passes=sum(e.get("backward", 0) for e in entries),
+                         sub_passes={k: (f, b) for k, (f, b) in sub.items()},
+                         individual=individual, adv=adv)
 
 
 def finite_logits(

@@ -44,27 +44,49 @@ def gather_outcome(outcome: AttackOutcome, n: int, batch_size: int) -> AttackOut
     """Turn this rank's outcome (masks of its chunks, in chunk order) into the full one.
 
     Masks are assembled over ranks; warnings are merged in rank order without duplicates;
-    ``wall_time_s``, ``resumed_chunks`` and ``forward_passes`` are summed (compute time and
-    work over all ranks).
+    ``wall_time_s``, ``resumed_chunks`` and the passes (``forward_passes``, ``backward_passes``,
+    ``sub_passes``) are summed (compute time and work over all ranks); the kept adversarial
+    points (``adv``) are put in example order.
     """
     ctx = distributed.current()
     if not ctx.enabled:
         return outcome
     index = distributed.shard_batches(n, batch_size, ctx.rank, ctx.world_size)
+    broken = index[(outcome.clean & ~outcome.robust).to(index.device)]
     infos = distributed.gather_objects(
         (list(outcome.steps), outcome.warnings, outcome.wall_time_s, outcome.resumed_chunks,
-         outcome.forward_passes))
-    names = next((names for names, *_ in infos if names), [])
+         outcome.forward_passes, outcome.backward_passes, outcome.sub_passes,
+         list(outcome.individual),
+         broken.cpu(), None if outcome.adv is None else outcome.adv.cpu()))
+    names = next((info[0] for info in infos if info[0]), [])
+    solo = next((info[7] for info in infos if info[7]), [])
     empty = torch.zeros(0, dtype=torch.bool)
     outcome.clean = distributed.assemble(outcome.clean, index, n)
     outcome.robust = distributed.assemble(outcome.robust, index, n)
     outcome.steps = {k: distributed.assemble(outcome.steps.get(k, empty), index, n)
                      for k in names}
+    outcome.individual = {k: distributed.assemble(outcome.individual.get(k, empty), index, n)
+                          for k in solo}
     warnings: list[str] = []
-    for _, ws, *_ in infos:
-        warnings += [w for w in ws if w not in warnings]
+    for info in infos:
+        warnings += [w for w in info[1] if w not in warnings]
     outcome.warnings = warnings
-    outcome.wall_time_s = sum(t for _, _, t, _, _ in infos)
-    outcome.resumed_chunks = sum(r for _, _, _, r, _ in infos)
-    outcome.forward_passes = sum(f for *_, f in infos)
+    outcome.wall_time_s = sum(info[2] for info in infos)
+    outcome.resumed_chunks = sum(info[3] for info in infos)
+    outcome.forward_passes = sum(info[4] for info in infos)
+    outcome.backward_passes = sum(info[5] for info in infos)
+    sub: dict[str, tuple[int, int]] = {}
+    for info in infos:
+        for k, (f, b) in info[6].items():
+            f0, b0 = sub.get(k, (0, 0))
+            sub[k] = (f0 + f, b0 + b)
+    outcome.sub_passes = sub
+    # a rank that broke nothing (or got no chunk) may hold no points; any other rank without
+    # them means they were not kept
+    parts = [(info[8], info[9]) for info in infos if len(info[8])]
+    if parts and all(points is not None for _, points in parts):
+        where = torch.cat([w for w, _ in parts])
+        outcome.adv = torch.cat([p for _, p in parts])[where.argsort()]
+    else:
+        outcome.adv = None
     return outcome

@@ -65,6 +65,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="robust-amo (default): report.json and report.md; robustbench: also "
                         "write REPORT.robustbench.json, the fields of a RobustBench model-info "
                         "entry (needs --attack autoattack)")
+    p.add_argument("--individual", action="store_true",
+                   help="AutoAttack also runs each of its attacks on every clean-correct "
+                        "example and the report gives each one's robust accuracy alone, beside "
+                        "the cumulative one (AutoAttack's run_standard_evaluation_individual; "
+                        "default: off, the cascade only)")
+    p.add_argument("--save-adv", type=str, metavar="FILE",
+                   help="write the worst-case adversarial examples and the attack that found "
+                        "each to FILE, an .npz of plain arrays (numpy.load(FILE, "
+                        "allow_pickle=False)); an existing FILE is refused unless --overwrite "
+                        "(default: not written)")
     p.add_argument("--no-sanity", action="store_true",
                    help="skip the large-eps gradient-masking check (default: it runs; the "
                         "other checks always run)")
@@ -77,7 +87,8 @@ def request(args: argparse.Namespace) -> EvalRequest:
         attacks=[a for v in args.attack for a in v.split(",")], restarts=args.restarts,
         loss=args.loss, aa_attacks=[a for a in args.aa_attacks.split(",") if a.strip()],
         aa_backend=args.aa_backend, out=args.out, resume=args.resume, bf16=args.bf16,
-        tolerance=args.tolerance, format=args.format, sanity=not args.no_sanity)
+        tolerance=args.tolerance, format=args.format, sanity=not args.no_sanity,
+        individual=args.individual, save_adv=args.save_adv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,7 +103,8 @@ def test_one_line_per_attack_and_autoattack_sub_attack_without_bars(caplog):
     n_clean = int(outs[0].robust.sum())
     # the clean pass is one forward pass per example: 24, counted in example units
     assert done[0] == (f"clean done: robust accuracy {100 * n_clean / 24:.2f}% ({n_clean}/24 "
-                       f"examples); 24 forward passes; " + done[0].split("; ")[-1])
+                       f"examples); 24 forward and 0 backward passes; "
+                       + done[0].split("; ")[-1])
     assert done[0].endswith(" s")
     assert outs[0].forward_passes == 24 and outs[1].forward_passes >= 24
     # per AutoAttack sub-attack of each of the two chunks, and per chunk of every attack
@@ -127,7 +128,7 @@ def test_the_command_logs_each_attack_and_done_with_no_progress(run, tmp_path, c
     with caplog.at_level(logging.INFO, logger="robust_amo"):
         assert _eval(run, tmp_path / "report.json", "--attack", "pgd2") == 0
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "pgd2 done: robust accuracy" in text and "forward passes" in text
+    assert "pgd2 done: robust accuracy" in text and " backward passes; " in text
     assert "\ndone: clean accuracy" in text
 
 
