@@ -149,7 +149,7 @@ def _setup(args: Settings, name: str):
     attack = PGD.from_threat(model, cfg.attack, generator=torch.Generator().manual_seed(2))
     objective = build_objective(cfg, attack)
     if name in WIDE_DELTA:
-        objective.keywords["attack"].delta_dtype = "wide"
+        objective.adversary.joint.delta_dtype = "wide"
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     amp = (torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and args.cpu_bf16
            else autocast(device, args.bf16))
@@ -200,13 +200,22 @@ class SavedBytes:
 
 
 def _prepare(args: Settings, name: str) -> dict:
-    """One method built and stepped once: its step (which alone holds its model), device, pass
-    counts and graph size."""
+    """One method built and stepped twice: its step (which alone holds its model), device, pass
+    counts and graph size.
+
+    The first step warms up (and compiles, for the ``-compiled`` rows); it is also the step on
+    which an all-layer method logs what δ does (two gradient-free forwards every ``log_every``
+    steps, ``methods.adversarial``), so the passes and the graph are those of the second, an
+    ordinary training step, and no later step logs.
+    """
     device, model, x, y, objective, opt, amp = _setup(args, name)
-    counter, saved = Counter(model), SavedBytes(model)
     step = _make_step(model, x, y, objective, opt, amp)
+    step()
+    if hasattr(objective, "log_every"):
+        objective.log_every = 2**62  # no later step logs, however many are timed
+    counter, saved = Counter(model), SavedBytes(model)
     with saved.hooks():
-        step()  # warm-up, pass count and graph size of one step
+        step()  # pass count and graph size of one step
     saved.close()
     sync(device)
     return {"step": step, "device": device, "times": [], "saved": saved.peak,
