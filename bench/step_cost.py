@@ -19,6 +19,11 @@ Examples::
     python -m bench.step_cost --arch wrn28-10 --batch 128      # the issue's GPU target (bf16)
     python -m bench.step_cost --arch mnist-cnn2 --shape 1,28,28 \\
         --methods standard,jacobian-lm,jacobian-lm-batched,jacobian-lm-random
+    python -m bench.step_cost --threads 1 --cpu-bf16 --methods pgd,robust-amo --hook compiled
+
+``--hook compiled`` adds the rows ``robust-amo-compiled`` and ``amo-compiled``: the same methods
+with ``torch.compile`` kernels at the perturbation points (``robust_amo.perturb.compiled_hook``;
+compiled in the untimed warm-up step).
 """
 
 from __future__ import annotations
