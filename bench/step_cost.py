@@ -19,6 +19,11 @@ Examples::
     python -m bench.step_cost --arch wrn28-10 --batch 128      # the issue's GPU target (bf16)
     python -m bench.step_cost --arch mnist-cnn2 --shape 1,28,28 \\
         --methods standard,jacobian-lm,jacobian-lm-batched,jacobian-lm-random
+    python -m bench.step_cost --threads 1 --cpu-bf16 --methods pgd,robust-amo --hook compiled
+
+``--hook compiled`` adds the rows ``robust-amo-compiled`` and ``amo-compiled``: the same methods
+with ``torch.compile`` kernels at the perturbation points (``robust_amo.perturb.compiled_hook``;
+compiled in the untimed warm-up step).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from robust_amo.attacks import PGD
 from robust_amo.config import TrainConfig
 from robust_amo.methods import build_objective
 from robust_amo.models import create_model
-from robust_amo.perturb import fused_hook
+from robust_amo.perturb import compiled_hook, fused_hook
 from robust_amo.runtime import autocast, resolve_device
 
 # name -> (trainer method, method_args, perturbation kernel: fused (default) or reference)
@@ -64,7 +69,13 @@ REFERENCE_HOOK = {
 # robust AMO with float32 δ's under bf16 (as before δ followed its bf16 activation), for the
 # before/after of docs/benchmarks.md "Robust AMO's memory" in one run
 WIDE_DELTA = {"robust-amo-f32delta": ("robust-amo", {}, True)}
-ALL_METHODS = {**METHODS, **REFERENCE_HOOK, **WIDE_DELTA}
+# the fused points with torch.compile kernels (perturb.compiled_hook; compiled in the untimed
+# warm-up step), against the eager fused rows of the same run
+COMPILED_HOOK = {
+    "robust-amo-compiled": ("robust-amo", {}, True),
+    "amo-compiled": ("amo", {}, True),
+}
+ALL_METHODS = {**METHODS, **REFERENCE_HOOK, **WIDE_DELTA, **COMPILED_HOOK}
 
 
 @dataclass
@@ -95,9 +106,11 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (median reported)")
     p.add_argument("--methods", type=str, default=",".join(METHODS),
                    help="comma-separated subset of " + ", ".join(ALL_METHODS))
-    p.add_argument("--hook", type=str, default="fused", choices=["fused", "both"],
-                   help="both: also time robust-amo and amo with the reference (unfused) "
-                        "perturbation ops, interleaved, and print the fused/reference ratio")
+    p.add_argument("--hook", type=str, default="fused", choices=["fused", "both", "compiled"],
+                   help="fused (default): the methods as named; both: also time robust-amo and "
+                        "amo with the reference (unfused) perturbation ops, interleaved, and "
+                        "print the fused/reference ratio; compiled: also time them with "
+                        "torch.compile kernels at the points (perturb.compiled_hook)")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="device")
     p.add_argument("--no-bf16", action="store_true", help="float32 on CUDA")
@@ -141,18 +154,18 @@ def _setup(args: Settings, name: str):
     attack = PGD.from_threat(model, cfg.attack, generator=torch.Generator().manual_seed(2))
     objective = build_objective(cfg, attack)
     if name in WIDE_DELTA:
-        objective.keywords["attack"].delta_dtype = "wide"
+        objective.adversary.joint.delta_dtype = "wide"
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     amp = (torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and args.cpu_bf16
            else autocast(device, args.bf16))
-    return device, model, x, y, objective, opt, (amp, fused)
+    return device, model, x, y, objective, opt, (amp, fused, name in COMPILED_HOOK)
 
 
 def _make_step(model, x, y, objective, opt, amp):
-    amp, fused = amp
+    amp, fused, compiled = amp
 
     def step() -> None:
-        with amp, fused_hook(fused):
+        with amp, fused_hook(fused), compiled_hook(compiled):
             loss, _ = objective(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -192,13 +205,22 @@ class SavedBytes:
 
 
 def _prepare(args: Settings, name: str) -> dict:
-    """One method built and stepped once: its step (which alone holds its model), device, pass
-    counts and graph size."""
+    """One method built and stepped twice: its step (which alone holds its model), device, pass
+    counts and graph size.
+
+    The first step warms up (and compiles, for the ``-compiled`` rows); it is also the step on
+    which an all-layer method logs what δ does (two gradient-free forwards every ``log_every``
+    steps, ``methods.adversarial``), so the passes and the graph are those of the second, an
+    ordinary training step, and no later step logs.
+    """
     device, model, x, y, objective, opt, amp = _setup(args, name)
-    counter, saved = Counter(model), SavedBytes(model)
     step = _make_step(model, x, y, objective, opt, amp)
+    step()
+    if hasattr(objective, "log_every"):
+        objective.log_every = 2**62  # no later step logs, however many are timed
+    counter, saved = Counter(model), SavedBytes(model)
     with saved.hooks():
-        step()  # warm-up, pass count and graph size of one step
+        step()  # pass count and graph size of one step
     saved.close()
     sync(device)
     return {"step": step, "device": device, "times": [], "saved": saved.peak,
@@ -302,6 +324,8 @@ def main() -> None:
     names = [n.strip() for n in a.methods.split(",") if n.strip()]
     if a.hook == "both":
         names += [r for r, (m, _, _) in REFERENCE_HOOK.items() if m in names and r not in names]
+    if a.hook == "compiled":
+        names += [r for r, (m, _, _) in COMPILED_HOOK.items() if m in names and r not in names]
     args = Settings(arch=a.arch, shape=tuple(int(s) for s in a.shape.split(",")),
                     classes=a.classes, batch=a.batch, pgd_steps=a.pgd_steps, steps=a.steps,
                     rounds=a.rounds, methods=names, device=a.device, bf16=not a.no_bf16,

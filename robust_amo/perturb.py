@@ -16,7 +16,10 @@ The point operation runs in one of two equivalent kernels: the reference (plain 
 differentiates the norm, the product and the sum separately) or the fused
 :class:`PerturbPoint` (one autograd node per point whose backward is three elementwise passes
 over the activation, written in torch ops so that double backward works). :func:`fused_hook`
-chooses between them; docs/benchmarks.md has the measurements behind the default.
+chooses between them; docs/benchmarks.md has the measurements behind the default. Inside
+``compiled_hook(True)`` the fused point's elementwise passes run as ``torch.compile`` kernels
+(:func:`compiled_hook`): the same formulas, one loop each instead of a dozen small ops, with a
+clean fallback to the eager ops wherever compilation is unavailable or fails.
 
 :func:`delta_step` is the one update of δ that robust AMO, clean AMO, the margin estimates and
 the robustness integration share: δ_j ← shrink·δ_j + step·∇δ_j.
@@ -25,11 +28,14 @@ the robustness integration share: δ_j ← shrink·δ_j + step·∇δ_j.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 DeltaDtype = Literal["wide", "activation"]
 """Dtype of a created δ_j: ``"wide"``, float32 or wider (the activation's work dtype);
@@ -74,7 +80,12 @@ def perturb_reference(h: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, t
         wider, both in the autograd graph.
     """
     s = example_norm(h)
-    return h + (_per_example(s, h) * d).to(h.dtype), s
+    return _perturbed(h, d, s), s
+
+
+def _perturbed(h: torch.Tensor, d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """h + s·δ with s·δ formed in float32 or wider and rounded once into h's dtype."""
+    return h + (_per_example(s, h) * d).to(h.dtype)
 
 
 class PerturbPoint(torch.autograd.Function):
@@ -112,18 +123,34 @@ class PerturbPoint(torch.autograd.Function):
 
 
 def _point_backward(needs: tuple[bool, ...], g: torch.Tensor, g_s: torch.Tensor,
-                    saved: torch.Tensor, d: torch.Tensor, s: torch.Tensor, from_output: bool
+                    saved: torch.Tensor, d: torch.Tensor, s: torch.Tensor, from_output: bool,
+                    backend: str | None = None
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """∇h and ∇δ of the point operation (see :class:`PerturbPoint`) from the saved h, or from
     the saved output out = h + s·δ when ``from_output``: then ∇h = g + c·out − (c·s)·δ, the
-    same formula with h = out − s·δ expanded so that no h is materialised."""
+    same formula with h = out − s·δ expanded so that no h is materialised.
+
+    ``backend``: run the formulas as one ``torch.compile`` kernel of that backend where
+    possible (:func:`compiled_hook`); a backward that builds a graph (``create_graph=True``)
+    always runs the differentiable eager ops, as compiled backwards are not differentiable.
+    """
+    args = (g, g_s, saved, d, s, bool(needs[0]), bool(needs[1]), from_output)
+    if backend is not None and not torch.is_grad_enabled():
+        return _run(backend, "backward", _point_backward_ops, *args)
+    return _point_backward_ops(*args)
+
+
+def _point_backward_ops(g: torch.Tensor, g_s: torch.Tensor, saved: torch.Tensor,
+                        d: torch.Tensor, s: torch.Tensor, need_h: bool, need_d: bool,
+                        from_output: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The formulas of :func:`_point_backward` in differentiable torch ops."""
     h_dtype = saved.dtype
     work = _work_dtype(h_dtype)
     gw = g.to(work)
     grad_h = grad_d = None
-    if needs[1]:
+    if need_d:
         grad_d = (gw * _per_example(s, gw)).to(d.dtype)
-    if needs[0]:
+    if need_h:
         dims = tuple(range(1, gw.dim()))
         c = (gw * d).sum(dims) + g_s
         # the divisor is 1 where s = 0 so that no 0/0 reaches a second backward either
@@ -161,6 +188,108 @@ class PerturbPointSavingOutput(PerturbPoint):
         return _point_backward(ctx.needs_input_grad, g, g_s, out, d, s, from_output=True)
 
 
+def _forward(h: torch.Tensor, d: torch.Tensor, backend: str | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point's forward: the norm in eager ops (its summation order is the reference's), the
+    product and the sum as one compiled kernel of ``backend`` (None: eager ops), rounded as the
+    eager ops round (``emulate_precision_casts``), so the output is the reference's bit for bit.
+    """
+    if backend is None:
+        return perturb_reference(h, d)
+    s = example_norm(h)
+    return _run(backend, "forward", _perturbed, h, d, s), s
+
+
+_CLASSES: dict[tuple[bool, str], type[PerturbPoint]] = {}
+
+
+def compiled_point(save_output: bool, backend: str) -> type[PerturbPoint]:
+    """:class:`PerturbPoint` (or :class:`PerturbPointSavingOutput`) whose forward product and
+    backward passes run as ``torch.compile`` kernels of ``backend`` (:func:`compiled_hook`).
+
+    The same formulas: the forward output bit for bit, ∇δ bit for bit, ∇h equal up to the
+    summation order of ⟨g, δ⟩; a backward that builds a graph (double backward) runs the eager
+    ops. One class per (save_output, backend), named ``Compiled<base>``.
+    """
+    key = (save_output, backend)
+    if key not in _CLASSES:
+        base = PerturbPointSavingOutput if save_output else PerturbPoint
+
+        def forward(h: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _forward(h, d, backend)
+
+        def backward(ctx: Any, g: torch.Tensor, g_s: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            saved, d, s = ctx.saved_tensors
+            return _point_backward(ctx.needs_input_grad, g, g_s, saved, d, s,
+                                   from_output=save_output, backend=backend)
+
+        _CLASSES[key] = type(f"Compiled{base.__name__}", (base,), {
+            "forward": staticmethod(forward), "backward": staticmethod(backward),
+            "__doc__": f"{base.__name__} with {backend} kernels (see compiled_point)."})
+    return _CLASSES[key]
+
+
+# the torch.compile backend of the hook kernels, or None (eager ops) while compiled_hook is off
+_COMPILED: list[str | None] = [None]
+# backend -> kernel name -> compiled callable; a backend whose compilation failed maps to None
+_KERNELS: dict[str, dict[str, Callable[..., Any]] | None] = {}
+
+
+def compiled_hook_backend() -> str | None:
+    """The ``torch.compile`` backend of the fused points created now, None for eager ops
+    (:func:`compiled_hook`; off by default)."""
+    return _COMPILED[-1]
+
+
+@contextlib.contextmanager
+def compiled_hook(enabled: bool, backend: str = "inductor") -> Iterator[None]:
+    """Within the block, fused perturbation points installed without an explicit ``compiled=``
+    run their elementwise passes as ``torch.compile`` kernels: the forward's s·δ and sum as one
+    loop, the backward's ∇δ, ⟨g, δ⟩ and ∇h as one reduction and one loop (docs/benchmarks.md,
+    "Robust AMO's memory"). Off by default.
+
+    What stays eager: the per-example norm (so the forward output is the eager output bit for
+    bit), any backward that builds a graph (double backward stays exact), anything under
+    ``torch.func`` transforms or inside a compiled region, and everything once a compilation
+    has failed for this backend (one logged warning; the eager ops give the same results). The
+    first use compiles (up to a minute on a CPU: inductor builds C++), so it pays off over a
+    training run, not over one batch.
+
+    Args:
+        enabled: compiled kernels (True) or the eager ops (False).
+        backend: the ``torch.compile`` backend (default ``"inductor"``; ``"aot_eager"``
+            compiles in a second and runs the eager kernels, for tests).
+    """
+    _COMPILED.append(backend if enabled else None)
+    try:
+        yield
+    finally:
+        _COMPILED.pop()
+
+
+def _run(backend: str, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` through its compiled kernel, or eagerly where compiling is impossible or
+    has failed (logged once per backend)."""
+    kernels = _KERNELS.setdefault(backend, {})
+    if kernels is None or torch.compiler.is_compiling() \
+            or torch._C._are_functorch_transforms_active():
+        return fn(*args)
+    try:
+        if name not in kernels:
+            # dynamic shapes: one kernel for every point's shape and batch size; casts rounded
+            # where the eager ops round them, so the outputs agree bit for bit where they can
+            options = {"emulate_precision_casts": True} if backend == "inductor" else None
+            kernels[name] = torch.compile(fn, backend=backend, dynamic=True, options=options)
+        return kernels[name](*args)
+    except Exception as e:  # noqa: BLE001 - any compiler failure means: run the eager ops
+        first = str(e).splitlines()[0] if str(e) else ""
+        log.warning("compiled perturbation kernels (%s) unavailable, running the eager ops: "
+                    "%s: %s", backend, type(e).__name__, first)
+        _KERNELS[backend] = None
+        return fn(*args)
+
+
 _FUSED = [True]
 
 
@@ -192,6 +321,7 @@ def delta_step(
     shrink: float = 1.0,
     *,
     requires_grad: bool = True,
+    compiled: bool | None = None,
 ) -> list[torch.Tensor]:
     """The δ ascent step δ_j ← shrink·δ_j + step·∇δ_j at every perturbation point j.
 
@@ -206,21 +336,33 @@ def delta_step(
         shrink: the factor applied to δ first (default 1).
         requires_grad: the new δ's are leaves that require grad (default), ready for the next
             forward of the perturbed model.
+        compiled: each update runs as one ``torch.compile`` kernel (the same expression and
+            roundings, bit for bit) where possible; None (default): as :func:`compiled_hook`
+            says.
 
     Returns:
         the new δ's in the dtypes of ``deltas``, computed without building a graph (a bf16 δ in
         float32, rounded once).
     """
+    backend = compiled_hook_backend()
+    if compiled is not None:
+        backend = (backend or "inductor") if compiled else None
     out = []
     with torch.no_grad():
         for d, g in zip(deltas, grads, strict=True):
             s: Any = step.view(-1, *([1] * (g.dim() - 1))) if torch.is_tensor(step) else step
-            # a bf16 δ is updated in float32 and rounded once; for float32/float64 δ's the
-            # casts are no-ops and the update is the plain expression, bit for bit
-            work = _work_dtype(d.dtype)
-            new = shrink * d.detach().to(work) + s * g.to(work)
-            out.append(new.to(d.dtype).requires_grad_(requires_grad))
+            new = (_delta_update(d.detach(), g, s, shrink) if backend is None
+                   else _run(backend, "delta_step", _delta_update, d.detach(), g, s, shrink))
+            out.append(new.requires_grad_(requires_grad))
     return out
+
+
+def _delta_update(d: torch.Tensor, g: torch.Tensor, step: Any, shrink: float) -> torch.Tensor:
+    """shrink·δ + step·∇δ in δ's work dtype, rounded once into δ's dtype."""
+    # a bf16 δ is updated in float32 and rounded once; for float32/float64 δ's the casts are
+    # no-ops and the update is the plain expression, bit for bit
+    work = _work_dtype(d.dtype)
+    return (shrink * d.to(work) + step * g.to(work)).to(d.dtype)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -250,17 +392,20 @@ class Perturbation:
         fused: the point operation runs as :class:`PerturbPoint` (else the reference ops).
         delta_dtype: the dtype of created δ's (:data:`DeltaDtype`).
         save_output: the fused point saves its output, not h (:class:`PerturbPointSavingOutput`).
+        backend: the ``torch.compile`` backend of the fused point's kernels
+            (:func:`compiled_point`), or None: eager ops.
     """
 
     def __init__(self, names: list[str], deltas: Sequence[torch.Tensor | None] | None,
                  requires_grad: bool, fused: bool = True, delta_dtype: DeltaDtype = "wide",
-                 save_output: bool = False) -> None:
+                 save_output: bool = False, backend: str | None = None) -> None:
         if delta_dtype not in ("wide", "activation"):
             raise ValueError(f"delta_dtype must be 'wide' or 'activation', got {delta_dtype!r}")
         self.names = names
         self.fused = fused
         self.delta_dtype = delta_dtype
         self.save_output = save_output
+        self.backend = backend
         if deltas is not None and len(deltas) != len(names):
             raise ValueError(f"got {len(deltas)} deltas for {len(names)} perturbation points")
         self.deltas: list[torch.Tensor | None] = (
@@ -298,10 +443,10 @@ class Perturbation:
                 )
             if not self.fused:
                 out, self.scales[j] = perturb_reference(out, d)
-            elif self.save_output:
-                out, self.scales[j] = PerturbPointSavingOutput.apply(out, d)
             else:
-                out, self.scales[j] = PerturbPoint.apply(out, d)
+                kernel = (compiled_point(self.save_output, self.backend) if self.backend
+                          else PerturbPointSavingOutput if self.save_output else PerturbPoint)
+                out, self.scales[j] = kernel.apply(out, d)
             return out
 
         return hook
@@ -316,6 +461,7 @@ def perturb(
     fused: bool | None = None,
     delta_dtype: DeltaDtype = "wide",
     save_output: bool = False,
+    compiled: bool | None = None,
 ) -> Iterator[Perturbation]:
     """Install δ hooks on ``model``'s perturbation points for the duration of the block.
 
@@ -331,14 +477,20 @@ def perturb(
         save_output: the fused point saves its output instead of h
             (:class:`PerturbPointSavingOutput`: one activation fewer where the next layer saves
             its input); only for models that never change a point's output in place.
+        compiled: the fused point runs ``torch.compile`` kernels (True: of the backend
+            :func:`compiled_hook` names, else inductor) or eager ops (False); None (default):
+            as :func:`compiled_hook` says (eager unless inside ``compiled_hook(True)``).
 
     Yields:
         the :class:`Perturbation` whose ``deltas`` the hooks read at every forward.
     """
     points = unwrap(model).perturbation_points()
+    backend = compiled_hook_backend()
+    if compiled is not None:
+        backend = (backend or "inductor") if compiled else None
     state = Perturbation([n for n, _ in points], deltas, requires_grad,
                          fused_hook_enabled() if fused is None else fused, delta_dtype,
-                         save_output)
+                         save_output, backend)
     handles = []
     try:
         for j, (_, module) in enumerate(points):

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 
+from robust_amo import perturb as perturb_mod
+from robust_amo.attacks import PGD, RobustAMOAttack
+from robust_amo.methods import pgd_loss, robust_amo_loss
 from robust_amo.models import create_model
 from robust_amo.perturb import (
     PerturbPoint,
     PerturbPointSavingOutput,
+    compiled_hook,
+    compiled_hook_backend,
+    compiled_point,
     delta_step,
     example_norm,
     fused_hook,
@@ -17,6 +26,7 @@ from robust_amo.perturb import (
     perturb_reference,
     unwrap,
 )
+from tests.helpers import batch, same_state, sgd_step, tiny_model
 
 ARCHS = [("tiny-cnn", (1, 8, 8)), ("tiny-mlp", (1, 8, 8)), ("tiny-wrn", (3, 8, 8)),
          ("linear", (1, 8, 8))]
@@ -375,3 +385,216 @@ def test_output_saving_point_under_vmap_and_batched_gradients():
                                  is_grads_batched=True)
     (b_r,) = torch.autograd.grad(perturb_reference(h, d)[0], h, cot, is_grads_batched=True)
     torch.testing.assert_close(b_o, b_r)
+
+
+# --- compiled kernels at the fused points (compiled_hook) --------------------------------------
+
+def _inductor_or_skip() -> None:
+    """Skip where inductor cannot build CPU kernels (no C++ compiler): the fallback test covers
+    that case."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("inductor needs a C++ compiler on the CPU")
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch):
+    """Each test compiles (or fails to) on its own: no kernel or failure carried over."""
+    monkeypatch.setattr(perturb_mod, "_KERNELS", {})
+
+
+def _grads(kernel, h, d, g, gs):
+    out, s = kernel.apply(h, d)
+    return out, s, torch.autograd.grad((out * g).sum() + (s * gs).sum(), (h, d))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("save_output", [False, True], ids=["saves-h", "saves-output"])
+def test_inductor_point_equals_the_eager_point(dtype, save_output, fresh_kernels):
+    """The shipped kernels (inductor, C++ on the CPU): the output and ∇δ bit for bit, ∇h up to
+    the summation order of ⟨g, δ⟩; the zero-norm example's ∇h is g exactly."""
+    _inductor_or_skip()
+    h, d = _hd((4, 3, 5, 5), dtype, seed=1, zero_example=True)
+    d = d.detach().to(dtype).requires_grad_(True)  # bf16 δ at a bf16 activation, as robust AMO
+    g = torch.randn(h.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gs = torch.randn(4, generator=torch.Generator().manual_seed(3))
+    eager = PerturbPointSavingOutput if save_output else PerturbPoint
+    out_e, s_e, (gh_e, gd_e) = _grads(eager, h, d, g, gs)
+    out_c, s_c, (gh_c, gd_c) = _grads(compiled_point(save_output, "inductor"), h, d, g, gs)
+    assert perturb_mod._KERNELS["inductor"] is not None, "inductor failed: the fallback ran"
+    assert set(perturb_mod._KERNELS["inductor"]) == {"forward", "backward"}
+    assert torch.equal(out_c, out_e) and torch.equal(s_c, s_e) and out_c.dtype == dtype
+    assert torch.equal(gd_c, gd_e) and gd_c.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(gh_c, gh_e, rtol=tol, atol=tol)
+    assert torch.equal(gh_c[1], g[1])
+    # a wrong kernel would not pass: a δ-free ∇h (c = 0) is far from it
+    assert not torch.allclose(gh_c.float(), g.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.slow
+def test_inductor_hook_keeps_zero_eta_robust_amo_equal_to_pgd_under_cpu_bf16(fresh_kernels):
+    """η_δ = 0 with the compiled points under bf16 autocast: PGD training's loss and weights
+    bit for bit (zero bf16 δ's, float32 s·δ, one rounding, as in the eager kernels)."""
+    _inductor_or_skip()
+    x, y = batch(n=8, shape=(3, 8, 8))
+    m_pgd = tiny_model("tiny-wrn", (3, 8, 8))
+    m_amo = copy.deepcopy(m_pgd)
+    pgd = PGD(m_pgd, eps=0.1, step_size=0.03, steps=2,
+              generator=torch.Generator().manual_seed(7))
+    joint = RobustAMOAttack.from_pgd(
+        PGD(m_amo, eps=0.1, step_size=0.03, steps=2,
+            generator=torch.Generator().manual_seed(7)), eta_delta=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), compiled_hook(True):
+        loss_pgd = sgd_step(m_pgd, functools.partial(pgd_loss, attack=pgd), x, y)
+        loss_amo = sgd_step(m_amo, functools.partial(robust_amo_loss, attack=joint), x, y)
+    assert perturb_mod._KERNELS["inductor"], "inductor failed: the fallback ran"
+    assert torch.equal(loss_pgd, loss_amo)
+    assert same_state(m_pgd, m_amo)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 4), (4, 5)])
+@pytest.mark.parametrize("save_output", [False, True], ids=["saves-h", "saves-output"])
+def test_compiled_point_gradcheck_and_gradgradcheck(shape, save_output, fresh_kernels):
+    """First derivatives through the compiled backward, second ones through the eager ops
+    (a backward that builds a graph never runs a compiled kernel), by finite differences."""
+    kernel = compiled_point(save_output, "aot_eager")
+    h, d = _hd(shape, seed=6)
+    assert torch.autograd.gradcheck(kernel.apply, (h, d))
+    assert perturb_mod._KERNELS["aot_eager"] and "backward" in perturb_mod._KERNELS["aot_eager"]
+    assert torch.autograd.gradgradcheck(kernel.apply, (h, d))
+    h0, d0 = _hd(shape, seed=6, zero_example=True)
+    assert torch.autograd.gradcheck(lambda a, b: kernel.apply(a, b)[0], (h0, d0))
+
+
+def test_compiled_point_double_backward_runs_the_eager_ops(monkeypatch, fresh_kernels):
+    calls = []
+    real = perturb_mod._run
+
+    def spy(backend, name, fn, *args):
+        calls.append(name)
+        return real(backend, name, fn, *args)
+
+    monkeypatch.setattr(perturb_mod, "_run", spy)
+    h, d = _hd((3, 4), seed=8)
+    out, _ = compiled_point(True, "aot_eager").apply(h, d)
+    (gh,) = torch.autograd.grad(out.square().sum(), h, create_graph=True)
+    assert calls == ["forward"]  # the graph-building backward did not call a kernel
+    (ghh,) = torch.autograd.grad(gh.sum(), h)
+    out_r, _ = perturb_reference(h, d)
+    (gh_r,) = torch.autograd.grad(out_r.square().sum(), h, create_graph=True)
+    torch.testing.assert_close(ghh, torch.autograd.grad(gh_r.sum(), h)[0])
+
+
+def test_compiled_hook_switch_and_explicit_choice(fresh_kernels):
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    assert compiled_hook_backend() is None
+    with perturb(model) as p:
+        assert p.backend is None
+    with compiled_hook(True, backend="aot_eager"):
+        assert compiled_hook_backend() == "aot_eager"
+        with perturb(model, save_output=True) as p:
+            assert p.backend == "aot_eager"
+            out = model(x)
+        with perturb(model, compiled=False) as p:
+            assert p.backend is None
+        with compiled_hook(False), perturb(model, compiled=True) as p:
+            assert p.backend == "inductor"
+    assert compiled_hook_backend() is None
+    stack, seen, kinds = [out.grad_fn], set(), set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if "PerturbPoint" in type(f).__name__:
+            kinds.add(type(f).__name__)
+        stack.extend(nf for nf, _ in f.next_functions)
+    assert kinds == {"CompiledPerturbPointSavingOutputBackward"}
+    # zero δ's: the compiled points' forward is the plain forward exactly
+    assert torch.equal(out, model(x))
+
+
+def test_compiled_point_falls_back_to_the_eager_ops_once(monkeypatch, fresh_kernels, caplog):
+    """A backend that cannot compile (here: one that does not exist; elsewhere: no C++
+    compiler, an unsupported platform) costs one warning; the results are the eager ones."""
+    h, d = _hd((4, 3, 5, 5), seed=1)
+    g = torch.randn(h.shape, dtype=h.dtype)
+    gs = torch.zeros(4, dtype=h.dtype)
+    with caplog.at_level("WARNING", logger="robust_amo.perturb"):
+        got = _grads(compiled_point(False, "no-such-backend"), h, d, g, gs)
+        again = _grads(compiled_point(False, "no-such-backend"), h, d, g, gs)
+    want = _grads(PerturbPoint, h, d, g, gs)
+    for a, b, c in zip(got[:2] + got[2], want[:2] + want[2], again[:2] + again[2], strict=True):
+        assert torch.equal(a, b) and torch.equal(c, b)
+    assert perturb_mod._KERNELS["no-such-backend"] is None
+    warnings = [r for r in caplog.records if "compiled perturbation kernels" in r.message]
+    assert len(warnings) == 1 and "no-such-backend" in warnings[0].message
+
+
+def test_compiled_kernel_failing_at_run_time_falls_back(monkeypatch, fresh_kernels):
+    def broken(fn, **_):
+        def run(*a):
+            raise RuntimeError("compiler exploded")
+        return run
+
+    monkeypatch.setattr(perturb_mod.torch, "compile", broken)
+    h, d = _hd((2, 5), seed=9)
+    out, s = compiled_point(False, "inductor").apply(h, d)
+    out_r, s_r = perturb_reference(h, d)
+    assert torch.equal(out, out_r) and torch.equal(s, s_r)
+    assert perturb_mod._KERNELS["inductor"] is None
+
+
+def test_compiled_point_under_vmap_runs_the_eager_ops(fresh_kernels):
+    h, d = _hd((3, 2, 4, 4), seed=4)
+    kernel = compiled_point(True, "aot_eager")
+    j_c = torch.func.jacrev(lambda a: kernel.apply(a, d)[0].sum((1, 2, 3)))(h)
+    j_r = torch.func.jacrev(lambda a: perturb_reference(a, d)[0].sum((1, 2, 3)))(h)
+    torch.testing.assert_close(j_c, j_r)
+    # the vmapped backward ran the eager ops (the forward sees plain tensors: functorch lowers
+    # them before an autograd.Function's forward)
+    assert "backward" not in perturb_mod._KERNELS["aot_eager"]
+
+
+@pytest.mark.slow
+def test_inductor_delta_step_is_the_eager_update_bit_for_bit(fresh_kernels):
+    """bf16 δ (float32 update rounded once) and float32 δ (the plain expression), number and
+    per-example steps: the compiled update is the eager one exactly."""
+    _inductor_or_skip()
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float32):
+        d = torch.randn(16, 3, 5, 5, generator=g).to(dtype)
+        grad = torch.randn(16, 3, 5, 5, generator=g).to(dtype)
+        for step in (0.37, torch.rand(16, generator=g)):
+            (want,) = delta_step([d], [grad], step, 0.92, compiled=False)
+            (got,) = delta_step([d], [grad], step, 0.92, compiled=True)
+            assert got.dtype == dtype and got.requires_grad
+            assert torch.equal(got, want)
+    assert "delta_step" in perturb_mod._KERNELS["inductor"], "inductor failed: fallback ran"
+    # float32: the plain expression, as the eager update promises
+    s = torch.rand(16, generator=g)
+    d32, g32 = d.float(), grad.float()
+    (got,) = delta_step([d32], [g32], s, 0.92, compiled=True)
+    assert torch.equal(got, 0.92 * d32 + s[:, None, None, None] * g32)
+
+
+def test_delta_step_follows_the_compiled_hook_switch(monkeypatch, fresh_kernels):
+    calls = []
+    real = perturb_mod._run
+
+    def spy(backend, name, fn, *args):
+        calls.append((backend, name))
+        return real(backend, name, fn, *args)
+
+    monkeypatch.setattr(perturb_mod, "_run", spy)
+    d, grad = torch.randn(4, 3), torch.randn(4, 3)
+    (plain,) = delta_step([d], [grad], 0.5, 0.9)
+    with compiled_hook(True, backend="aot_eager"):
+        (comp,) = delta_step([d], [grad], 0.5, 0.9)
+        delta_step([d], [grad], 0.5, 0.9, compiled=False)
+    assert calls == [("aot_eager", "delta_step")]
+    assert torch.equal(plain, comp) and torch.equal(plain, 0.9 * d + 0.5 * grad)

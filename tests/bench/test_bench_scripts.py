@@ -109,3 +109,24 @@ def test_step_cost_bf16_deltas_halve_the_delta_bytes_of_the_graph(_single_thread
     saved = (rows["robust-amo-f32delta"]["graph_mib"] - rows["robust-amo"]["graph_mib"]) * 2**20
     assert saved == 2 * numel
     assert rows["pgd"]["graph_mib"] < rows["robust-amo"]["graph_mib"]
+
+
+def test_step_cost_compiled_hook_rows_make_the_same_passes_and_graph(monkeypatch, _single_thread):
+    """The ``--hook compiled`` rows run the points' torch.compile kernels (here the quick
+    aot_eager backend) and change neither the passes nor a byte of the graph."""
+    import functools
+
+    from robust_amo import perturb as perturb_mod
+
+    monkeypatch.setattr(perturb_mod, "_KERNELS", {})
+    monkeypatch.setattr(step_cost, "compiled_hook",
+                        functools.partial(perturb_mod.compiled_hook, backend="aot_eager"))
+    s = step_cost.Settings(arch="tiny-wrn", shape=(3, 8, 8), batch=4, pgd_steps=2, steps=1,
+                           rounds=1, methods=["pgd", "robust-amo", "robust-amo-compiled", "amo",
+                                              "amo-compiled"], device="cpu", cpu_bf16=True)
+    rows = {r["method"]: r for r in step_cost.measure(s)["results"]}
+    assert set(perturb_mod._KERNELS["aot_eager"]) == {"forward", "backward", "delta_step"}
+    for m in ("robust-amo", "amo"):
+        c = rows[f"{m}-compiled"]
+        assert (c["forward"], c["backward"]) == (rows[m]["forward"], rows[m]["backward"])
+        assert c["graph_mib"] == rows[m]["graph_mib"] and c["s_per_step"] > 0
