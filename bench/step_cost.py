@@ -208,16 +208,13 @@ def _prepare(args: Settings, name: str) -> dict:
     """One method built and stepped twice: its step (which alone holds its model), device, pass
     counts and graph size.
 
-    The first step warms up (and compiles, for the ``-compiled`` rows); it is also the step on
-    which an all-layer method logs what δ does (two gradient-free forwards every ``log_every``
-    steps, ``methods.adversarial``), so the passes and the graph are those of the second, an
-    ordinary training step, and no later step logs.
+    The first step warms up (and compiles, for the ``-compiled`` rows); the passes and the
+    graph are those of the second. Neither step measures what an all-layer δ does: only the
+    trainer arms that (``EpochAware.log_next``, every ``log_every`` steps).
     """
     device, model, x, y, objective, opt, amp = _setup(args, name)
     step = _make_step(model, x, y, objective, opt, amp)
     step()
-    if hasattr(objective, "log_every"):
-        objective.log_every = 2**62  # no later step logs, however many are timed
     counter, saved = Counter(model), SavedBytes(model)
     with saved.hooks():
         step()  # pass count and graph size of one step

@@ -48,6 +48,7 @@ from .data import (
 from .errors import CheckpointError, ConfigError, RobustAmoError
 from .methods import EpochAware, build_objective, method_spec
 from .models import ExternalModel, build_external, create_model
+from .perturb import compiled_hook
 from .resolve import check_names
 from .runs import LOCK, RESUME_ADVICE, RESUME_ADVICE_PARAMS, RunDir
 from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
@@ -695,8 +696,10 @@ def _run_epoch(s: _Session, epoch: int, data: TrainData, opt: Optimisation, meth
     for step, (x, y) in enumerate(bar):
         if step % cfg.log_every == 0 and isinstance(method.objective, EpochAware):
             method.objective.log_next()  # the method measures what it logs on this batch
-        loss, logits = train_step(method.model, method.objective, opt.optimizer,
-                                  _memory_format(x, opt.channels_last), y, opt.amp)
+        # with compile on the model runs eagerly under δ hooks: compile the points' arithmetic
+        with compiled_hook(cfg.compile, cfg.compile_backend):
+            loss, logits = train_step(method.model, method.objective, opt.optimizer,
+                                      _memory_format(x, opt.channels_last), y, opt.amp)
         opt.scheduler.step()
         # accumulate on the device: no host sync inside the loop
         loss_sum += loss * len(y)

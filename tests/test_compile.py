@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from robust_amo import train as train_module
 from robust_amo.checkpoint import model_state
 from robust_amo.compiled import CompiledModel, has_hooks, probe
 from robust_amo.models import create_model
-from robust_amo.perturb import perturb
+from robust_amo.perturb import compiled_hook_backend, perturb
 from robust_amo.resolve import resolve
 from robust_amo.train import train
 
@@ -105,3 +106,27 @@ def test_train_with_compile_matches_eager(tmp_path, caplog):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert compiled["clean_acc"] == eager["clean_acc"]
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_train_with_compile_compiles_the_delta_points(tmp_path, monkeypatch, compile_):
+    """With compile on, every training step runs under ``compiled_hook`` of the run's backend
+    (the model itself runs eagerly under δ hooks); without, the points stay eager."""
+    seen = []
+    step = train_module.train_step
+
+    def spy(*args, **kwargs):
+        seen.append(compiled_hook_backend())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", spy)
+    cfg = resolve(None, [{
+        "arch": "tiny-cnn", "dataset": "digits", "method": "robust-amo", "epochs": 1,
+        "batch_size": 32, "device": "cpu", "out": str(tmp_path / "r"), "compile": compile_,
+        "compile_backend": BACKEND, "method_args": {"eta_delta": 0.01},
+        "data": {"train_subset": 64, "augment": False, "val_size": 16},
+        "attack": {"eps": 0.1, "step_size": 0.03, "steps": 1},
+        "eval": {"n_examples": 16, "batch_size": 16, "steps": 1},
+    }])
+    train(cfg)
+    assert seen and set(seen) == {BACKEND if compile_ else None}
