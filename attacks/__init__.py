@@ -7,6 +7,7 @@ Every attack is an object whose constructor holds the hyperparameters and whose 
 the same :func:`pgd_iteration`. docs/algorithms.md, "PGD" and "Robust AMO".
 """
 
+from .apgd import APGD, apgd_targets, ce_then_targeted, checkpoints
 from .base import Attack, InputAttack
 from .core import (
     Iterate,
@@ -26,6 +27,7 @@ from .targeted import TargetedPGD, TargetLoss, targeted_loss, top_targets
 from .trades import NoisyStartPGD, TRADESAttack, kl_to_clean
 
 __all__ = [
+    "APGD",
     "FGSMRS",
     "NFGSM",
     "PGD",
@@ -39,7 +41,10 @@ __all__ = [
     "TRADESAttack",
     "TargetLoss",
     "TargetedPGD",
+    "apgd_targets",
     "attack_loss",
+    "ce_then_targeted",
+    "checkpoints",
     "kl_to_clean",
     "l2_attack_at_radius",
     "margin_loss",

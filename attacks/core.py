@@ -132,12 +132,14 @@ class Iterate:
         loss: the per-example loss at x_t (B,), detached.
         logits: the logits at x_t (detached), or None when the loss function gives none.
         extra_grads: ∇ of the reduced loss w.r.t. each extra variable (e.g. every δ_j).
+        grad: ∇ of the reduced loss w.r.t. x_t (what APGD's momentum step needs besides x).
     """
 
     x: torch.Tensor
     loss: torch.Tensor
     logits: torch.Tensor | None
     extra_grads: tuple[torch.Tensor, ...]
+    grad: torch.Tensor | None = None
 
 
 def pgd_iteration(
@@ -172,4 +174,4 @@ def pgd_iteration(
         grads = torch.autograd.grad(total, [x_adv, *(extra() if callable(extra) else extra)])
     x_next = step(x_adv.detach(), grads[0])
     return Iterate(x_next, loss.detach(), None if logits is None else logits.detach(),
-                   tuple(grads[1:]))
+                   tuple(grads[1:]), grads[0])
