@@ -61,7 +61,9 @@ class APGD(InputAttack):
         momentum: α (default 0.75). rho: ρ of condition (1) (default 0.75).
 
     ``attack(x, y)`` returns the first misclassified iterate of each broken example and x_max
-    of the others; :attr:`last_fooled` holds which were broken.
+    of the others; :attr:`last_fooled` holds which were broken. Set per batch: :attr:`target`
+    (``dlr-t``: the target class of each example) and :attr:`x_init` (the start x_0 of each
+    example; default a uniform point of the ball from ``generator``).
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 100,
@@ -76,6 +78,7 @@ class APGD(InputAttack):
         self.momentum = finite_non_negative("momentum", momentum)
         self.rho = finite_non_negative("rho", rho)
         self.target: torch.Tensor | None = None
+        self.x_init: torch.Tensor | None = None
         self.last_fooled: torch.Tensor | None = None
 
     def __repr__(self) -> str:
@@ -103,7 +106,9 @@ class APGD(InputAttack):
         x_out, fooled = x.clone(), torch.zeros(len(y), dtype=torch.bool, device=x.device)
         idx = torch.arange(len(y), device=x.device)
         target = self.target
-        s = _State(random_start(x, self.eps, "linf", self.generator), x, y, 2 * self.eps)
+        x0 = self.x_init if self.x_init is not None else random_start(x, self.eps, "linf",
+                                                                        self.generator)
+        s = _State(x0.detach(), x, y, 2 * self.eps)
         marks, last_mark = set(checkpoints(self.steps)), 0
         for k in range(self.steps + 1):
             if target is not None:
@@ -201,7 +206,9 @@ def apgd_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> 
 
 
 def ce_then_targeted(attack_ce: APGD, attack_t: APGD, x: torch.Tensor, y: torch.Tensor,
-                     targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     targets: torch.Tensor,
+                     start: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """APGD-CE on every example, then APGD-T towards each target in turn on those still
     standing: ``(x_adv (B, ...), fooled (B,))``, the cascade that spends passes only on examples
     no earlier attack broke.
@@ -210,15 +217,26 @@ def ce_then_targeted(attack_ce: APGD, attack_t: APGD, x: torch.Tensor, y: torch.
         attack_ce, attack_t: an ``ce`` and a ``dlr-t`` :class:`APGD` on the same model.
         x, y: the batch (the caller passes the clean-correct examples).
         targets: (B, k) target classes in the order to try (:func:`apgd_targets`).
+        start: ``start(examples, stage)``: the x_0 of the examples (indices into x) in stage 0
+            (CE) or j + 1 (target j); default: each attack's own uniform start.
+
+    Returns:
+        ``(x_adv, fooled, after)``: the points, which examples some stage broke, and the
+        fooled mask after each stage (CE, then each target).
     """
+    every = torch.arange(len(y), device=x.device)
+    attack_ce.x_init = start(every, 0) if start is not None else None
     x_adv = attack_ce(x, y)
     fooled = attack_ce.last_fooled.clone()
+    after = [fooled.clone()]
     for j in range(targets.shape[1]):
         todo = (~fooled).nonzero().squeeze(1)
-        if todo.numel() == 0:
-            break
-        attack_t.target = targets[todo, j]
-        x_adv[todo] = attack_t(x[todo], y[todo])
-        fooled[todo] |= attack_t.last_fooled
-    return x_adv, fooled
+        if todo.numel() > 0:
+            attack_t.target = targets[todo, j]
+            attack_t.x_init = start(todo, j + 1) if start is not None else None
+            x_adv[todo] = attack_t(x[todo], y[todo])
+            fooled[todo] |= attack_t.last_fooled
+        after.append(fooled.clone())
+    attack_ce.x_init = attack_t.x_init = None
+    return x_adv, fooled, after
 

@@ -28,6 +28,7 @@ from .autoattack_adapter import (
     autoattack_robust,
     backend_version,
 )
+from .fast_eval import FastSettings, fast_robust
 from .pgd_eval import PGDSettings, pgd_robust
 
 SavePartial = Callable[[dict[str, Any]], None]
@@ -207,6 +208,28 @@ class AutoAttackEval(EvalAttack):
         return out
 
 
+class FastEval(EvalAttack):
+    """APGD-CE then APGD-T on the examples still standing (:func:`fast_robust`)."""
+
+    kind = "fast"
+
+    def __init__(self, name: str, fast: FastSettings) -> None:
+        super().__init__(name)
+        self.fast = fast
+
+    def settings(self) -> dict[str, Any]:  # noqa: D102
+        return self.fast.to_dict()
+
+    def run_chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,  # noqa: D102
+                  index: torch.Tensor, *, amp: Amp, partial: dict[str, Any] | None,
+                  save_partial: SavePartial) -> dict[str, Any]:
+        r = fast_robust(model, x, y, index, self.fast, amp)
+        return {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
+                "steps": dict(zip(self.fast.stage_names(), (m.cpu() for m in r.after_stage),
+                                  strict=True)),
+                "adv": r.x_adv[r.clean & ~r.robust].detach().float().cpu()}
+
+
 Parser = Callable[[str, EvalOptions], EvalAttack | None]
 
 
@@ -323,3 +346,20 @@ def _autoattack(name: str, opts: EvalOptions) -> EvalAttack | None:
     return AutoAttackEval(name, AutoAttackSettings(opts.threat.eps, opts.threat.norm, version,
                                                    attacks, opts.seed, opts.aa_backend,
                                                    opts.individual))
+
+
+@register_eval_attack("fast[-tN]",
+                      "APGD-CE then APGD-T towards the N (default 3) classes the clean logits "
+                      "rank next, each only on the examples still standing; L-inf; "
+                      "docs/evaluation.md")
+def _fast(name: str, opts: EvalOptions) -> EvalAttack | None:
+    m = re.fullmatch(r"fast(?:-t(\d+))?", name)
+    if not m:
+        return None
+    if opts.threat.norm != "linf":
+        raise ConfigError("the fast evaluation is L-inf only (APGD's sign steps); use pgd50 or "
+                          "autoattack for L2")
+    targets = int(m.group(1)) if m.group(1) else 3
+    if targets < 1:
+        raise ConfigError("the fast evaluation needs at least one target (fast-t3)")
+    return FastEval(name, FastSettings(opts.threat.eps, 100, targets, opts.seed))

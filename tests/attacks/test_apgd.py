@@ -79,8 +79,10 @@ def test_cascade_is_at_least_as_strong_as_its_first_attack():
     ce_alone(x, y)
     targets = apgd_targets(model, x, y, 3)
     assert targets.shape == (16, 3) and not (targets == y[:, None]).any()
-    x_adv, fooled = ce_then_targeted(ce, APGD(model, eps=0.1, steps=10, loss="dlr-t"), x, y,
+    x_adv, fooled, after = ce_then_targeted(ce, APGD(model, eps=0.1, steps=10, loss="dlr-t"), x, y,
                                      targets)
     assert (fooled | ~ce_alone.last_fooled).all()  # every example CE broke stays broken
+    assert torch.equal(after[0], ce_alone.last_fooled) and torch.equal(after[-1], fooled)
+    assert all((a <= b).all() for a, b in zip(after, after[1:], strict=False))
     with torch.no_grad():
         assert torch.equal(model(x_adv).argmax(1) != y, fooled)

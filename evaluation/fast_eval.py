@@ -1,0 +1,115 @@
+"""``--attack fast``: APGD-CE, then APGD-T towards the classes the clean logits rank next, each
+stage only on the examples no earlier stage broke (docs/evaluation.md, "A faster evaluation").
+
+The ingredients are AutoAttack's two gradient attacks (Croce & Hein 2020:
+:class:`robust_amo.attacks.APGD`, 100 iterations each) with two economies: an example leaves an
+attack at its first misclassified iterate (the attack needs nothing more to count it broken),
+and APGD-T runs on fewer targets (3 instead of AutoAttack's 9; FAB-T and Square are not run).
+How close this comes to AutoAttack standard, and at how many fewer passes, is measured by
+``python -m bench.fast_eval`` (docs/benchmarks.md). Randomness: the start of example ``i`` in
+stage ``s`` (0: CE, j: target j) comes from a CPU generator seeded with
+``derive_seed(seed, "fast-eval", i, s)``, so a result does not depend on the batching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust_amo.attacks import APGD, ce_then_targeted, random_start, top_targets
+from robust_amo.config import check_int
+from robust_amo.runtime import Amp, derive_seed, eval_mode
+
+
+@dataclass(frozen=True)
+class FastSettings:
+    """The fast evaluation's settings (L∞ only).
+
+    Attributes:
+        eps: the L∞ radius.
+        steps: APGD iterations per stage (default 100, AutoAttack's).
+        targets: APGD-T's targets, the classes with the highest clean logits but the label
+            (default 3).
+        seed: seed of the starts.
+    """
+
+    eps: float
+    steps: int = 100
+    targets: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps)
+        check_int("targets", self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (report, state file)."""
+        return asdict(self)
+
+    def stage_names(self) -> list[str]:
+        """The report's stages: ``apgd-ce`` and ``apgd-t1`` ... ``apgd-tK``."""
+        return ["apgd-ce"] + [f"apgd-t{j + 1}" for j in range(self.targets)]
+
+
+@dataclass
+class FastResult:
+    """Per-example masks of one chunk: clean-correct, robust, robust after each stage, and the
+    points (B, ...)."""
+
+    clean: torch.Tensor
+    robust: torch.Tensor
+    after_stage: list[torch.Tensor]
+    x_adv: torch.Tensor
+
+
+def stage_starts(x: torch.Tensor, index: torch.Tensor, eps: float, seed: int,
+                 stage: int) -> torch.Tensor:
+    """Uniform starts in the L∞ ball, one generator per example (see the module docstring)."""
+    xc = x.detach().float().cpu()
+    g = torch.Generator()
+    out = torch.empty_like(xc)
+    for k, i in enumerate(index.tolist()):
+        g.manual_seed(derive_seed(seed, "fast-eval", int(i), stage))
+        out[k] = random_start(xc[k : k + 1], eps, "linf", g)[0]
+    return out.to(device=x.device, dtype=x.dtype)
+
+
+def fast_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                settings: FastSettings, amp: Amp = contextlib.nullcontext) -> FastResult:
+    """The fast evaluation of one batch (x (B, ...) in [0, 1], y (B,), global indices (B,)).
+
+    Only clean-correct examples are attacked; the model runs in eval mode and its mode is
+    restored.
+    """
+    x, y, index = x.detach(), y.detach(), index.to("cpu")
+    with eval_mode(model):
+        with torch.no_grad(), amp():
+            clean = model(x).argmax(1) == y
+        pos = clean.nonzero().squeeze(1)
+        x_adv = x.clone()
+        after = [clean.clone() for _ in settings.stage_names()]
+        if pos.numel() == 0:
+            return FastResult(clean, clean.clone(), after, x_adv)
+        xs, ys, ids = x[pos], y[pos], index[pos.cpu()]
+        with amp():
+            with torch.no_grad():
+                logits = model(xs)  # ranks the targets
+            targets = top_targets(logits, ys, min(settings.targets, logits.shape[1] - 1))
+            ce = APGD(model, eps=settings.eps, steps=settings.steps)
+            tt = APGD(model, eps=settings.eps, steps=settings.steps, loss="dlr-t")
+            xa, fooled, stages = ce_then_targeted(
+                ce, tt, xs, ys, targets,
+                start=lambda ex, s: stage_starts(xs[ex], ids[ex.cpu()], settings.eps,
+                                                 settings.seed, s))
+        x_adv[pos] = xa.to(x_adv.dtype)
+        robust = clean.clone()
+        robust[pos] = ~fooled
+        for j, f in enumerate(stages):
+            after[j][pos] = ~f
+        for j in range(len(stages), len(after)):  # fewer classes than targets asked for
+            after[j] = robust.clone()
+        return FastResult(clean, robust, after, x_adv)

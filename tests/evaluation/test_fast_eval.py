@@ -1,0 +1,65 @@
+"""``--attack fast``: APGD-CE then APGD-T on the examples still standing (issue 23)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robust_amo.errors import ConfigError
+from robust_amo.evaluation import evaluate_attacks, parse_attack
+from robust_amo.evaluation.report import build_report, markdown
+from robust_amo.models import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model("tiny-mlp", 10, input_shape=(1, 8, 8)).eval()
+
+
+def _data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(10, (n,), generator=g)
+
+
+def test_passes_equal_a_hand_count_when_nothing_breaks():
+    """At eps = 0 no example can break, so every stage runs all its iterations: B clean
+    forwards, a to rank the targets, then per stage a·(N + 1) forwards and a·N backwards, with
+    a the clean-correct examples."""
+    model = _tiny(1)
+    x, _ = _data(12)
+    y = model(x).argmax(1).detach()
+    y[::4] = (y[::4] + 1) % 10  # three misclassified: not attacked
+    out = evaluate_attacks(model, x, y, [parse_attack("fast-t2", eps=0.0)], batch_size=12)[0]
+    a, n, stages = 9, 100, 3
+    assert (out.forward_passes, out.backward_passes) == (12 + a + stages * a * (n + 1),
+                                                         stages * a * n)
+    assert int(out.robust.sum()) == a
+
+
+def test_stages_narrow_and_the_report_names_the_cascade():
+    model = _tiny(2)
+    x, y = _data(24, seed=3)
+    y = model(x).argmax(1).detach()
+    attack = parse_attack("fast", eps=0.02)
+    out = evaluate_attacks(model, x, y, [attack], batch_size=24)[0]
+    names = ["apgd-ce", "apgd-t1", "apgd-t2", "apgd-t3"]
+    assert list(out.steps) == names
+    masks = [out.steps[k] for k in names]
+    assert all((b <= a).all() for a, b in zip(masks, masks[1:], strict=False))
+    assert torch.equal(masks[-1], out.robust) and (out.robust <= out.clean).all()
+    assert 0 < int(out.robust.sum()) < int(masks[0].sum()), "targets break what CE left here"
+    report = build_report(outcomes=[out], model_meta={"arch": "tiny-mlp"}, dataset="x",
+                          split="test", norm="linf", eps=0.02, seed=0, device="cpu",
+                          bf16=False, wall_time_s=1.0, checks=[])
+    assert "APGD-CE, then APGD-T towards 3 targets" in markdown(report)
+
+
+def test_names_and_refusals():
+    assert parse_attack("fast", eps=0.1).settings()["targets"] == 3
+    assert parse_attack("fast-t9", eps=0.1).settings()["targets"] == 9
+    with pytest.raises(ConfigError, match="L-inf only"):
+        parse_attack("fast", eps=0.5, norm="l2")
+    with pytest.raises(ConfigError, match="at least one target"):
+        parse_attack("fast-t0", eps=0.1)
