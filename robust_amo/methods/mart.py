@@ -19,32 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_amo.attacks import NoisyStartPGD
-from robust_amo.config import AllLayerOptions, finite_non_negative
 from robust_amo.runtime import wide
 
 from .adversarial import AdversarialObjective, AdversarialPoint, Adversary
 from .registry import MethodContext, Objective, register_method
+from .trades import KLTermOptions
 
 
 @dataclass(frozen=True)
-class MARTOptions:
-    """``method_args`` of ``mart``.
-
-    Attributes:
-        beta: λ, the weight of the misclassification-aware KL term (default 6, the reference's
-            default; the paper's CIFAR-10 runs use 5-6).
-        start_std: σ of the attack's start x + σ·N(0, I) (default 0.001, the reference).
-        all_layer: ρ, η_δ and ``delta_grad`` of all-layer perturbations on the adversarial
-            branch (Wei & Ma 2020), or None (default: plain MART).
-    """
-
-    beta: float = 6.0
-    start_std: float = 1e-3
-    all_layer: AllLayerOptions | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", finite_non_negative("beta", self.beta))
-        object.__setattr__(self, "start_std", finite_non_negative("start_std", self.start_std))
+class MARTOptions(KLTermOptions):
+    """``method_args`` of ``mart``: ``beta`` is λ, the weight of the misclassification-aware KL
+    term (default 6, the reference's default; the paper's CIFAR-10 runs use 5-6);
+    ``start_std`` and ``all_layer`` as in :class:`~robust_amo.methods.trades.KLTermOptions`."""
 
 
 def mart_loss(model: nn.Module, x: torch.Tensor, point: AdversarialPoint, y: torch.Tensor,

@@ -27,15 +27,14 @@ from .registry import MethodContext, Objective, register_method
 
 
 @dataclass(frozen=True)
-class TRADESOptions:
-    """``method_args`` of ``trades``.
+class KLTermOptions:
+    """``method_args`` of the methods with a KL term and a noisy-start attack (TRADES, MART).
 
     Attributes:
-        beta: β, the weight of the KL term (default 6, the paper's CIFAR-10 and the reference's
-            default; 1/λ in the paper's notation).
-        start_std: σ of the attack's start x + σ·N(0, I) (default 0.001, the reference).
+        beta: the weight of the KL term (default 6: TRADES's β, MART's λ).
+        start_std: σ of the attack's start x + σ·N(0, I) (default 0.001, both references).
         all_layer: ρ, η_δ and ``delta_grad`` of all-layer perturbations on the adversarial
-            branch (Wei & Ma 2020), or None (default: plain TRADES).
+            branch (Wei & Ma 2020), or None (default: none).
     """
 
     beta: float = 6.0
@@ -45,6 +44,13 @@ class TRADESOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", finite_non_negative("beta", self.beta))
         object.__setattr__(self, "start_std", finite_non_negative("start_std", self.start_std))
+
+
+@dataclass(frozen=True)
+class TRADESOptions(KLTermOptions):
+    """``method_args`` of ``trades``: ``beta`` is β (default 6, the paper's CIFAR-10 and the
+    reference's default; 1/λ in the paper's notation); ``start_std`` and ``all_layer`` as in
+    :class:`KLTermOptions`."""
 
 
 def trades_loss(model: nn.Module, x: torch.Tensor, point: AdversarialPoint, y: torch.Tensor,
