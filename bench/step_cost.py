@@ -75,7 +75,16 @@ COMPILED_HOOK = {
     "robust-amo-compiled": ("robust-amo", {}, True),
     "amo-compiled": ("amo", {}, True),
 }
-ALL_METHODS = {**METHODS, **REFERENCE_HOOK, **WIDE_DELTA, **COMPILED_HOOK}
+# the baselines of issue 22, on request (--methods), not in the default set
+BASELINES = {
+    "trades": ("trades", {}, True),
+    "mart": ("mart", {}, True),
+    "awp": ("awp", {}, True),
+    "fgsm-rs": ("fgsm-rs", {}, True),
+    "n-fgsm": ("n-fgsm", {}, True),
+    "trades-all-layer": ("trades", {"all_layer": {}}, True),
+}
+ALL_METHODS = {**METHODS, **REFERENCE_HOOK, **WIDE_DELTA, **COMPILED_HOOK, **BASELINES}
 
 
 @dataclass
