@@ -53,6 +53,19 @@ def test_step_cost(run_script):
     assert float(rows["pgd"][4]) == 1.0
 
 
+def test_step_cost_counts_the_baselines_passes(run_script):
+    """K = 2 attack steps: fgsm-rs and n-fgsm make 2 + 2; mart K + 2 forwards (its attack, the
+    adversarial and the clean branch) and K + 2 backwards (the training backward reaches both
+    branches); trades one forward more (f(x) for its attack); awp on pgd one forward and one
+    backward more than pgd (the weight ascent)."""
+    lines = run_script("step_cost", "--arch", "tiny-cnn", "--shape", "1,8,8", "--batch", "8",
+                       "--pgd-steps", "2", "--steps", "1", "--rounds", "1", "--threads", "1",
+                       "--device", "cpu", "--methods", "pgd,trades,mart,awp,fgsm-rs,n-fgsm")
+    rows = {ln.split()[0]: ln.split()[1:3] for ln in lines[2:]}
+    assert rows == {"pgd": ["3", "3"], "trades": ["5", "4"], "mart": ["4", "4"],
+                    "awp": ["4", "4"], "fgsm-rs": ["2", "2"], "n-fgsm": ["2", "2"]}
+
+
 def test_bench_margins(run_script):
     lines = run_script("bench_margins", "--arch", "tiny-cnn", "--batch", "4", "--iters", "1",
                        "--threads", "1")
