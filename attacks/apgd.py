@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
 
-from robust_amo.config import ThreatModel, check_int, finite_non_negative
+from robust_amo.config import ThreatModel, check_choice, check_int, finite_non_negative
 
 from .base import InputAttack
 from .core import LossFn, per_example, pgd_iteration, random_start
 from .targeted import targeted_loss, top_targets
+
+APGDLoss = Literal["ce", "dlr-t"]
+"""APGD's losses: cross-entropy, or the targeted DLR loss of APGD-T."""
 
 
 def checkpoints(n_iter: int) -> list[int]:
@@ -67,14 +71,12 @@ class APGD(InputAttack):
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 100,
-                 loss: str = "ce", generator: torch.Generator | None = None,
+                 loss: APGDLoss = "ce", generator: torch.Generator | None = None,
                  momentum: float = 0.75, rho: float = 0.75) -> None:
         steps = check_int("steps", steps)
         threat = ThreatModel("linf", eps, 2 * eps, steps, True, "ce")
         super().__init__(model, threat, generator)
-        if loss not in ("ce", "dlr-t"):
-            raise ValueError(f"APGD loss must be ce or dlr-t, got {loss!r}")
-        self.apgd_loss = loss
+        self.apgd_loss: APGDLoss = check_choice("loss", loss, APGDLoss)
         self.momentum = finite_non_negative("momentum", momentum)
         self.rho = finite_non_negative("rho", rho)
         self.target: torch.Tensor | None = None

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust_amo.attacks import APGD, ce_then_targeted, random_start, top_targets
+from robust_amo.attacks import APGD, ce_then_targeted, top_targets
 from robust_amo.config import check_int
 from robust_amo.runtime import Amp, derive_seed, eval_mode
+
+from .pgd_eval import seeded_starts
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,8 @@ class FastResult:
 def stage_starts(x: torch.Tensor, index: torch.Tensor, eps: float, seed: int,
                  stage: int) -> torch.Tensor:
     """Uniform starts in the L∞ ball, one generator per example (see the module docstring)."""
-    xc = x.detach().float().cpu()
-    g = torch.Generator()
-    out = torch.empty_like(xc)
-    for k, i in enumerate(index.tolist()):
-        g.manual_seed(derive_seed(seed, "fast-eval", int(i), stage))
-        out[k] = random_start(xc[k : k + 1], eps, "linf", g)[0]
-    return out.to(device=x.device, dtype=x.dtype)
+    seeds = [derive_seed(seed, "fast-eval", int(i), stage) for i in index.tolist()]
+    return seeded_starts(x, seeds, eps, "linf")
 
 
 def fast_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from robust_amo.attacks import PGD, TargetedPGD, TargetLoss, random_start
-from robust_amo.config import ThreatModel
+from robust_amo.config import Norm, ThreatModel
 from robust_amo.errors import ConfigError
 from robust_amo.runtime import Amp, derive_seed, eval_mode
 
@@ -128,12 +128,19 @@ def restart_starts(
     """
     if not settings.threat.random_start:
         return x.clone()
+    seeds = [example_seed(settings.seed, int(i), restart) for i in index.tolist()]
+    return seeded_starts(x, seeds, settings.threat.eps, settings.threat.norm)
+
+
+def seeded_starts(x: torch.Tensor, seeds: list[int], eps: float, norm: Norm) -> torch.Tensor:
+    """A uniform start in the eps-ball for each example of x (B, ...), example k's from a CPU
+    generator seeded with ``seeds[k]``; drawn on the CPU, moved to x's device in one transfer."""
     xc = x.detach().float().cpu()
     g = torch.Generator()
     out = torch.empty_like(xc)
-    for k, i in enumerate(index.tolist()):
-        g.manual_seed(example_seed(settings.seed, int(i), restart))
-        out[k] = random_start(xc[k : k + 1], settings.threat.eps, settings.threat.norm, g)[0]
+    for k, seed in enumerate(seeds):
+        g.manual_seed(seed)
+        out[k] = random_start(xc[k : k + 1], eps, norm, g)[0]
     return out.to(device=x.device, dtype=x.dtype)
 
 

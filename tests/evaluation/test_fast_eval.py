@@ -8,19 +8,9 @@ import torch
 from robust_amo.errors import ConfigError
 from robust_amo.evaluation import evaluate_attacks, parse_attack
 from robust_amo.evaluation.report import build_report, markdown
-from robust_amo.models import create_model
+from tests.evaluation.test_passes import _data, _tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tiny(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return create_model("tiny-mlp", 10, input_shape=(1, 8, 8)).eval()
-
-
-def _data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(10, (n,), generator=g)
 
 
 def test_passes_equal_a_hand_count_when_nothing_breaks():
