@@ -23,7 +23,7 @@ from .fgsm import FGSMRS, NFGSM, SingleStepAttack
 from .joint import RobustAMOAttack
 from .pgd import PGD, AttackFn
 from .radius import l2_attack_at_radius
-from .targeted import TargetedPGD, TargetLoss, targeted_loss, top_targets
+from .targeted import TargetedPGD, TargetLoss, malt_targets, targeted_loss, top_targets
 from .trades import NoisyStartPGD, TRADESAttack, kl_to_clean
 
 __all__ = [
@@ -54,5 +54,6 @@ __all__ = [
     "projected_step",
     "random_start",
     "targeted_loss",
+    "malt_targets",
     "top_targets",
 ]

@@ -52,6 +52,42 @@ def top_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return z.sort(dim=1, descending=True, stable=True).indices[:, :k]
 
 
+def malt_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int | None = None,
+                 norm: Norm = "linf") -> torch.Tensor:
+    """The k classes other than y nearest to x by the linearised boundary, nearest first (B, k);
+    all C − 1 of them when k is None.
+
+    MALT's target ranking (Melamed et al. 2024, "MALT powers up adversarial attacks"): for each
+    class t ≠ y the distance of x to the boundary between y and t of the model linearised at x,
+    ``(z_y(x) − z_t(x)) / ‖∇_x z_y(x) − ∇_x z_t(x)‖_*`` with ‖·‖_* the dual norm of the threat
+    model's (ℓ1 for L∞, ℓ2 for L2); the targets are the k smallest, ties to the lower class index.
+    For a linear model these are the exact distances. Cost: one forward and C backward passes of
+    the batch (one per class; in eval mode the examples do not interact). The model's mode is the
+    caller's; call it in eval mode.
+
+    Raises:
+        ConfigError: k is more than the number of classes minus one.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x).float()
+        n_classes = logits.shape[1]
+        k = n_classes - 1 if k is None else k
+        if k > n_classes - 1:
+            raise ConfigError(f"{k} targets need at least {k + 1} classes; this model has "
+                              f"{n_classes}: ask for at most {n_classes - 1} targets")
+        z_y = logits.gather(1, y[:, None]).squeeze(1)
+        dist = torch.empty_like(logits)
+        for c in range(n_classes):
+            gap = z_y - logits[:, c]
+            (g,) = torch.autograd.grad(gap.sum(), x, retain_graph=c < n_classes - 1)
+            g = g.flatten(1).float()
+            dual = g.abs().sum(1) if norm == "linf" else g.norm(dim=1)
+            dist[:, c] = gap.detach() / dual.clamp_min(1e-12)
+    dist.scatter_(1, y[:, None], float("inf"))
+    return dist.sort(dim=1, stable=True).indices[:, :k]
+
+
 def targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                   loss: TargetLoss) -> torch.Tensor:
     """Per-example targeted loss (B,), in float32, that the attack ascends.

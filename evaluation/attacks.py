@@ -348,12 +348,12 @@ def _autoattack(name: str, opts: EvalOptions) -> EvalAttack | None:
                                                    opts.individual))
 
 
-@register_eval_attack("fast[-tN]",
+@register_eval_attack("fast[-tN][-malt]",
                       "APGD-CE then APGD-T towards the N (default 3) classes the clean logits "
-                      "rank next, each only on the examples still standing; L-inf; "
-                      "docs/evaluation.md")
+                      "rank next (-malt: nearest linearised boundary first), each only on the "
+                      "examples still standing; L-inf; docs/evaluation.md")
 def _fast(name: str, opts: EvalOptions) -> EvalAttack | None:
-    m = re.fullmatch(r"fast(?:-t(\d+))?", name)
+    m = re.fullmatch(r"fast(?:-t(\d+))?(-malt)?", name)
     if not m:
         return None
     if opts.threat.norm != "linf":
@@ -362,4 +362,5 @@ def _fast(name: str, opts: EvalOptions) -> EvalAttack | None:
     targets = int(m.group(1)) if m.group(1) else 3
     if targets < 1:
         raise ConfigError("the fast evaluation needs at least one target (fast-t3)")
-    return FastEval(name, FastSettings(opts.threat.eps, 100, targets, opts.seed))
+    return FastEval(name, FastSettings(opts.threat.eps, 100, targets, opts.seed,
+                                       "malt" if m.group(2) else "logits"))

@@ -510,8 +510,10 @@ def markdown(report: Report) -> str:
             desc = (f"{s['steps']} steps x {runs}, step {number_text(s['step_size'], 4)}, "
                     f"{s['loss']} loss")
         elif a.kind == "fast":
-            desc = (f"APGD-CE, then APGD-T towards {s['targets']} targets, {s['steps']} "
-                    "iterations each, on the examples still standing")
+            ranked = "nearest linearised boundary first (MALT)" if s.get("rank") == "malt" \
+                else "highest clean logit first"
+            desc = (f"APGD-CE, then APGD-T towards {s['targets']} targets ({ranked}), "
+                    f"{s['steps']} iterations each, on the examples still standing")
         else:
             desc = f"{s['version']}: {', '.join(s['attacks'])} ({a.backend or ''})"
         lines.append(f"| {name} | {desc} | {a.robust_accuracy:.2%} | {a.wall_time_s:.1f} | "

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from robust_amo.attacks import PGD, TargetedPGD, targeted_loss, top_targets
+from robust_amo.attacks import PGD, TargetedPGD, malt_targets, targeted_loss, top_targets
 from robust_amo.errors import ConfigError
 from robust_amo.evaluation import parse_attack, pgd_robust
 from robust_amo.evaluation.pgd_eval import PGDSettings
@@ -31,6 +31,48 @@ def test_targets_are_the_other_classes_by_clean_logit_ties_to_the_lower_class():
     assert top_targets(logits, y, 2).tolist() == [[3, 2], [4, 3]]
     with pytest.raises(ConfigError, match="at least 6 classes"):
         top_targets(logits, y, 5)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_malt_ranks_by_the_exact_boundary_distance_of_a_linear_model(norm):
+    """For z = Wx + b the boundary between y and t is the hyperplane (w_y − w_t)·x' = b_t − b_y,
+    whose distance from x in the threat model's norm is (z_y − z_t) / ‖w_y − w_t‖_* (dual norm):
+    stepping that far along the dual direction ties z_t with z_y, a little further makes t win,
+    and no other class can win within the nearest target's distance."""
+    model = _linear(seed=3)
+    x, _ = _data(30, seed=4)
+    y = model(x).argmax(1).detach()
+    w = model[1].weight.detach().double()
+    ranked = malt_targets(model, x, y, norm=norm)
+    assert ranked.shape == (30, 5)
+    for i in range(30):
+        xi = x[i].flatten().double()
+        z = model[1](xi[None].float()).detach().double()[0]
+        dist = {}
+        for t in range(6):
+            if t == int(y[i]):
+                continue
+            u = w[t] - w[y[i]]
+            dual = u.abs().sum() if norm == "linf" else u.norm()
+            dist[t] = float((z[y[i]] - z[t]) / dual)
+            step = u.sign() if norm == "linf" else u / u.norm()
+            tie = z[t] - z[y[i]] + dist[t] * (u @ step)
+            assert abs(float(tie)) < 1e-9
+        want = sorted(dist, key=lambda t: (dist[t], t))
+        assert ranked[i].tolist() == want, (i, dist)
+    assert torch.equal(malt_targets(model, x, y, 2, norm=norm), ranked[:, :2])
+
+
+def test_malt_costs_one_forward_and_a_backward_per_class():
+    from robust_amo.evaluation.runner import PassCounter
+
+    model = _linear()
+    x, y = _data(7)
+    with PassCounter(model) as count:
+        malt_targets(model, x, y, 2)
+    assert count.counts() == (7, 7 * 6)
+    with pytest.raises(ConfigError, match="at least 7 classes"):
+        malt_targets(model, x, y, 6)
 
 
 def test_the_losses_recomputed_by_hand():

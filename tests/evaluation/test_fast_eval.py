@@ -7,6 +7,7 @@ import torch
 
 from robust_amo.errors import ConfigError
 from robust_amo.evaluation import evaluate_attacks, parse_attack
+from robust_amo.evaluation.fast_eval import FastSettings
 from robust_amo.evaluation.report import build_report, markdown
 from tests.evaluation.test_passes import _data, _tiny
 
@@ -28,6 +29,20 @@ def test_passes_equal_a_hand_count_when_nothing_breaks():
     assert int(out.robust.sum()) == a
 
 
+def test_malt_ranking_adds_one_forward_and_a_backward_per_class_to_the_hand_count():
+    """As above with -malt: the targets are ranked by one forward and C = 10 backward passes of
+    the a clean-correct examples instead of one forward."""
+    model = _tiny(1)
+    x, _ = _data(12)
+    y = model(x).argmax(1).detach()
+    y[::4] = (y[::4] + 1) % 10
+    out = evaluate_attacks(model, x, y, [parse_attack("fast-t2-malt", eps=0.0)],
+                           batch_size=12)[0]
+    a, n, stages = 9, 100, 3
+    assert (out.forward_passes, out.backward_passes) == (12 + a + stages * a * (n + 1),
+                                                         10 * a + stages * a * n)
+
+
 def test_stages_narrow_and_the_report_names_the_cascade():
     model = _tiny(2)
     x, y = _data(24, seed=3)
@@ -43,12 +58,17 @@ def test_stages_narrow_and_the_report_names_the_cascade():
     report = build_report(outcomes=[out], model_meta={"arch": "tiny-mlp"}, dataset="x",
                           split="test", norm="linf", eps=0.02, seed=0, device="cpu",
                           bf16=False, wall_time_s=1.0, checks=[])
-    assert "APGD-CE, then APGD-T towards 3 targets" in markdown(report)
+    assert "APGD-CE, then APGD-T towards 3 targets (highest clean logit first)" in markdown(report)
 
 
 def test_names_and_refusals():
     assert parse_attack("fast", eps=0.1).settings()["targets"] == 3
     assert parse_attack("fast-t9", eps=0.1).settings()["targets"] == 9
+    assert parse_attack("fast", eps=0.1).settings()["rank"] == "logits"
+    assert parse_attack("fast-t2-malt", eps=0.1).settings() == {
+        "eps": 0.1, "steps": 100, "targets": 2, "seed": 0, "rank": "malt"}
+    with pytest.raises(ConfigError, match="rank"):
+        FastSettings(0.1, rank="nearest")
     with pytest.raises(ConfigError, match="L-inf only"):
         parse_attack("fast", eps=0.5, norm="l2")
     with pytest.raises(ConfigError, match="at least one target"):
