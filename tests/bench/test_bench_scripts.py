@@ -8,6 +8,7 @@ modules ``bench.<name>`` (runpy), as ``python -m bench.<name>`` runs them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import runpy
 import sys
 
@@ -143,3 +144,43 @@ def test_step_cost_compiled_hook_rows_make_the_same_passes_and_graph(monkeypatch
         c = rows[f"{m}-compiled"]
         assert (c["forward"], c["backward"]) == (rows[m]["forward"], rows[m]["backward"])
         assert c["graph_mib"] == rows[m]["graph_mib"] and c["s_per_step"] > 0
+
+
+def test_fast_eval_bench_reuses_autoattack_from_its_cache(run_script, tmp_path, monkeypatch):
+    """The table has a row per fast variant, the counts add up, and a second run meets the
+    cached AutoAttack result instead of attacking again."""
+    from bench import fast_eval
+    from robust_amo.train import train
+    from tests.helpers import tiny_run
+
+    train(tiny_run(tmp_path / "run", method="standard", epochs=1))
+    args = ("--checkpoint", str(tmp_path / "run"), "--n-examples", "12", "--variants", "t1",
+            "t2-malt", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "a.json"))
+    first = [ln for ln in run_script("fast_eval", *args) if ln.startswith("| ")][1:]
+    assert [ln.split("|")[5].strip() for ln in first] == ["t1", "t2-malt"]
+    assert len(list((tmp_path / "cache").glob("aa-*.pt"))) == 1
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    aa = rows[0]["autoattack"]
+    for f in rows[0]["fast"].values():
+        assert f["aa_only"] == len(f["aa_only_by"]) == len(f["aa_only_examples"])
+        assert f["robust"] - f["aa_only"] + f["fast_only"] == aa["robust"]
+
+    def no_attack(*a, **k):
+        raise AssertionError("AutoAttack ran again despite the cache")
+
+    monkeypatch.setattr(fast_eval, "autoattack_robust", no_attack)
+    again = [ln for ln in run_script("fast_eval", *args[:-2]) if ln.startswith("| ")][1:]
+    assert [ln.split("|")[4] for ln in again] == [ln.split("|")[4] for ln in first]
+
+
+def test_fast_eval_bench_names_the_attack_that_broke_each_example_first():
+    from bench.fast_eval import first_breaker, parse_variant
+
+    clean = torch.tensor([True, True, True, False, True])
+    after = {"apgd-ce": torch.tensor([False, True, True, False, True]),
+             "apgd-t": torch.tensor([False, True, False, False, True]),
+             "square": torch.tensor([False, False, False, False, True])}
+    assert first_breaker(after, clean) == ["apgd-ce", "square", "apgd-t", "", ""]
+    assert parse_variant("t4-malt", 0.1).rank == "malt"
+    with pytest.raises(SystemExit, match="tN or tN-malt"):
+        parse_variant("malt", 0.1)
