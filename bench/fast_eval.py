@@ -39,11 +39,13 @@ from robust_amo.evaluation.runner import PassCounter
 
 
 def parse_variant(spec: str, eps: float) -> FastSettings:
-    """``tN`` or ``tN-malt`` (the ``--attack fast-tN[-malt]`` suffixes) as settings."""
-    m = re.fullmatch(r"t(\d+)(-malt)?", spec)
+    """``tN[-malt][-x0]`` (the ``--attack fast-tN[-malt][-x0]`` suffixes) as settings."""
+    m = re.fullmatch(r"t(\d+)(-malt)?(-x0)?", spec)
     if not m:
-        raise SystemExit(f"bench.fast_eval: variant {spec!r} is not tN or tN-malt (e.g. t3-malt)")
-    return FastSettings(eps, targets=int(m.group(1)), rank="malt" if m.group(2) else "logits")
+        raise SystemExit(f"bench.fast_eval: variant {spec!r} is not tN[-malt][-x0] "
+                         "(e.g. t3-malt-x0)")
+    return FastSettings(eps, targets=int(m.group(1)), rank="malt" if m.group(2) else "logits",
+                        clean_start=bool(m.group(3)))
 
 
 def first_breaker(after_attack: dict[str, torch.Tensor], clean: torch.Tensor) -> list[str]:
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", type=str, default=None, help="dataset folder (the run's)")
     p.add_argument("--eps", type=float, default=None, help="L-inf radius (the run's)")
     p.add_argument("--variants", nargs="+", type=str, default=["t3", "t3-malt", "t9"],
-                   help="fast variants, tN[-malt] as in --attack fast-tN[-malt] (t3 t3-malt t9)")
+                   help="fast variants, tN[-malt][-x0] as in --attack fast-tN[-malt][-x0] "
+                   "(t3 t3-malt t9)")
     p.add_argument("--batch-size", type=int, default=500, help="examples per batch (500)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     p.add_argument("--cache", type=Path, default=None,

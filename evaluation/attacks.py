@@ -348,12 +348,13 @@ def _autoattack(name: str, opts: EvalOptions) -> EvalAttack | None:
                                                    opts.individual))
 
 
-@register_eval_attack("fast[-tN][-malt]",
+@register_eval_attack("fast[-tN][-malt][-x0]",
                       "APGD-CE then APGD-T towards the N (default 3) classes the clean logits "
-                      "rank next (-malt: nearest linearised boundary first), each only on the "
-                      "examples still standing; L-inf; docs/evaluation.md")
+                      "rank next (-malt: nearest linearised boundary first; -x0: the first "
+                      "target once more from the clean input), each only on the examples still "
+                      "standing; L-inf; docs/evaluation.md")
 def _fast(name: str, opts: EvalOptions) -> EvalAttack | None:
-    m = re.fullmatch(r"fast(?:-t(\d+))?(-malt)?", name)
+    m = re.fullmatch(r"fast(?:-t(\d+))?(-malt)?(-x0)?", name)
     if not m:
         return None
     if opts.threat.norm != "linf":
@@ -363,4 +364,4 @@ def _fast(name: str, opts: EvalOptions) -> EvalAttack | None:
     if targets < 1:
         raise ConfigError("the fast evaluation needs at least one target (fast-t3)")
     return FastEval(name, FastSettings(opts.threat.eps, 100, targets, opts.seed,
-                                       "malt" if m.group(2) else "logits"))
+                                       "malt" if m.group(2) else "logits", bool(m.group(3))))

@@ -43,6 +43,9 @@ class FastSettings:
         rank: ``logits`` (the classes with the highest clean logits but the label, AutoAttack's
             order) or ``malt`` (nearest linearised boundary first, MALT's; one forward and C
             backward passes per example more). Default ``logits``.
+        clean_start: after the targets, APGD-T towards the first target once more, started at
+            the clean input instead of a random point, on the examples still standing (stage
+            ``apgd-t1-x0``). Default False.
     """
 
     eps: float
@@ -50,6 +53,7 @@ class FastSettings:
     targets: int = 3
     seed: int = 0
     rank: TargetRank = "logits"
+    clean_start: bool = False
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps)
@@ -62,7 +66,8 @@ class FastSettings:
 
     def stage_names(self) -> list[str]:
         """The report's stages: ``apgd-ce`` and ``apgd-t1`` ... ``apgd-tK``."""
-        return ["apgd-ce"] + [f"apgd-t{j + 1}" for j in range(self.targets)]
+        return (["apgd-ce"] + [f"apgd-t{j + 1}" for j in range(self.targets)]
+                + (["apgd-t1-x0"] if self.clean_start else []))
 
 
 @dataclass
@@ -113,11 +118,19 @@ def fast_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch
                 ce, tt, xs, ys, targets,
                 start=lambda ex, s: stage_starts(xs[ex], ids[ex.cpu()], settings.eps,
                                                  settings.seed, s))
+            stages += [fooled.clone()] * (1 + settings.targets - len(stages))  # few classes
+            todo = (~fooled).nonzero().squeeze(1)
+            if settings.clean_start and todo.numel() > 0:
+                # a second try at the first target from a start no random draw can give
+                tt.target, tt.x_init = targets[todo, 0], xs[todo]
+                xa[todo] = tt(xs[todo], ys[todo])
+                fooled[todo] |= tt.last_fooled
+                tt.x_init = None
+            if settings.clean_start:
+                stages.append(fooled.clone())
         x_adv[pos] = xa.to(x_adv.dtype)
         robust = clean.clone()
         robust[pos] = ~fooled
         for j, f in enumerate(stages):
             after[j][pos] = ~f
-        for j in range(len(stages), len(after)):  # fewer classes than targets asked for
-            after[j] = robust.clone()
         return FastResult(clean, robust, after, x_adv)

@@ -182,5 +182,6 @@ def test_fast_eval_bench_names_the_attack_that_broke_each_example_first():
              "square": torch.tensor([False, False, False, False, True])}
     assert first_breaker(after, clean) == ["apgd-ce", "square", "apgd-t", "", ""]
     assert parse_variant("t4-malt", 0.1).rank == "malt"
-    with pytest.raises(SystemExit, match="tN or tN-malt"):
+    assert parse_variant("t2-x0", 0.1).clean_start
+    with pytest.raises(SystemExit, match=r"tN\[-malt\]\[-x0\]"):
         parse_variant("malt", 0.1)

@@ -31,7 +31,7 @@ def test_passes_equal_a_hand_count_when_nothing_breaks():
 
 def test_malt_ranking_adds_one_forward_and_a_backward_per_class_to_the_hand_count():
     """As above with -malt: the targets are ranked by one forward and C = 10 backward passes of
-    the a clean-correct examples instead of one forward."""
+    the a clean-correct examples instead of one forward; -x0 adds one stage."""
     model = _tiny(1)
     x, _ = _data(12)
     y = model(x).argmax(1).detach()
@@ -41,6 +41,12 @@ def test_malt_ranking_adds_one_forward_and_a_backward_per_class_to_the_hand_coun
     a, n, stages = 9, 100, 3
     assert (out.forward_passes, out.backward_passes) == (12 + a + stages * a * (n + 1),
                                                          10 * a + stages * a * n)
+    out = evaluate_attacks(model, x, y, [parse_attack("fast-t2-malt-x0", eps=0.0)],
+                           batch_size=12)[0]
+    stages = 4  # -x0: the first target once more, from the clean input
+    assert (out.forward_passes, out.backward_passes) == (12 + a + stages * a * (n + 1),
+                                                         10 * a + stages * a * n)
+    assert list(out.steps) == ["apgd-ce", "apgd-t1", "apgd-t2", "apgd-t1-x0"]
 
 
 def test_stages_narrow_and_the_report_names_the_cascade():
@@ -66,10 +72,36 @@ def test_names_and_refusals():
     assert parse_attack("fast-t9", eps=0.1).settings()["targets"] == 9
     assert parse_attack("fast", eps=0.1).settings()["rank"] == "logits"
     assert parse_attack("fast-t2-malt", eps=0.1).settings() == {
-        "eps": 0.1, "steps": 100, "targets": 2, "seed": 0, "rank": "malt"}
+        "eps": 0.1, "steps": 100, "targets": 2, "seed": 0, "rank": "malt",
+        "clean_start": False}
+    assert parse_attack("fast-x0", eps=0.1).settings()["clean_start"]
     with pytest.raises(ConfigError, match="rank"):
         FastSettings(0.1, rank="nearest")
     with pytest.raises(ConfigError, match="L-inf only"):
         parse_attack("fast", eps=0.5, norm="l2")
     with pytest.raises(ConfigError, match="at least one target"):
         parse_attack("fast-t0", eps=0.1)
+
+
+def test_the_clean_start_stage_starts_at_the_input_and_attacks_only_survivors():
+    """-x0's stage is APGD-T towards the first target from x itself: on the examples the
+    cascade left standing it equals that attack run alone with x_init = x."""
+    from robust_amo.attacks import APGD, top_targets
+    from robust_amo.evaluation.fast_eval import fast_robust
+
+    model = _tiny(2)
+    x, _ = _data(24, seed=3)
+    y = model(x).argmax(1).detach()
+    plain = fast_robust(model, x, y, torch.arange(24), FastSettings(0.02, targets=1))
+    both = fast_robust(model, x, y, torch.arange(24),
+                       FastSettings(0.02, targets=1, clean_start=True))
+    assert torch.equal(both.after_stage[1], plain.robust)
+    left = plain.robust.nonzero().squeeze(1)
+    assert left.numel() > 0
+    tt = APGD(model, eps=0.02, steps=100, loss="dlr-t")
+    tt.target = top_targets(model(x[left]), y[left], 1)[:, 0]
+    tt.x_init = x[left]
+    tt(x[left], y[left])
+    want = plain.robust.clone()
+    want[left] = ~tt.last_fooled
+    assert torch.equal(both.robust, want) and torch.equal(both.after_stage[2], want)
