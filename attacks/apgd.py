@@ -65,7 +65,8 @@ class APGD(InputAttack):
         momentum: α (default 0.75). rho: ρ of condition (1) (default 0.75).
 
     ``attack(x, y)`` returns the first misclassified iterate of each broken example and x_max
-    of the others; :attr:`last_fooled` holds which were broken. Set per batch: :attr:`target`
+    of the others; :attr:`last_fooled` holds which were broken, :attr:`zero_gradients` how
+    many examples had an all-zero gradient at their start (a sign of gradient masking). Set per batch: :attr:`target`
     (``dlr-t``: the target class of each example) and :attr:`x_init` (the start x_0 of each
     example; default a uniform point of the ball from ``generator``).
     """
@@ -82,6 +83,7 @@ class APGD(InputAttack):
         self.target: torch.Tensor | None = None
         self.x_init: torch.Tensor | None = None
         self.last_fooled: torch.Tensor | None = None
+        self.zero_gradients = 0
 
     def __repr__(self) -> str:
         return f"APGD(eps={self.eps:.5g}, steps={self.steps}, loss={self.apgd_loss})"
@@ -119,6 +121,8 @@ class APGD(InputAttack):
                 it = pgd_iteration(self.loss_fn(s.x, s.y), s.x_k, lambda xa, g: xa)
                 assert it.grad is not None
                 logits, f_k, grad = it.logits, it.loss.float(), it.grad
+                if k == 0:  # where AutoAttack's check_zero_gradients looks
+                    self.zero_gradients = int((grad.flatten(1).abs().sum(1) == 0).sum())
             else:  # the last iterate is evaluated, not stepped from
                 with torch.no_grad():
                     f_k, logits = self.loss_fn(s.x, s.y)(s.x_k)

@@ -227,6 +227,7 @@ class FastEval(EvalAttack):
         return {"clean": r.clean.cpu(), "robust": r.robust.cpu(),
                 "steps": dict(zip(self.fast.stage_names(), (m.cpu() for m in r.after_stage),
                                   strict=True)),
+                "warnings": r.warnings,
                 "adv": r.x_adv[r.clean & ~r.robust].detach().float().cpu()}
 
 

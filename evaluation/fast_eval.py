@@ -14,7 +14,7 @@ stage ``s`` (0: CE, j: target j) comes from a CPU generator seeded with
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -72,13 +72,40 @@ class FastSettings:
 
 @dataclass
 class FastResult:
-    """Per-example masks of one chunk: clean-correct, robust, robust after each stage, and the
-    points (B, ...)."""
+    """Per-example masks of one chunk: clean-correct, robust, robust after each stage, the
+    points (B, ...), and the messages of the checks (:func:`model_checks`)."""
 
     clean: torch.Tensor
     robust: torch.Tensor
     after_stage: list[torch.Tensor]
     x_adv: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+
+
+def model_checks(logits: torch.Tensor, again: torch.Tensor, y: torch.Tensor,
+                 alpha: float = 1e-4) -> list[str]:
+    """AutoAttack's checks of the model (Croce & Hein 2020, its ``checks`` module) that apply
+    to gradient attacks, on two forward passes of the same clean batch (B, C).
+
+    - randomized: the two passes differ (in correct predictions, or by more than ``alpha`` in
+      the L2 distance of the L2-normalised logits): a randomized defense, which needs
+      AutoAttack's ``rand`` version, not a fixed-start evaluation;
+    - probabilities: the outputs lie in [0, 1] and sum to 1, so they are probabilities, not
+      logits, and the losses saturate.
+    """
+    out = []
+    a, b = logits.detach().float(), again.detach().float()
+    unit = [t / (t.norm(dim=1, keepdim=True) + 1e-10) for t in (a, b)]
+    same_right = int((a.argmax(1) == y).sum()) == int((b.argmax(1) == y).sum())
+    diff = float((unit[0] - unit[1]).norm(dim=1).max()) if len(a) else 0.0
+    if not same_right or diff > alpha:
+        out.append("the model's outputs differ between two passes of the same inputs: a "
+                   "randomized defense? evaluate it with autoattack-rand")
+    if len(a) and float(a.max()) < 1 + 1e-5 and float(a.min()) > -1e-5 and bool(
+            ((a.sum(1) - 1).abs() < 1e-5).all()):
+        out.append("the model's outputs are a probability distribution: pass logits, or the "
+                   "attacks' losses saturate")
+    return out
 
 
 def stage_starts(x: torch.Tensor, index: torch.Tensor, eps: float, seed: int,
@@ -98,26 +125,34 @@ def fast_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch
     x, y, index = x.detach(), y.detach(), index.to("cpu")
     with eval_mode(model):
         with torch.no_grad(), amp():
-            clean = model(x).argmax(1) == y
+            logits = model(x)
+            warnings = model_checks(logits, model(x), y)
+        clean = logits.argmax(1) == y
+        n_classes = logits.shape[1]
+        if settings.targets > n_classes - 1:  # AutoAttack's check_n_classes
+            warnings.append(f"{settings.targets} targets asked for, but the model has "
+                            f"{n_classes} classes: APGD-T runs on {n_classes - 1}")
         pos = clean.nonzero().squeeze(1)
         x_adv = x.clone()
         after = [clean.clone() for _ in settings.stage_names()]
         if pos.numel() == 0:
-            return FastResult(clean, clean.clone(), after, x_adv)
+            return FastResult(clean, clean.clone(), after, x_adv, warnings)
         xs, ys, ids = x[pos], y[pos], index[pos.cpu()]
+        k = min(settings.targets, n_classes - 1)
         with amp():
             if settings.rank == "malt":
-                targets = malt_targets(model, xs, ys)[:, :settings.targets]
+                targets = malt_targets(model, xs, ys, k)
             else:
-                with torch.no_grad():
-                    logits = model(xs)
-                targets = top_targets(logits, ys, min(settings.targets, logits.shape[1] - 1))
+                targets = top_targets(logits[pos], ys, k)
             ce = APGD(model, eps=settings.eps, steps=settings.steps)
             tt = APGD(model, eps=settings.eps, steps=settings.steps, loss="dlr-t")
             xa, fooled, stages = ce_then_targeted(
                 ce, tt, xs, ys, targets,
                 start=lambda ex, s: stage_starts(xs[ex], ids[ex.cpu()], settings.eps,
                                                  settings.seed, s))
+            if ce.zero_gradients:  # AutoAttack's check_zero_gradients
+                warnings.append(f"{ce.zero_gradients} examples have a zero gradient at APGD-CE's "
+                                "start: gradient attacks may be unreliable on them")
             stages += [fooled.clone()] * (1 + settings.targets - len(stages))  # few classes
             todo = (~fooled).nonzero().squeeze(1)
             if settings.clean_start and todo.numel() > 0:
@@ -133,4 +168,4 @@ def fast_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch
         robust[pos] = ~fooled
         for j, f in enumerate(stages):
             after[j][pos] = ~f
-        return FastResult(clean, robust, after, x_adv)
+        return FastResult(clean, robust, after, x_adv, warnings)

@@ -380,6 +380,8 @@ def sanity_checks(
     - ``large-eps``: with eps large enough to reach a constant image, robust accuracy is 0.
     - ``pgd-vs-autoattack``: the strongest PGD and AutoAttack agree within ``tolerance``.
     - ``autoattack-checks``: AutoAttack's own checks raised no warning.
+    - ``fast-checks``: the fast evaluation's versions of them (randomized model, probabilities
+      as outputs, zero gradients at APGD-CE's start, more targets than classes) found nothing.
     """
     checks: list[SanityCheck] = [finite.check()] if finite is not None else []
     attacked = [o for o in outcomes if o.spec.kind != "clean"]
@@ -424,8 +426,8 @@ def sanity_checks(
                 "pgd-vs-autoattack", gap <= tolerance,
                 f"{best_pgd.spec.name} {acc[best_pgd.spec.name]:.4f} vs {o.spec.name} "
                 f"{acc[o.spec.name]:.4f} (gap {gap:.4f}, tolerance {tolerance:.4f})"))
-    for o in aas:
-        checks.append(SanityCheck("autoattack-checks", not o.warnings,
+    for o in aas + [o for o in attacked if o.spec.kind == "fast"]:
+        checks.append(SanityCheck(f"{o.spec.kind}-checks", not o.warnings,
                                   "; ".join(o.warnings) if o.warnings else "no warnings",
                                   attack=o.spec.name))
     return checks

@@ -15,23 +15,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_passes_equal_a_hand_count_when_nothing_breaks():
-    """At eps = 0 no example can break, so every stage runs all its iterations: B clean
-    forwards, a to rank the targets, then per stage a·(N + 1) forwards and a·N backwards, with
-    a the clean-correct examples."""
+    """At eps = 0 no example can break, so every stage runs all its iterations: 2·B clean
+    forwards (the second for the randomized-model check; the first also ranks the targets),
+    then per stage a·(N + 1) forwards and a·N backwards, with a the clean-correct examples."""
     model = _tiny(1)
     x, _ = _data(12)
     y = model(x).argmax(1).detach()
     y[::4] = (y[::4] + 1) % 10  # three misclassified: not attacked
     out = evaluate_attacks(model, x, y, [parse_attack("fast-t2", eps=0.0)], batch_size=12)[0]
     a, n, stages = 9, 100, 3
-    assert (out.forward_passes, out.backward_passes) == (12 + a + stages * a * (n + 1),
+    assert (out.forward_passes, out.backward_passes) == (2 * 12 + stages * a * (n + 1),
                                                          stages * a * n)
-    assert int(out.robust.sum()) == a
+    assert int(out.robust.sum()) == a and out.warnings == []
 
 
 def test_malt_ranking_adds_one_forward_and_a_backward_per_class_to_the_hand_count():
     """As above with -malt: the targets are ranked by one forward and C = 10 backward passes of
-    the a clean-correct examples instead of one forward; -x0 adds one stage."""
+    the a clean-correct examples; -x0 adds one stage."""
     model = _tiny(1)
     x, _ = _data(12)
     y = model(x).argmax(1).detach()
@@ -39,12 +39,12 @@ def test_malt_ranking_adds_one_forward_and_a_backward_per_class_to_the_hand_coun
     out = evaluate_attacks(model, x, y, [parse_attack("fast-t2-malt", eps=0.0)],
                            batch_size=12)[0]
     a, n, stages = 9, 100, 3
-    assert (out.forward_passes, out.backward_passes) == (12 + a + stages * a * (n + 1),
+    assert (out.forward_passes, out.backward_passes) == (2 * 12 + a + stages * a * (n + 1),
                                                          10 * a + stages * a * n)
     out = evaluate_attacks(model, x, y, [parse_attack("fast-t2-malt-x0", eps=0.0)],
                            batch_size=12)[0]
     stages = 4  # -x0: the first target once more, from the clean input
-    assert (out.forward_passes, out.backward_passes) == (12 + a + stages * a * (n + 1),
+    assert (out.forward_passes, out.backward_passes) == (2 * 12 + a + stages * a * (n + 1),
                                                          10 * a + stages * a * n)
     assert list(out.steps) == ["apgd-ce", "apgd-t1", "apgd-t2", "apgd-t1-x0"]
 
@@ -105,3 +105,27 @@ def test_the_clean_start_stage_starts_at_the_input_and_attacks_only_survivors():
     want = plain.robust.clone()
     want[left] = ~tt.last_fooled
     assert torch.equal(both.robust, want) and torch.equal(both.after_stage[2], want)
+
+
+def test_the_checks_flag_a_randomized_model_probabilities_zero_gradients_and_few_classes():
+    from robust_amo.evaluation.fast_eval import model_checks
+
+    model = _tiny(1)
+    x, _ = _data(12)
+    y = model(x).argmax(1).detach()
+    z = model(x).detach()
+    assert model_checks(z, z.clone(), y) == []
+    assert "randomized" in model_checks(z, z + 1e-2 * torch.randn_like(z), y)[0]
+    assert "probability" in model_checks(z.softmax(1), z.softmax(1), y)[0]
+
+    class Flat(torch.nn.Module):  # a constant slope of zero around every input: no gradient
+        def forward(self, t):
+            return model(t.detach()) + 0 * t.flatten(1)[:, :10]
+
+    out = evaluate_attacks(Flat(), x, y, [parse_attack("fast-t12", eps=0.01)], batch_size=12)[0]
+    assert any("12 examples have a zero gradient" in w for w in out.warnings)
+    assert any("12 targets asked for, but the model has 10 classes" in w for w in out.warnings)
+    from robust_amo.evaluation.report import sanity_checks
+
+    (check,) = [c for c in sanity_checks(1.0, [out]) if c.name == "fast-checks"]
+    assert not check.passed and "zero gradient" in check.detail
