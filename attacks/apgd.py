@@ -66,9 +66,10 @@ class APGD(InputAttack):
 
     ``attack(x, y)`` returns the first misclassified iterate of each broken example and x_max
     of the others; :attr:`last_fooled` holds which were broken, :attr:`zero_gradients` how
-    many examples had an all-zero gradient at their start (a sign of gradient masking). Set per batch: :attr:`target`
-    (``dlr-t``: the target class of each example) and :attr:`x_init` (the start x_0 of each
-    example; default a uniform point of the ball from ``generator``).
+    many examples had an all-zero gradient at their start (a sign of gradient masking). Set
+    per batch: :attr:`target` (``dlr-t``: the target class of each example) and
+    :attr:`x_init` (the start x_0 of each example; default a uniform point of the ball from
+    ``generator``).
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 100,
