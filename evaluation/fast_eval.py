@@ -1,14 +1,17 @@
-"""``--attack fast``: APGD-CE, then APGD-T towards the classes the clean logits rank next, each
-stage only on the examples no earlier stage broke (docs/evaluation.md, "A faster evaluation").
+"""``--attack fast``: APGD-CE, then APGD-T towards a few targets, each stage only on the
+examples no earlier stage broke (docs/evaluation.md, "A faster evaluation").
 
 The ingredients are AutoAttack's two gradient attacks (Croce & Hein 2020:
-:class:`robust_amo.attacks.APGD`, 100 iterations each) with two economies: an example leaves an
-attack at its first misclassified iterate (the attack needs nothing more to count it broken),
-and APGD-T runs on fewer targets (3 instead of AutoAttack's 9; FAB-T and Square are not run).
-How close this comes to AutoAttack standard, and at how many fewer passes, is measured by
-``python -m bench.fast_eval`` (docs/benchmarks.md). Randomness: the start of example ``i`` in
-stage ``s`` (0: CE, j: target j) comes from a CPU generator seeded with
-``derive_seed(seed, "fast-eval", i, s)``, so a result does not depend on the batching.
+:class:`robust_amo.attacks.APGD`, 100 iterations each) with three economies and one addition:
+an example leaves an attack at its first misclassified iterate (the attack needs nothing more
+to count it broken); APGD-T runs on fewer targets (3 instead of AutoAttack's 9), optionally
+ranked by MALT's linearised boundary distance (:func:`robust_amo.attacks.malt_targets`); FAB-T
+and Square are not run; and optionally a last APGD-T towards the first target starts at the
+clean input (``clean_start``), a second, non-random try. Plain ``fast`` is
+``fast-t3-malt-x0``. How close this comes to AutoAttack standard, and at how many fewer
+passes, is measured by ``python -m bench.fast_eval`` (docs/benchmarks.md). Randomness: the
+start of example ``i`` in stage ``s`` (0: CE, j: target j) comes from a CPU generator seeded
+with ``derive_seed(seed, "fast-eval", i, s)``, so a result does not depend on the batching.
 """
 
 from __future__ import annotations

@@ -512,9 +512,11 @@ def markdown(report: Report) -> str:
             desc = (f"{s['steps']} steps x {runs}, step {number_text(s['step_size'], 4)}, "
                     f"{s['loss']} loss")
         elif a.kind == "fast":
-            ranked = "nearest linearised boundary first (MALT)" if s.get("rank") == "malt" \
+            ranked = "nearest linearised boundary first, MALT" if s.get("rank") == "malt" \
                 else "highest clean logit first"
-            desc = (f"APGD-CE, then APGD-T towards {s['targets']} targets ({ranked}), "
+            again = ", then the first again from the clean input" if s.get("clean_start") \
+                else ""
+            desc = (f"APGD-CE, then APGD-T towards {s['targets']} targets ({ranked}){again}, "
                     f"{s['steps']} iterations each, on the examples still standing")
         else:
             desc = f"{s['version']}: {', '.join(s['attacks'])} ({a.backend or ''})"

@@ -55,7 +55,7 @@ def test_stages_narrow_and_the_report_names_the_cascade():
     y = model(x).argmax(1).detach()
     attack = parse_attack("fast", eps=0.02)
     out = evaluate_attacks(model, x, y, [attack], batch_size=24)[0]
-    names = ["apgd-ce", "apgd-t1", "apgd-t2", "apgd-t3"]
+    names = ["apgd-ce", "apgd-t1", "apgd-t2", "apgd-t3", "apgd-t1-x0"]
     assert list(out.steps) == names
     masks = [out.steps[k] for k in names]
     assert all((b <= a).all() for a, b in zip(masks, masks[1:], strict=False))
@@ -64,13 +64,16 @@ def test_stages_narrow_and_the_report_names_the_cascade():
     report = build_report(outcomes=[out], model_meta={"arch": "tiny-mlp"}, dataset="x",
                           split="test", norm="linf", eps=0.02, seed=0, device="cpu",
                           bf16=False, wall_time_s=1.0, checks=[])
-    assert "APGD-CE, then APGD-T towards 3 targets (highest clean logit first)" in markdown(report)
+    assert ("APGD-CE, then APGD-T towards 3 targets (nearest linearised boundary first, MALT), "
+            "then the first again from the clean input" in markdown(report))
 
 
 def test_names_and_refusals():
     assert parse_attack("fast", eps=0.1).settings()["targets"] == 3
     assert parse_attack("fast-t9", eps=0.1).settings()["targets"] == 9
-    assert parse_attack("fast", eps=0.1).settings()["rank"] == "logits"
+    assert parse_attack("fast", eps=0.1).settings() == parse_attack(
+        "fast-t3-malt-x0", eps=0.1).settings()
+    assert parse_attack("fast-t3", eps=0.1).settings()["rank"] == "logits"
     assert parse_attack("fast-t2-malt", eps=0.1).settings() == {
         "eps": 0.1, "steps": 100, "targets": 2, "seed": 0, "rank": "malt",
         "clean_start": False}
