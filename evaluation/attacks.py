@@ -233,10 +233,6 @@ class FastEval(EvalAttack):
 
 Parser = Callable[[str, EvalOptions], EvalAttack | None]
 
-FAST_PRESET = "fast-t3-malt-x0"
-"""What plain ``--attack fast`` runs: the setting bench.fast_eval validated against AutoAttack
-(docs/benchmarks.md, "A faster evaluation")."""
-
 
 @dataclass(frozen=True)
 class Registered:
@@ -357,10 +353,8 @@ def _autoattack(name: str, opts: EvalOptions) -> EvalAttack | None:
                       "APGD-CE then APGD-T towards N classes the clean logits rank next (-malt: "
                       "nearest linearised boundary first; -x0: the first target once more from "
                       "the clean input), each only on the examples still standing; plain fast "
-                      "is fast-t3-malt-x0, the validated setting; L-inf; docs/evaluation.md")
+                      "is fast-t3; L-inf; docs/evaluation.md")
 def _fast(name: str, opts: EvalOptions) -> EvalAttack | None:
-    if name == "fast":
-        name = FAST_PRESET
     m = re.fullmatch(r"fast(?:-t(\d+))?(-malt)?(-x0)?", name)
     if not m:
         return None

@@ -7,9 +7,10 @@ an example leaves an attack at its first misclassified iterate (the attack needs
 to count it broken); APGD-T runs on fewer targets (3 instead of AutoAttack's 9), optionally
 ranked by MALT's linearised boundary distance (:func:`robust_amo.attacks.malt_targets`); FAB-T
 and Square are not run; and optionally a last APGD-T towards the first target starts at the
-clean input (``clean_start``), a second, non-random try. Plain ``fast`` is
-``fast-t3-malt-x0``. How close this comes to AutoAttack standard, and at how many fewer
-passes, is measured by ``python -m bench.fast_eval`` (docs/benchmarks.md). Randomness: the
+clean input (``clean_start``), a second, non-random try. Plain ``fast`` is ``fast-t3``
+(neither option: docs/benchmarks.md says why). How close this comes to AutoAttack standard,
+and at how many fewer passes, is measured by ``python -m bench.fast_eval``
+(docs/benchmarks.md). Randomness: the
 start of example ``i`` in stage ``s`` (0: CE, j: target j) comes from a CPU generator seeded
 with ``derive_seed(seed, "fast-eval", i, s)``, so a result does not depend on the batching.
 """
