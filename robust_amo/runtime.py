@@ -114,16 +114,32 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+_STOP = threading.Event()
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a SIGTERM arrived inside :func:`sigterm_as_interrupt`.
+
+    The handler raises at once, but an exception raised while Python runs a finalizer or a
+    weakref callback is printed and dropped ("Exception ignored in ..."); a loop that calls
+    this at each step stops at the next one instead of running on.
+    """
+    if _STOP.is_set():
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Inside the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so ``finally`` blocks
     close files and stop child processes (a study runner, a worker); outside it SIGTERM is back
-    to what it was. Signal handlers belong to the main thread: elsewhere nothing changes."""
+    to what it was. The signal is also remembered for :func:`check_stop` until the block ends.
+    Signal handlers belong to the main thread: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: Any) -> None:
+        _STOP.set()
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -131,6 +147,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _STOP.clear()
 
 
 PR_SET_PDEATHSIG = 1

@@ -51,7 +51,7 @@ from .models import ExternalModel, build_external, create_model
 from .perturb import compiled_hook
 from .resolve import check_names
 from .runs import LOCK, RESUME_ADVICE, RESUME_ADVICE_PARAMS, RunDir
-from .runtime import Amp, amp_factory, derive_seed, eval_mode, resolve_device
+from .runtime import Amp, amp_factory, check_stop, derive_seed, eval_mode, resolve_device
 from .tblog import TensorBoardLog
 
 log = logging.getLogger(__name__)
@@ -694,6 +694,7 @@ def _run_epoch(s: _Session, epoch: int, data: TrainData, opt: Optimisation, meth
     show = s.progress and ctx.is_main
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
     for step, (x, y) in enumerate(bar):
+        check_stop()  # a SIGTERM whose KeyboardInterrupt a finalizer swallowed
         if step % cfg.log_every == 0 and isinstance(method.objective, EpochAware):
             method.objective.log_next()  # the method measures what it logs on this batch
         # with compile on the model runs eagerly under δ hooks: compile the points' arithmetic

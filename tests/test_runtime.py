@@ -80,3 +80,27 @@ def test_delta_step_is_shrink_times_delta_plus_step_times_grad():
     assert not out[0].requires_grad
     torch.testing.assert_close(concat_norm(out), torch.cat([o.flatten(1) for o in out], 1)
                                .norm(dim=1))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the point
+def test_a_sigterm_whose_interrupt_a_finalizer_swallowed_still_stops_at_check_stop():
+    """The handler's KeyboardInterrupt inside a __del__ is printed and dropped by Python; the
+    remembered signal makes the next check_stop raise, and leaving the block forgets it."""
+    import gc
+    import os
+    import signal
+
+    from robust_amo.runtime import check_stop, sigterm_as_interrupt
+
+    class Sends:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs here, inside the finalizer
+
+    with sigterm_as_interrupt():
+        check_stop()
+        Sends()
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            check_stop()
+    check_stop()
