@@ -47,6 +47,7 @@ __all__ = [
     "checkpoints",
     "kl_to_clean",
     "l2_attack_at_radius",
+    "malt_targets",
     "margin_loss",
     "model_loss",
     "pgd_iteration",
@@ -54,6 +55,5 @@ __all__ = [
     "projected_step",
     "random_start",
     "targeted_loss",
-    "malt_targets",
     "top_targets",
 ]

@@ -10,9 +10,9 @@ and Square are not run; and optionally a last APGD-T towards the first target st
 clean input (``clean_start``), a second, non-random try. Plain ``fast`` is ``fast-t3``
 (neither option: docs/benchmarks.md says why). How close this comes to AutoAttack standard,
 and at how many fewer passes, is measured by ``python -m bench.fast_eval``
-(docs/benchmarks.md). Randomness: the
-start of example ``i`` in stage ``s`` (0: CE, j: target j) comes from a CPU generator seeded
-with ``derive_seed(seed, "fast-eval", i, s)``, so a result does not depend on the batching.
+(docs/benchmarks.md). Randomness: the start of example ``i`` in stage ``s`` (0: CE, j: target
+j) comes from a CPU generator seeded with ``derive_seed(seed, "fast-eval", i, s)``, so a result
+does not depend on the batching.
 """
 
 from __future__ import annotations
@@ -158,14 +158,14 @@ def fast_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch
                 warnings.append(f"{ce.zero_gradients} examples have a zero gradient at APGD-CE's "
                                 "start: gradient attacks may be unreliable on them")
             stages += [fooled.clone()] * (1 + settings.targets - len(stages))  # few classes
-            todo = (~fooled).nonzero().squeeze(1)
-            if settings.clean_start and todo.numel() > 0:
-                # a second try at the first target from a start no random draw can give
-                tt.target, tt.x_init = targets[todo, 0], xs[todo]
-                xa[todo] = tt(xs[todo], ys[todo])
-                fooled[todo] |= tt.last_fooled
-                tt.x_init = None
             if settings.clean_start:
+                # a second try at the first target from a start no random draw can give
+                todo = (~fooled).nonzero().squeeze(1)
+                if todo.numel() > 0:
+                    tt.target, tt.x_init = targets[todo, 0], xs[todo]
+                    xa[todo] = tt(xs[todo], ys[todo])
+                    fooled[todo] |= tt.last_fooled
+                    tt.x_init = None
                 stages.append(fooled.clone())
         x_adv[pos] = xa.to(x_adv.dtype)
         robust = clean.clone()
