@@ -190,26 +190,29 @@ class PerturbPointSavingOutput(PerturbPoint):
 
 def _forward(h: torch.Tensor, d: torch.Tensor, backend: str | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The point's forward: the norm in eager ops (its summation order is the reference's), the
-    product and the sum as one compiled kernel of ``backend`` (None: eager ops), rounded as the
-    eager ops round (``emulate_precision_casts``), so the output is the reference's bit for bit.
+    """The point's forward, :func:`perturb_reference`, as one compiled kernel of ``backend``
+    (None: eager ops): the norm's reduction reads h once, in its own dtype, instead of an eager
+    float32 copy. The casts round where the eager ops round (``emulate_precision_casts``); the
+    norm's summation order is the kernel's, so s and the output equal the eager ones up to
+    that rounding (with δ = 0 the output is h exactly either way).
     """
     if backend is None:
         return perturb_reference(h, d)
-    s = example_norm(h)
-    return _run(backend, "forward", _perturbed, h, d, s), s
+    return _run(backend, "forward", perturb_reference, h, d)
 
 
 _CLASSES: dict[tuple[bool, str], type[PerturbPoint]] = {}
 
 
 def compiled_point(save_output: bool, backend: str) -> type[PerturbPoint]:
-    """:class:`PerturbPoint` (or :class:`PerturbPointSavingOutput`) whose forward product and
-    backward passes run as ``torch.compile`` kernels of ``backend`` (:func:`compiled_hook`).
+    """:class:`PerturbPoint` (or :class:`PerturbPointSavingOutput`) whose forward (norm, product
+    and sum) and backward passes run as ``torch.compile`` kernels of ``backend``
+    (:func:`compiled_hook`).
 
-    The same formulas: the forward output bit for bit, ∇δ bit for bit, ∇h equal up to the
-    summation order of ⟨g, δ⟩; a backward that builds a graph (double backward) runs the eager
-    ops. One class per (save_output, backend), named ``Compiled<base>``.
+    The same formulas and roundings: the norm, the output, ∇δ and ∇h equal the eager ones up to
+    the summation order of the norm and of ⟨g, δ⟩ (with δ = 0 the output is h exactly); a
+    backward that builds a graph (double backward) runs the eager ops. One class per
+    (save_output, backend), named ``Compiled<base>``.
     """
     key = (save_output, backend)
     if key not in _CLASSES:
@@ -245,13 +248,14 @@ def compiled_hook_backend() -> str | None:
 @contextlib.contextmanager
 def compiled_hook(enabled: bool, backend: str = "inductor") -> Iterator[None]:
     """Within the block, fused perturbation points installed without an explicit ``compiled=``
-    run their elementwise passes as ``torch.compile`` kernels: the forward's s·δ and sum as one
-    loop, the backward's ∇δ, ⟨g, δ⟩ and ∇h as one reduction and one loop (docs/benchmarks.md,
-    "Robust AMO's memory"). Off by default.
+    run their elementwise passes as ``torch.compile`` kernels: the forward's norm, s·δ and sum
+    as one reduction and one loop, the backward's ∇δ, ⟨g, δ⟩ and ∇h as one reduction and one
+    loop, and :func:`delta_step` as one call for every point (docs/benchmarks.md, "Robust AMO's
+    memory"). The results equal the eager ones up to the summation order of the reductions;
+    the output at δ = 0 and the δ update bit for bit. Off by default.
 
-    What stays eager: the per-example norm (so the forward output is the eager output bit for
-    bit), any backward that builds a graph (double backward stays exact), anything under
-    ``torch.func`` transforms or inside a compiled region, and everything once a compilation
+    What stays eager: any backward that builds a graph (double backward stays exact), anything
+    under ``torch.func`` transforms or inside a compiled region, and everything once a compilation
     has failed for this backend (one logged warning; the eager ops give the same results). The
     first use compiles (up to a minute on a CPU: inductor builds C++), so it pays off over a
     training run, not over one batch.
@@ -347,22 +351,28 @@ def delta_step(
     backend = compiled_hook_backend()
     if compiled is not None:
         backend = (backend or "inductor") if compiled else None
-    out = []
+    if len(deltas) != len(grads):
+        raise ValueError(f"got {len(grads)} gradients for {len(deltas)} deltas")
+    args = ([d.detach() for d in deltas], list(grads), step, shrink)
     with torch.no_grad():
-        for d, g in zip(deltas, grads, strict=True):
-            s: Any = step.view(-1, *([1] * (g.dim() - 1))) if torch.is_tensor(step) else step
-            new = (_delta_update(d.detach(), g, s, shrink) if backend is None
-                   else _run(backend, "delta_step", _delta_update, d.detach(), g, s, shrink))
-            out.append(new.requires_grad_(requires_grad))
+        # every point in one compiled call: the per-call overhead is paid once, not per point
+        out = (_delta_updates(*args) if backend is None
+               else _run(backend, "delta_step", _delta_updates, *args))
+    return [new.requires_grad_(requires_grad) for new in out]
+
+
+def _delta_updates(deltas: list[torch.Tensor], grads: list[torch.Tensor], step: Any,
+                   shrink: float) -> list[torch.Tensor]:
+    """shrink·δ + step·∇δ for every point, each in δ's work dtype, rounded once into δ's dtype;
+    a (B,) step is broadcast over each example."""
+    out = []
+    for d, g in zip(deltas, grads, strict=True):
+        s = step.view(-1, *([1] * (g.dim() - 1))) if torch.is_tensor(step) else step
+        # a bf16 δ is updated in float32 and rounded once; for float32/float64 δ's the casts
+        # are no-ops and the update is the plain expression, bit for bit
+        work = _work_dtype(d.dtype)
+        out.append((shrink * d.to(work) + s * g.to(work)).to(d.dtype))
     return out
-
-
-def _delta_update(d: torch.Tensor, g: torch.Tensor, step: Any, shrink: float) -> torch.Tensor:
-    """shrink·δ + step·∇δ in δ's work dtype, rounded once into δ's dtype."""
-    # a bf16 δ is updated in float32 and rounded once; for float32/float64 δ's the casts are
-    # no-ops and the update is the plain expression, bit for bit
-    work = _work_dtype(d.dtype)
-    return (shrink * d.to(work) + step * g.to(work)).to(d.dtype)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
