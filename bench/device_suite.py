@@ -645,6 +645,7 @@ def _step_cost_figures() -> list[tuple[str, str, Target | None]]:
                  (f"step_cost.{m}.peak_x_pgd", "× pgd",
                   Target("<=", 1.3) if m == "robust-amo" else None)]
     figs.append(("step_cost.robust-amo.fused_vs_reference_hook", "×", Target("<=", 1.0)))
+    figs.append(("step_cost.robust-amo.delta_floor_x_pgd", "× pgd", None))
     return figs
 
 
@@ -679,6 +680,10 @@ def step_step_cost(s: Suite) -> None:
             s.record(f"step_cost.{m}.peak_mib", r["cuda_peak_mib"], peak_note)
             s.record(f"step_cost.{m}.peak_x_pgd", r["cuda_peak_vs_pgd"],
                      graph if s.on_cuda else peak_note)
+            if m == "robust-amo":
+                s.record("step_cost.robust-amo.delta_floor_x_pgd", r["floor_vs_pgd"],
+                         f"graph × pgd that one δ per point ({r['delta_mib']:.1f} MiB) makes by "
+                         f"itself: (pgd graph + δ) / pgd graph; the method's: {graph}")
         ratios = step_cost.hook_ratios(res["results"])
         if "robust-amo" in ratios:
             s.record("step_cost.robust-amo.fused_vs_reference_hook", ratios["robust-amo"],

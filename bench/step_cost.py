@@ -11,7 +11,9 @@ Memory: the largest autograd graph that any one forward of the step builds (byte
 storages saved for backward, double-backward graphs included, weights included; deterministic,
 any device), and on CUDA also the real peak, ``torch.cuda.max_memory_allocated``, of each method
 built by itself after the timed ones are freed, counted over what was allocated before it
-(:func:`own_peak_bytes`: model, gradients, optimiser state, inputs and graphs).
+(:func:`own_peak_bytes`: model, gradients, optimiser state, inputs and graphs). For the methods
+with all-layer δ's, the bytes of one δ per point and the graph ratio they make by themselves
+(``floor``): every point's backward needs its δ, so no way of saving tensors goes below it.
 
 Examples::
 
@@ -23,12 +25,15 @@ Examples::
 
 ``--hook compiled`` adds the rows ``robust-amo-compiled`` and ``amo-compiled``: the same methods
 with ``torch.compile`` kernels at the perturbation points (``robust_amo.perturb.compiled_hook``;
-compiled in the untimed warm-up step).
+compiled in the untimed warm-up step). The diagnostic row ``robust-amo-noarith`` (on request)
+is ``robust-amo-compiled`` with the points' arithmetic replaced by the identity: its time over
+pgd's is what robust AMO costs outside the point formulas.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -36,7 +41,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +49,12 @@ from typing import Any
 import torch
 
 from bench.common import sync, timed
+from robust_amo import perturb as perturb_mod
 from robust_amo.attacks import PGD
 from robust_amo.config import TrainConfig
 from robust_amo.methods import build_objective
 from robust_amo.models import create_model
-from robust_amo.perturb import compiled_hook, fused_hook
+from robust_amo.perturb import DeltaDtype, compiled_hook, fused_hook, perturb
 from robust_amo.runtime import autocast, resolve_device
 
 # name -> (trainer method, method_args, perturbation kernel: fused (default) or reference)
@@ -75,6 +81,10 @@ COMPILED_HOOK = {
     "robust-amo-compiled": ("robust-amo", {}, True),
     "amo-compiled": ("amo", {}, True),
 }
+# diagnostic: the compiled row with the points' arithmetic replaced by the identity (forward
+# h, ∇h = g, ∇δ = δ): the same passes, calls and δ updates, so its time over pgd's is what robust
+# AMO costs outside the point formulas (docs/benchmarks.md, "Where the extra time goes")
+NO_ARITHMETIC = {"robust-amo-noarith": ("robust-amo", {}, True)}
 # the baselines of issue 22, on request (--methods), not in the default set
 BASELINES = {
     "trades": ("trades", {}, True),
@@ -84,7 +94,8 @@ BASELINES = {
     "n-fgsm": ("n-fgsm", {}, True),
     "trades-all-layer": ("trades", {"all_layer": {}}, True),
 }
-ALL_METHODS = {**METHODS, **REFERENCE_HOOK, **WIDE_DELTA, **COMPILED_HOOK, **BASELINES}
+ALL_METHODS = {**METHODS, **REFERENCE_HOOK, **WIDE_DELTA, **COMPILED_HOOK, **NO_ARITHMETIC,
+               **BASELINES}
 
 
 @dataclass
@@ -167,14 +178,37 @@ def _setup(args: Settings, name: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     amp = (torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and args.cpu_bf16
            else autocast(device, args.bf16))
-    return device, model, x, y, objective, opt, (amp, fused, name in COMPILED_HOOK)
+    compiled = name in COMPILED_HOOK or name in NO_ARITHMETIC
+    return device, model, x, y, objective, opt, (amp, fused, compiled, name in NO_ARITHMETIC)
+
+
+@contextlib.contextmanager
+def identity_points(enabled: bool = True) -> Iterator[None]:
+    """Within the block the fused points do no arithmetic: the output is h, ∇h = g and ∇δ = δ
+    (the ``-noarith`` row; a diagnostic, the results are not robust AMO's)."""
+    if not enabled:
+        yield
+        return
+    saved = perturb_mod._forward, perturb_mod._point_backward
+
+    def forward(h, d, backend):
+        return h.view_as(h), torch.ones(h.shape[0], device=h.device)
+
+    def backward(needs, g, g_s, out, d, s, from_output, backend=None):
+        return (g if needs[0] else None), (d if needs[1] else None)
+
+    perturb_mod._forward, perturb_mod._point_backward = forward, backward
+    try:
+        yield
+    finally:
+        perturb_mod._forward, perturb_mod._point_backward = saved
 
 
 def _make_step(model, x, y, objective, opt, amp):
-    amp, fused, compiled = amp
+    amp, fused, compiled, no_arithmetic = amp
 
     def step() -> None:
-        with amp, fused_hook(fused), compiled_hook(compiled):
+        with amp, fused_hook(fused), compiled_hook(compiled), identity_points(no_arithmetic):
             loss, _ = objective(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,6 +247,30 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
 
+def delta_kind(name: str) -> DeltaDtype | None:
+    """The dtype kind of the δ's a method keeps at every perturbation point, None for none:
+    robust AMO's joint attack (and any method with ``all_layer``) stores them like their
+    activations, clean AMO and the ``-f32delta`` row in float32."""
+    method, margs, _ = ALL_METHODS[name]
+    if name in WIDE_DELTA or method == "amo":
+        return "wide"
+    if method == "robust-amo" or "all_layer" in margs:
+        return "activation"
+    return None
+
+
+def delta_bytes(model: torch.nn.Module, x: torch.Tensor, amp: Any, kind: DeltaDtype) -> int:
+    """Bytes of one δ_j per perturbation point for the batch ``x`` under ``amp`` (an autocast
+    context or a null one): what the graph of a perturbed forward must hold besides the plain
+    forward's tensors, since every point's backward needs its δ_j (⟨g, δ_j⟩)."""
+    was = model.training
+    model.eval()  # the same shapes; no BatchNorm statistics moved by a measurement
+    with torch.no_grad(), amp, perturb(model, delta_dtype=kind, requires_grad=False) as p:
+        model(x)
+    model.train(was)
+    return sum(d.numel() * d.element_size() for d in p.deltas if d is not None)
+
+
 def _prepare(args: Settings, name: str) -> dict:
     """One method built and stepped twice: its step (which alone holds its model), device, pass
     counts and graph size.
@@ -224,13 +282,15 @@ def _prepare(args: Settings, name: str) -> dict:
     device, model, x, y, objective, opt, amp = _setup(args, name)
     step = _make_step(model, x, y, objective, opt, amp)
     step()
+    kind = delta_kind(name)
+    deltas = delta_bytes(model, x, amp[0], kind) if kind is not None else None
     counter, saved = Counter(model), SavedBytes(model)
     with saved.hooks():
         step()  # pass count and graph size of one step
     saved.close()
     sync(device)
     return {"step": step, "device": device, "times": [], "saved": saved.peak,
-            "forward": counter.forward, "backward": counter.backward}
+            "forward": counter.forward, "backward": counter.backward, "deltas": deltas}
 
 
 def own_peak_bytes(make: Callable[[], Callable[[], None]], device: torch.device,
@@ -265,7 +325,9 @@ def measure(args: Settings) -> dict:
     Returns:
         ``{"header": str, "results": [one dict per method]}`` with the keys ``method``,
         ``forward``, ``backward``, ``s_per_step``, ``vs_pgd``, ``vs_standard``, ``graph_mib``,
-        ``graph_vs_pgd``, ``cuda_peak_mib`` (NaN off CUDA), ``cuda_peak_vs_pgd``.
+        ``graph_vs_pgd``, ``cuda_peak_mib`` (NaN off CUDA), ``cuda_peak_vs_pgd``, and for
+        the methods with δ's ``delta_mib`` (:func:`delta_bytes`) and ``floor_vs_pgd``, the
+        graph × pgd that the δ's alone make: (pgd's graph + δ's) / pgd's graph (else NaN).
 
     Raises:
         ValueError: an unknown method name.
@@ -311,6 +373,9 @@ def measure(args: Settings) -> dict:
             "graph_vs_pgd": r["saved"] / runs["pgd"]["saved"] if "pgd" in runs else nan,
             "cuda_peak_mib": peak,
             "cuda_peak_vs_pgd": cuda_peak.get(n, nan) / cuda_peak.get("pgd", nan),
+            "delta_mib": nan if r["deltas"] is None else r["deltas"] / 2**20,
+            "floor_vs_pgd": (nan if r["deltas"] is None or "pgd" not in runs
+                             else (runs["pgd"]["saved"] + r["deltas"]) / runs["pgd"]["saved"]),
         })
     return {"header": header, "results": results}
 
@@ -342,11 +407,13 @@ def main() -> None:
         sys.exit(f"step_cost.py: {e}")
     print(out["header"])
     print(f"{'method':20s} {'fwd':>4s} {'bwd':>4s} {'s/step':>9s} {'x pgd':>7s} "
-          f"{'x std':>7s} {'graph MiB':>10s} {'x pgd':>7s} {'CUDA peak MiB':>14s}")
+          f"{'x std':>7s} {'graph MiB':>10s} {'x pgd':>7s} {'δ MiB':>6s} {'floor':>6s} "
+          f"{'CUDA peak MiB':>14s}")
     for r in out["results"]:
         print(f"{r['method']:20s} {r['forward']:4d} {r['backward']:4d} {r['s_per_step']:9.4f} "
               f"{r['vs_pgd']:7.2f} {r['vs_standard']:7.2f} {r['graph_mib']:10.1f} "
-              f"{r['graph_vs_pgd']:7.2f} {r['cuda_peak_mib']:14.1f}")
+              f"{r['graph_vs_pgd']:7.2f} {r['delta_mib']:6.2f} {r['floor_vs_pgd']:6.2f} "
+              f"{r['cuda_peak_mib']:14.1f}")
     for m, ratio in hook_ratios(out["results"]).items():
         print(f"{m}: fused hook / reference hook time: {ratio:.3f}")
     if a.json:

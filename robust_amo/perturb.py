@@ -340,13 +340,16 @@ def delta_step(
         shrink: the factor applied to δ first (default 1).
         requires_grad: the new δ's are leaves that require grad (default), ready for the next
             forward of the perturbed model.
-        compiled: each update runs as one ``torch.compile`` kernel (the same expression and
-            roundings, bit for bit) where possible; None (default): as :func:`compiled_hook`
-            says.
+        compiled: the updates of all points run as one ``torch.compile`` call (the same
+            expressions and roundings, bit for bit) where possible; None (default): as
+            :func:`compiled_hook` says.
 
     Returns:
         the new δ's in the dtypes of ``deltas``, computed without building a graph (a bf16 δ in
         float32, rounded once).
+
+    Raises:
+        ValueError: ``grads`` does not hold one gradient per δ.
     """
     backend = compiled_hook_backend()
     if compiled is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import runpy
 import sys
 
@@ -123,27 +124,56 @@ def test_step_cost_bf16_deltas_halve_the_delta_bytes_of_the_graph(_single_thread
     saved = (rows["robust-amo-f32delta"]["graph_mib"] - rows["robust-amo"]["graph_mib"]) * 2**20
     assert saved == 2 * numel
     assert rows["pgd"]["graph_mib"] < rows["robust-amo"]["graph_mib"]
+    # the δ bytes and the floor they make: 2 bytes per element in bf16, 4 in float32, and the
+    # graph of every perturbed step holds at least pgd's tensors and every δ
+    assert rows["robust-amo"]["delta_mib"] * 2**20 == 2 * numel
+    assert rows["robust-amo-f32delta"]["delta_mib"] * 2**20 == 4 * numel
+    assert math.isnan(rows["pgd"]["delta_mib"]) and math.isnan(rows["pgd"]["floor_vs_pgd"])
+    for m in ("robust-amo", "robust-amo-f32delta"):
+        pgd = rows["pgd"]["graph_mib"]
+        assert rows[m]["floor_vs_pgd"] == pytest.approx((pgd + rows[m]["delta_mib"]) / pgd)
+        assert rows[m]["graph_vs_pgd"] >= rows[m]["floor_vs_pgd"]
 
 
 def test_step_cost_compiled_hook_rows_make_the_same_passes_and_graph(monkeypatch, _single_thread):
     """The ``--hook compiled`` rows run the points' torch.compile kernels (here the quick
-    aot_eager backend) and change neither the passes nor a byte of the graph."""
+    aot_eager backend) and change neither the passes nor a byte of the graph; the ``-noarith``
+    row makes the same passes with identity points."""
     import functools
 
     from robust_amo import perturb as perturb_mod
 
     monkeypatch.setattr(perturb_mod, "_KERNELS", {})
+    compiled_hook_on = functools.partial(perturb_mod.compiled_hook, True, backend="aot_eager")
     monkeypatch.setattr(step_cost, "compiled_hook",
                         functools.partial(perturb_mod.compiled_hook, backend="aot_eager"))
     s = step_cost.Settings(arch="tiny-wrn", shape=(3, 8, 8), batch=4, pgd_steps=2, steps=1,
                            rounds=1, methods=["pgd", "robust-amo", "robust-amo-compiled", "amo",
                                               "amo-compiled"], device="cpu", cpu_bf16=True)
+    s.methods.append("robust-amo-noarith")
     rows = {r["method"]: r for r in step_cost.measure(s)["results"]}
     assert set(perturb_mod._KERNELS["aot_eager"]) == {"forward", "backward", "delta_step"}
     for m in ("robust-amo", "amo"):
         c = rows[f"{m}-compiled"]
         assert (c["forward"], c["backward"]) == (rows[m]["forward"], rows[m]["backward"])
         assert c["graph_mib"] == rows[m]["graph_mib"] and c["s_per_step"] > 0
+    # the diagnostic row makes the same passes with the points' arithmetic gone: a nonzero δ
+    # leaves the forward the plain one, ∇h = g, ∇δ = δ; and the patch is undone afterwards
+    na = rows["robust-amo-noarith"]
+    assert (na["forward"], na["backward"]) == (rows["robust-amo"]["forward"],
+                                               rows["robust-amo"]["backward"])
+    model = create_model("tiny-wrn", 10, input_shape=(3, 8, 8)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with perturb(model) as p:
+        model(x)
+    deltas = [torch.randn_like(d).requires_grad_(True) for d in p.deltas]
+    with step_cost.identity_points(), compiled_hook_on(), perturb(model, deltas) as p:
+        out = model(x)
+        grads = torch.autograd.grad(out.sum(), deltas)
+    assert torch.equal(out, model(x))
+    assert all(torch.equal(g, d) for g, d in zip(grads, deltas, strict=True))
+    with compiled_hook_on(), perturb(model, deltas):
+        assert not torch.equal(model(x), out)
 
 
 def test_fast_eval_bench_reuses_autoattack_from_its_cache(run_script, tmp_path, monkeypatch):

@@ -148,7 +148,8 @@ def test_one_failing_jacobian_variant_keeps_the_other_rows(tmp_path, monkeypatch
             t = 1.0 + i
             rows.append({"method": m, "forward": 1, "backward": 1, "s_per_step": t,
                          "vs_pgd": t, "vs_standard": t, "graph_mib": t, "graph_vs_pgd": t,
-                         "cuda_peak_mib": float("nan"), "cuda_peak_vs_pgd": float("nan")})
+                         "cuda_peak_mib": float("nan"), "cuda_peak_vs_pgd": float("nan"),
+                         "delta_mib": 1.0, "floor_vs_pgd": 1.5})
         return {"header": "", "results": rows}
 
     monkeypatch.setattr(step_cost, "measure", fake_measure)

@@ -58,6 +58,7 @@ def test_smoke_suite_writes_every_figure(tmp_path, monkeypatch):
                 assert fig["pass"] is None  # GPU targets are not judged on the CPU
     # the steps measured real things, not placeholders
     assert figs["step_cost.pgd.x_pgd"]["value"] == 1.0
+    assert figs["step_cost.robust-amo.delta_floor_x_pgd"]["value"] > 1.0  # δ's are in the graph
     assert figs["mfu.step_gflop_per_image"]["value"] > figs["mfu.forward_gflop_per_image"][
         "value"] > 0
     assert 0 <= figs["eval.native_robust_acc"]["value"] <= figs["eval.clean_acc"]["value"]
