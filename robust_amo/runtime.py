@@ -150,6 +150,37 @@ def sigterm_as_interrupt() -> Iterator[None]:
         _STOP.clear()
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Inside the block SIGINT and SIGTERM are held; when it ends they act as they would have
+    (a KeyboardInterrupt raised there, ``check_stop`` set, or the default end of the process).
+
+    For code that an exception raised halfway would break rather than stop: ``torch.save``
+    turns an exception raised inside one of its writes into a RuntimeError ("unexpected pos")
+    or, when the file closes first, aborts the process, so a Ctrl-C or SIGTERM during a
+    checkpoint write ended a run with a traceback instead of as interrupted. Keep the block
+    short (a checkpoint write). Signal handlers belong to the main thread: elsewhere nothing
+    changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            # None: a handler installed outside Python, which signal cannot put back
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])
+
+
 PR_SET_PDEATHSIG = 1
 """Linux ``prctl`` option: the signal a process gets when the thread that started it exits."""
 

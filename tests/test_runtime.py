@@ -104,3 +104,62 @@ def test_a_sigterm_whose_interrupt_a_finalizer_swallowed_still_stops_at_check_st
         with pytest.raises(KeyboardInterrupt):
             check_stop()
     check_stop()
+
+
+def test_interrupts_deferred_holds_sigint_and_sigterm_until_the_block_ends(request):
+    """Inside the block neither signal interrupts; at its end the held one acts as it would
+    have (KeyboardInterrupt; SIGTERM inside sigterm_as_interrupt also sets check_stop), and the
+    handlers are the previous ones again."""
+    import os
+    import signal
+
+    from robust_amo.runtime import check_stop, interrupts_deferred, sigterm_as_interrupt
+
+    # Python's own SIGINT handler, whatever an earlier test or library left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # a pending handler would run here
+            ran.append("after the signal")
+    assert ran == ["after the signal"]
+    with sigterm_as_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))
+                ran.append("after SIGTERM")
+        assert ran[-1] == "after SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            check_stop()
+    with interrupts_deferred():
+        pass  # nothing held: nothing raised
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_sigterm_during_a_checkpoint_write_stops_after_it_with_the_file_whole(tmp_path,
+                                                                                 monkeypatch):
+    """torch.save turns an interrupt raised inside its writes into a RuntimeError or an abort:
+    atomic_save lets the write finish, then the interrupt comes, and the new file loads."""
+    import os
+    import signal
+
+    from robust_amo.checkpoint import format as ckpt_io
+    from robust_amo.runtime import sigterm_as_interrupt
+
+    real_save = torch.save
+
+    def save_and_get_killed(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while torch.save runs its Python code
+        real_save(obj, f)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save_and_get_killed)
+    path = tmp_path / "checkpoint.pt"
+    obj = {"w": torch.arange(100_000, dtype=torch.float32)}
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        ckpt_io.atomic_save(obj, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], obj["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

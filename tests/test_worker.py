@@ -153,5 +153,7 @@ def test_sigterm_stops_a_worker_with_status_130(tmp_path):
         time.sleep(0.1)
     assert run.epochs_done(), proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == worker.INTERRUPTED
-    assert "interrupted" in proc.stderr.read()
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert rc == worker.INTERRUPTED, err
+    assert "interrupted" in err

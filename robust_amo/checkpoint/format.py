@@ -29,6 +29,7 @@ from robust_amo.errors import CheckpointError, ConfigError
 from robust_amo.models import create_model, is_registered, is_user_model
 from robust_amo.outputs import write_error
 from robust_amo.runs import BEST, LAST
+from robust_amo.runtime import interrupts_deferred
 from robust_amo.version import __version__
 
 FORMAT = "robust-amo-checkpoint"
@@ -46,7 +47,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
     A kill or a failed write (a full disk) leaves the previous file at ``path`` intact; the
     temporary file is removed here on an error and by
-    :func:`robust_amo.outputs.remove_temp_files` at the next start after a kill.
+    :func:`robust_amo.outputs.remove_temp_files` at the next start after a kill. A Ctrl-C or
+    SIGTERM during the write waits for it to finish (:func:`robust_amo.runtime.interrupts_deferred`)
+    and then interrupts as usual, with the new file in place.
 
     Raises:
         OutputError: the file could not be written (a full disk, naming the OS error:
@@ -59,11 +62,14 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except OSError as e:
         raise write_error(path, e) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # a Ctrl-C or SIGTERM waits for the write: raised inside torch.save it would become a
+        # RuntimeError or abort the process instead of stopping the run cleanly
+        with interrupts_deferred():
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise write_error(path, e, kept=path.name if path.exists() else None) from None
