@@ -1,6 +1,6 @@
 """Every GPU figure in one prepared run: ``python -m bench.device_suite --out DIR``.
 
-Eight steps, in this order, each guarded so that one failure (or a missing peer library) loses
+Nine steps, in this order, each guarded so that one failure (or a missing peer library) loses
 nothing else; DIR/figures.json and DIR/figures.md are rewritten atomically after every step, so
 a run killed at its time limit still returns what it measured:
 
@@ -21,7 +21,11 @@ a run killed at its time limit still returns what it measured:
    minute or two on CIFAR-10;
 7. ``autoattack``: AutoAttack standard on that model, time and survivors per attack,
    extrapolated per attack to WRN-28-10 on the 10,000 CIFAR-10 test images;
-8. ``data``: the share of a PGD-10 epoch the device waits on data loading.
+8. ``data``: the share of a PGD-10 epoch the device waits on data loading;
+9. ``compiled_points``: robust AMO as ``compile: true`` trains it, with the δ points'
+   arithmetic compiled (``robust-amo-compiled``), and with that arithmetic replaced by the
+   identity (``robust-amo-noarith``), against pgd in the same run; last, so that its compiling
+   spends only what the other steps left of the budget.
 
 Each step runs with ``torch.backends.cudnn.benchmark`` set as its :class:`Step` says (restored
 after), recorded per step. ``--smoke`` runs the same code on the CPU with tiny models and
@@ -692,6 +696,33 @@ def step_step_cost(s: Suite) -> None:
         raise RuntimeError("; ".join(errors))
 
 
+COMPILED_ROWS = ["pgd", "robust-amo-compiled", "robust-amo-noarith"]
+
+
+def step_compiled_points(s: Suite) -> None:
+    """Robust AMO as ``compile: true`` trains it: the δ points' arithmetic as compiled kernels,
+    against pgd in the same run, and the same step with that arithmetic replaced by the
+    identity (what the rest of the step costs). Last, so that its compiling (tens of seconds
+    on the first use) only spends budget that the other steps left."""
+    z = s.sizes
+    t0 = time.monotonic()
+    res = step_cost.measure(step_cost.Settings(
+        arch=z.arch, shape=z.shape, batch=z.batch, pgd_steps=z.pgd_steps,
+        steps=z.step_cost_steps, rounds=z.step_cost_rounds, methods=COMPILED_ROWS,
+        device=s.device.type, bf16=True, hook_backend="aot_eager" if s.smoke else "inductor"))
+    by = {r["method"]: r for r in res["results"]}
+    c, n = by["robust-amo-compiled"], by["robust-amo-noarith"]
+    pgd_s = by["pgd"]["s_per_step"]
+    s.record("step_cost.robust-amo-compiled.s_per_step", c["s_per_step"],
+             f"{c['forward']} fwd, {c['backward']} bwd per step; pgd {pgd_s:.4g} s")
+    s.record("step_cost.robust-amo-compiled.x_pgd", c["vs_pgd"],
+             "compiled δ points (perturb.compiled_hook), as training with compile: true runs")
+    s.record("step_cost.robust-amo-noarith.x_pgd", n["vs_pgd"],
+             "the compiled step with the points' arithmetic replaced by the identity")
+    s.record("step_cost.compiled_points_s", time.monotonic() - t0,
+             "the whole step, compiling the kernels included")
+
+
 def step_mfu(s: Suite) -> None:
     args = _bench_args(s)
     m = mfu.measure(args, s.device, s.sizes.pgd_steps)
@@ -953,6 +984,13 @@ STEPS = [
         ("data.idle_fraction", "fraction", Target("<=", 0.02)),
         ("data.loader_share", "fraction", Target("<=", 0.02)),
     ], min_s=15, cudnn_benchmark=True),
+    Step("compiled_points", "robust AMO with compiled δ points (compile: true)",
+         step_compiled_points, [
+             ("step_cost.robust-amo-compiled.s_per_step", "s", None),
+             ("step_cost.robust-amo-compiled.x_pgd", "× pgd", Target("<=", 1.10)),
+             ("step_cost.robust-amo-noarith.x_pgd", "× pgd", None),
+             ("step_cost.compiled_points_s", "s", None),
+         ], min_s=90, cudnn_benchmark=True),
 ]
 STEPS_BY_NAME = {st.name: st for st in STEPS}
 

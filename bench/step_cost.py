@@ -113,6 +113,8 @@ class Settings:
     device: str = "auto"
     bf16: bool = True
     cpu_bf16: bool = False
+    # torch.compile backend of the -compiled and -noarith rows' points (aot_eager: quick, tests)
+    hook_backend: str = "inductor"
 
 
 def _parse() -> argparse.Namespace:
@@ -131,6 +133,9 @@ def _parse() -> argparse.Namespace:
                         "amo with the reference (unfused) perturbation ops, interleaved, and "
                         "print the fused/reference ratio; compiled: also time them with "
                         "torch.compile kernels at the points (perturb.compiled_hook)")
+    p.add_argument("--hook-backend", type=str, default="inductor",
+                   help="torch.compile backend of the compiled points (-compiled and -noarith "
+                        "rows; default inductor)")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="device")
     p.add_argument("--no-bf16", action="store_true", help="float32 on CUDA")
@@ -178,7 +183,7 @@ def _setup(args: Settings, name: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     amp = (torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and args.cpu_bf16
            else autocast(device, args.bf16))
-    compiled = name in COMPILED_HOOK or name in NO_ARITHMETIC
+    compiled = args.hook_backend if name in COMPILED_HOOK or name in NO_ARITHMETIC else None
     return device, model, x, y, objective, opt, (amp, fused, compiled, name in NO_ARITHMETIC)
 
 
@@ -205,10 +210,11 @@ def identity_points(enabled: bool = True) -> Iterator[None]:
 
 
 def _make_step(model, x, y, objective, opt, amp):
-    amp, fused, compiled, no_arithmetic = amp
+    amp, fused, backend, no_arithmetic = amp
 
     def step() -> None:
-        with amp, fused_hook(fused), compiled_hook(compiled), identity_points(no_arithmetic):
+        with amp, fused_hook(fused), compiled_hook(backend is not None, backend or "inductor"), \
+                identity_points(no_arithmetic):
             loss, _ = objective(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -400,7 +406,7 @@ def main() -> None:
     args = Settings(arch=a.arch, shape=tuple(int(s) for s in a.shape.split(",")),
                     classes=a.classes, batch=a.batch, pgd_steps=a.pgd_steps, steps=a.steps,
                     rounds=a.rounds, methods=names, device=a.device, bf16=not a.no_bf16,
-                    cpu_bf16=a.cpu_bf16)
+                    cpu_bf16=a.cpu_bf16, hook_backend=a.hook_backend)
     try:
         out = measure(args)
     except ValueError as e:

@@ -145,11 +145,10 @@ def test_step_cost_compiled_hook_rows_make_the_same_passes_and_graph(monkeypatch
 
     monkeypatch.setattr(perturb_mod, "_KERNELS", {})
     compiled_hook_on = functools.partial(perturb_mod.compiled_hook, True, backend="aot_eager")
-    monkeypatch.setattr(step_cost, "compiled_hook",
-                        functools.partial(perturb_mod.compiled_hook, backend="aot_eager"))
     s = step_cost.Settings(arch="tiny-wrn", shape=(3, 8, 8), batch=4, pgd_steps=2, steps=1,
                            rounds=1, methods=["pgd", "robust-amo", "robust-amo-compiled", "amo",
-                                              "amo-compiled"], device="cpu", cpu_bf16=True)
+                                              "amo-compiled"], device="cpu", cpu_bf16=True,
+                           hook_backend="aot_eager")
     s.methods.append("robust-amo-noarith")
     rows = {r["method"]: r for r in step_cost.measure(s)["results"]}
     assert set(perturb_mod._KERNELS["aot_eager"]) == {"forward", "backward", "delta_step"}
