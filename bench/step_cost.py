@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -161,6 +161,16 @@ class Counter:
         self.backward += 1
 
 
+class StepMode(NamedTuple):
+    """How a method's step runs: its autocast context, fused or reference points, the compile
+    backend of the points (None: eager ops) and whether their arithmetic is the identity."""
+
+    amp: Any
+    fused: bool
+    hook_backend: str | None
+    no_arithmetic: bool
+
+
 def _setup(args: Settings, name: str):
     device = resolve_device(args.device)
     shape = args.shape
@@ -184,7 +194,8 @@ def _setup(args: Settings, name: str):
     amp = (torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and args.cpu_bf16
            else autocast(device, args.bf16))
     compiled = args.hook_backend if name in COMPILED_HOOK or name in NO_ARITHMETIC else None
-    return device, model, x, y, objective, opt, (amp, fused, compiled, name in NO_ARITHMETIC)
+    return device, model, x, y, objective, opt, StepMode(amp, fused, compiled,
+                                                         name in NO_ARITHMETIC)
 
 
 @contextlib.contextmanager
@@ -209,12 +220,13 @@ def identity_points(enabled: bool = True) -> Iterator[None]:
         perturb_mod._forward, perturb_mod._point_backward = saved
 
 
-def _make_step(model, x, y, objective, opt, amp):
-    amp, fused, backend, no_arithmetic = amp
+def _make_step(model, x, y, objective, opt, mode: StepMode):
+    backend = mode.hook_backend
 
     def step() -> None:
-        with amp, fused_hook(fused), compiled_hook(backend is not None, backend or "inductor"), \
-                identity_points(no_arithmetic):
+        with mode.amp, fused_hook(mode.fused), \
+                compiled_hook(backend is not None, backend or "inductor"), \
+                identity_points(mode.no_arithmetic):
             loss, _ = objective(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -285,11 +297,11 @@ def _prepare(args: Settings, name: str) -> dict:
     graph are those of the second. Neither step measures what an all-layer δ does: only the
     trainer arms that (``EpochAware.log_next``, every ``log_every`` steps).
     """
-    device, model, x, y, objective, opt, amp = _setup(args, name)
-    step = _make_step(model, x, y, objective, opt, amp)
+    device, model, x, y, objective, opt, mode = _setup(args, name)
+    step = _make_step(model, x, y, objective, opt, mode)
     step()
     kind = delta_kind(name)
-    deltas = delta_bytes(model, x, amp[0], kind) if kind is not None else None
+    deltas = delta_bytes(model, x, mode.amp, kind) if kind is not None else None
     counter, saved = Counter(model), SavedBytes(model)
     with saved.hooks():
         step()  # pass count and graph size of one step
